@@ -1,0 +1,86 @@
+"""create_app: the FastAPI application, its lifespan (model loading) and its state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from fastapi.responses import ORJSONResponse
+from prometheus_client import CollectorRegistry
+
+from service.api.errors import install_error_handlers
+from service.api.middleware import RequestContextMiddleware
+from service.api.routes import router
+from service.config import RewardConfig, ServiceSettings
+from service.engine import RewardEngine
+from service.metrics import ServiceMetrics
+from service.models import load_models
+
+log = logging.getLogger(__name__)
+API_VERSION = "0.1.0"
+
+
+@dataclass
+class AppState:
+    settings: ServiceSettings
+    config: RewardConfig
+    metrics: ServiceMetrics
+    engine: RewardEngine | None = None
+    load_error: str | None = None
+    loader: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+async def _load(state: AppState, on_fatal: Callable[[str], None] | None) -> None:
+    try:
+        models = await asyncio.to_thread(load_models, state.config, state.settings.cache_dir)
+        engine = RewardEngine(models, state.config, state.metrics)
+        await engine.start()
+        state.engine = engine
+        log.info("ready: %s", ", ".join(f"{m.name} on {m.device}" for m in models))
+    except Exception as exc:
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        log.error("model loading failed: %s", state.load_error)
+        if on_fatal is not None:
+            on_fatal(state.load_error)
+
+
+def create_app(
+    settings: ServiceSettings,
+    config: RewardConfig,
+    registry: CollectorRegistry | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """Build the app. Models load in the background: /healthz answers at once, /readyz
+    once every model is loaded and warm. `on_fatal` is called if loading fails."""
+    state = AppState(settings, config, ServiceMetrics(registry or CollectorRegistry()))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.loader = asyncio.create_task(_load(state, on_fatal))
+        try:
+            yield
+        finally:
+            state.loader.cancel()
+            if state.engine is not None:
+                await state.engine.stop()
+
+    app = FastAPI(
+        title="alarm-serve",
+        version=API_VERSION,
+        description="Hierarchical (ALaRM) rewards for RLHF over HTTP.",
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    app.state.alarm = state
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=state.metrics,
+        max_request_bytes=config.limits.max_request_bytes,
+    )
+    return app

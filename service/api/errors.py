@@ -1,0 +1,68 @@
+"""The single place where errors become HTTP responses with a machine-readable body."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from service.errors import AlarmError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(
+    status: int,
+    error_type: str,
+    message: str,
+    request_id: str | None,
+    details: list[dict[str, Any]] | None = None,
+    retry_after_s: float | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {"type": error_type, "message": message, "request_id": request_id}
+    if details:
+        body["details"] = details
+    headers = {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s else None
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
+    # Keep only JSON-safe fields: pydantic's ctx may hold exception objects.
+    return [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg")), "type": e.get("type")}
+        for e in exc.errors()
+    ]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_alarm_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, AlarmError)
+        return error_response(
+            exc.http_status,
+            exc.error_type,
+            exc.message,
+            _request_id(request),
+            retry_after_s=exc.retry_after_s,
+        )
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        details = _validation_details(exc)
+        first = details[0] if details else {"loc": [], "msg": "invalid request"}
+        message = f"{'.'.join(first['loc'])}: {first['msg']}"
+        return error_response(422, "invalid_request", message, _request_id(request), details)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, "internal_error", "internal error", _request_id(request))
+
+    app.add_exception_handler(AlarmError, on_alarm_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,142 @@
+"""Thin HTTP routes: validate, call the engine, map the result. Docstrings are API docs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.combine import CombineMode
+from service.engine import RewardEngine, ScoredItem, ScoreInput
+from service.errors import ModelFailure, NotReady, PayloadTooLarge
+from service.schemas import (
+    AspectResult,
+    DenseReward,
+    ErrorResponse,
+    HealthResponse,
+    HolisticResult,
+    ModelInfo,
+    ModelsResponse,
+    RewardItem,
+    RewardRequest,
+    RewardResponse,
+    RewardResult,
+    SegmentResult,
+)
+
+router = APIRouter()
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "Too many items or a text too long."},
+    422: {"model": ErrorResponse, "description": "Malformed or invalid request."},
+    500: {"model": ErrorResponse, "description": "A model failed on this request's batch."},
+    503: {"model": ErrorResponse, "description": "Overloaded or not ready; see Retry-After."},
+}
+
+
+def _state(request: Request) -> Any:
+    return request.app.state.alarm
+
+
+def _engine(request: Request) -> RewardEngine:
+    state = _state(request)
+    if state.engine is None:
+        reason = state.load_error or "models are still loading"
+        raise NotReady(f"not ready: {reason}")
+    return state.engine
+
+
+def _check_limits(items: list[RewardItem], request: Request) -> None:
+    limits = _state(request).config.limits
+    if len(items) > limits.max_items_per_request:
+        raise PayloadTooLarge(
+            f"{len(items)} items exceed max_items_per_request={limits.max_items_per_request}"
+        )
+    for index, item in enumerate(items):
+        for field in ("prompt", "response"):
+            size = len(getattr(item, field))
+            if size > limits.max_text_chars:
+                raise PayloadTooLarge(
+                    f"items.{index}.{field}: {size} characters exceed "
+                    f"max_text_chars={limits.max_text_chars}"
+                )
+
+
+def _to_result(item: RewardItem, scored: ScoredItem) -> RewardResult:
+    c = scored.combined
+    if not math.isfinite(c.reward):
+        raise ModelFailure("a model produced a non-finite score")
+    return RewardResult(
+        id=item.id,
+        reward=c.reward,
+        holistic=HolisticResult(raw=c.holistic_raw, normalized=c.holistic_normalized),
+        gate_passed=c.gate_passed,
+        aspects_applied=c.aspects_applied,
+        degenerate=c.degenerate,
+        aspects={
+            name: AspectResult(
+                value=a.value,
+                segments=[
+                    SegmentResult(start=s.start, end=s.end, raw=s.raw, reward=s.reward)
+                    for s in a.segments
+                ],
+            )
+            for name, a in c.aspects.items()
+        },
+        dense=[DenseReward(end=d.end, reward=d.reward) for d in c.dense],
+        truncated=scored.truncated,
+    )
+
+
+@router.post("/v1/rewards", response_model=RewardResponse, responses=_ERRORS)
+async def score_rewards(body: RewardRequest, request: Request) -> RewardResponse:
+    """Score (prompt, response) items with ALaRM hierarchical rewards.
+
+    One result per item, in order. `dense` holds the per-position rewards keyed to
+    character end offsets of the response (the holistic term at `end == len(response)`);
+    its sum is `reward`. `reward_definition` identifies the models and parameters used.
+    """
+    engine = _engine(request)
+    _check_limits(body.items, request)
+    mode = body.mode or _state(request).config.combination.mode
+    scored = await engine.score([ScoreInput(i.prompt, i.response) for i in body.items], mode)
+    return RewardResponse(
+        results=[_to_result(item, s) for item, s in zip(body.items, scored, strict=True)],
+        reward_definition=engine.reward_definition(mode),
+    )
+
+
+@router.get("/v1/models", response_model=ModelsResponse, responses={503: _ERRORS[503]})
+async def list_models(request: Request) -> ModelsResponse:
+    """The loaded models, their devices, the combination parameters and request limits."""
+    engine = _engine(request)
+    config = _state(request).config
+    return ModelsResponse(
+        models=[ModelInfo(**m) for m in engine.describe_models()],
+        combination=config.combination.model_dump(mode="json"),
+        batching=config.batching.model_dump(mode="json"),
+        limits=config.limits.model_dump(mode="json"),
+        reward_definitions={m.value: engine.reward_definition(m) for m in CombineMode},
+    )
+
+
+@router.get("/healthz", response_model=HealthResponse)
+async def healthz() -> HealthResponse:
+    """Liveness: the process is up and serving HTTP."""
+    return HealthResponse(status="ok")
+
+
+@router.get("/readyz", response_model=HealthResponse, responses={503: _ERRORS[503]})
+async def readyz(request: Request) -> HealthResponse:
+    """Readiness: every model is loaded and has scored a warm-up item."""
+    _engine(request)
+    return HealthResponse(status="ready")
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (prefix `alarm_`)."""
+    return Response(
+        generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )

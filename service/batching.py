@@ -1,0 +1,184 @@
+"""A generic asyncio micro-batcher with a padded-token budget.
+
+It knows nothing about models: items carry an opaque payload, a length (tokens of their
+longest row) and a row count. Pending items are flushed when the oldest has waited
+`max_wait_s`, or when they would fill a batch; a flush sorts them by length and cuts them
+into batches whose padded size (rows x longest length) stays under `max_batch_tokens`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch_tokens: int
+    max_batch_size: int
+    max_wait_s: float
+
+
+@dataclass(frozen=True)
+class WorkItem(Generic[P]):
+    payload: P
+    length: int  # tokens of this item's longest row
+    rows: int  # sequences this item adds to the forward pass
+    tokens: int  # real (unpadded) tokens over all rows
+    future: asyncio.Future = field(compare=False)
+    enqueued_at: float = field(compare=False)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one executed batch looked like; reported to an observer (metrics)."""
+
+    size: int
+    rows: int
+    real_tokens: int
+    padded_tokens: int
+    queue_wait_s: tuple[float, ...]
+    run_s: float
+    failed: bool
+
+
+class BatchSizeMismatch(RuntimeError):
+    """A batch function returned a different number of results than it got items."""
+
+
+def padded_tokens(items: Sequence[WorkItem]) -> int:
+    return sum(i.rows for i in items) * max((i.length for i in items), default=0)
+
+
+def form_batches(items: Sequence[WorkItem], limits: BatchLimits) -> list[list[WorkItem]]:
+    """Length-sorted greedy cut: similar lengths share a batch, so little padding is wasted."""
+    batches: list[list[WorkItem]] = []
+    current: list[WorkItem] = []
+    rows = 0
+    for item in sorted(items, key=lambda i: i.length):
+        # Sorted ascending, so `item.length` is the new batch's longest row.
+        too_many_tokens = (rows + item.rows) * item.length > limits.max_batch_tokens
+        if current and (too_many_tokens or len(current) >= limits.max_batch_size):
+            batches.append(current)
+            current, rows = [], 0
+        current.append(item)
+        rows += item.rows
+    if current:
+        batches.append(current)
+    return batches
+
+
+class MicroBatcher(Generic[P, R]):
+    """Merges items submitted by many concurrent callers into batches for `run_batch`."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[P]], Awaitable[Sequence[R]]],
+        limits: BatchLimits,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self._run_batch = run_batch
+        self._limits = limits
+        self._on_batch = on_batch
+        self._pending: list[WorkItem[P]] = []
+        self._pending_rows = 0
+        self._pending_max_length = 0
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        """Fail whatever is still pending and stop the loop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for item in self._pending:
+            if not item.future.done():
+                item.future.set_exception(RuntimeError("batcher stopped"))
+        self._pending.clear()
+
+    def submit(
+        self, payload: P, length: int, rows: int = 1, tokens: int | None = None
+    ) -> asyncio.Future[R]:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        real_tokens = length * rows if tokens is None else tokens
+        self._pending.append(WorkItem(payload, length, rows, real_tokens, future, time.monotonic()))
+        self._pending_rows += rows
+        self._pending_max_length = max(self._pending_max_length, length)
+        self._arrived.set()
+        return future
+
+    def _full(self) -> bool:
+        return (
+            len(self._pending) >= self._limits.max_batch_size
+            or self._pending_rows * self._pending_max_length >= self._limits.max_batch_tokens
+        )
+
+    async def _wait_for_batch(self) -> None:
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = self._pending[0].enqueued_at + self._limits.max_wait_s
+        while not self._full():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wait_for_batch()
+            items, self._pending = self._pending, []
+            self._pending_rows = self._pending_max_length = 0
+            for batch in form_batches(items, self._limits):
+                await self._execute(batch)
+
+    async def _execute(self, batch: list[WorkItem[P]]) -> None:
+        live = [item for item in batch if not item.future.done()]  # skip cancelled callers
+        if not live:
+            return
+        started = time.monotonic()
+        failed = False
+        try:
+            results = await self._run_batch([item.payload for item in live])
+            if len(results) != len(live):
+                raise BatchSizeMismatch(f"batch of {len(live)} items returned {len(results)}")
+        except Exception as exc:
+            failed = True
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+        else:
+            for item, result in zip(live, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)
+        if self._on_batch is not None:
+            self._on_batch(
+                BatchStats(
+                    size=len(live),
+                    rows=sum(i.rows for i in live),
+                    real_tokens=sum(i.tokens for i in live),
+                    padded_tokens=padded_tokens(live),
+                    queue_wait_s=tuple(started - i.enqueued_at for i in live),
+                    run_s=time.monotonic() - started,
+                    failed=failed,
+                )
+            )

@@ -1,0 +1,203 @@
+"""Configuration: process settings (ALARM_* env / CLI) and the YAML reward definition.
+
+Both are validated once at start-up and passed explicitly; nothing reads the environment
+after that. The embedded default reward definition is `service/default_config.yaml`.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.combine import AspectParams, CombineMode, HolisticParams
+from service.errors import ConfigError
+from service.segmentation import SplitUnit
+
+DEFAULT_CONFIG_NAME = "default_config.yaml"
+
+
+class ServiceSettings(BaseSettings):
+    """Process-level settings; every field is also an ALARM_<NAME> environment variable."""
+
+    model_config = SettingsConfigDict(env_prefix="ALARM_", extra="ignore")
+
+    config: Path | None = Field(None, description="YAML reward definition; None = embedded")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "alarm-serve",
+        description="where packaged models are converted once (e.g. GGUF -> safetensors)",
+    )
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _TransformerSpec(_Strict):
+    """Fields shared by every model loaded with transformers' from_pretrained."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    path: str = Field(description="local folder, hub id, or packaged:<name>")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_length: int = Field(512, ge=8)
+    truncation_side: Literal["left", "right"] = "right"
+
+
+class _HolisticNorm(_Strict):
+    mu: float = 0.0
+    sigma: float = Field(1.0, gt=0)
+
+
+class _AspectShaping(_Strict):
+    weight: float = 1.0
+    scale: float = 1.0
+    shift: float = 0.0
+    sigmoid: bool = True
+
+
+class SequenceScalarHolistic(_TransformerSpec, _HolisticNorm):
+    kind: Literal["sequence_scalar"]
+    template: str = "Human: {prompt}\nAssistant: {response}"
+    use_chat_template: bool = False
+
+
+class LmLikelihoodHolistic(_TransformerSpec, _HolisticNorm):
+    kind: Literal["lm_likelihood"]
+    gguf_file: str | None = None
+    # None = the tokenizer's chat template (user turn + generation prompt).
+    prompt_template: str | None = None
+
+
+class SequenceScalarAspect(_TransformerSpec, _AspectShaping):
+    kind: Literal["sequence_scalar"]
+    template: str = "Human: {prompt}\nAssistant: {response}"
+    use_chat_template: bool = False
+
+
+class SegmentClassifierAspect(_TransformerSpec, _AspectShaping):
+    kind: Literal["segment_classifier"]
+    split: SplitUnit = SplitUnit.sentence
+    prefix_template: str = "{prompt} answer:"
+    separator: str | None = Field(None, description="None = the tokenizer's sep or eos token")
+    # Label id -> raw value; the argmax is taken over these labels only.
+    label_values: dict[int, float] = Field(default_factory=lambda: {0: -0.5, 1: 0.5})
+
+    @model_validator(mode="after")
+    def _two_labels_or_more(self) -> SegmentClassifierAspect:
+        if len(self.label_values) < 2:
+            raise ValueError("label_values needs at least two labels")
+        return self
+
+
+class EmbeddingSimilarityAspect(_TransformerSpec, _AspectShaping):
+    kind: Literal["embedding_similarity"]
+    split: SplitUnit = SplitUnit.sentence
+
+
+class LengthRuleAspect(_AspectShaping):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    kind: Literal["rule"]
+    rule: Literal["length"] = "length"
+    unit: Literal["chars", "words", "tokens"] = "words"
+    mean: float = Field(gt=0, description="raw value = count / mean")
+    tokenizer_path: str | None = Field(None, description="needed when unit is tokens")
+
+    @model_validator(mode="after")
+    def _tokens_need_tokenizer(self) -> LengthRuleAspect:
+        if self.unit == "tokens" and not self.tokenizer_path:
+            raise ValueError("unit 'tokens' needs tokenizer_path")
+        return self
+
+
+HolisticSpec = Annotated[SequenceScalarHolistic | LmLikelihoodHolistic, Field(discriminator="kind")]
+AspectSpec = Annotated[
+    SequenceScalarAspect | SegmentClassifierAspect | EmbeddingSimilarityAspect | LengthRuleAspect,
+    Field(discriminator="kind"),
+]
+ModelSpec = SequenceScalarHolistic | LmLikelihoodHolistic | AspectSpec
+
+
+class CombinationConfig(_Strict):
+    mode: CombineMode = CombineMode.hierarchical
+    threshold: float = 0.6
+    holistic_weight: float = 5.0
+    min_response_chars: int = Field(1, ge=0)
+    degenerate_floor: float = -10.0
+
+
+class BatchingConfig(_Strict):
+    max_batch_tokens: int = Field(16384, ge=64, description="padded tokens per forward")
+    max_batch_size: int = Field(64, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0)
+    max_queue_items: int = Field(4096, ge=1, description="admitted items not yet scored")
+
+
+class LimitsConfig(_Strict):
+    max_items_per_request: int = Field(512, ge=1)
+    max_text_chars: int = Field(100_000, ge=1)
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+
+
+class RewardConfig(_Strict):
+    """The reward definition: models, combination parameters, batching and limits."""
+
+    holistic: HolisticSpec
+    aspects: list[AspectSpec] = Field(default_factory=list)
+    combination: CombinationConfig = CombinationConfig()
+    batching: BatchingConfig = BatchingConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RewardConfig:
+        names = [self.holistic.name, *(a.name for a in self.aspects)]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique, repeated: {duplicates}")
+        return self
+
+    def holistic_params(self) -> HolisticParams:
+        c = self.combination
+        return HolisticParams(
+            mu=self.holistic.mu,
+            sigma=self.holistic.sigma,
+            threshold=c.threshold,
+            weight=c.holistic_weight,
+            min_response_chars=c.min_response_chars,
+            degenerate_floor=c.degenerate_floor,
+        )
+
+    def aspect_params(self) -> tuple[AspectParams, ...]:
+        return tuple(
+            AspectParams(a.name, a.weight, a.scale, a.shift, a.sigmoid) for a in self.aspects
+        )
+
+
+def load_reward_config(path: Path | None) -> RewardConfig:
+    """Read and validate a YAML reward definition (None = the embedded default)."""
+    if path is None:
+        text = resources.files("service").joinpath(DEFAULT_CONFIG_NAME).read_text()
+        source = f"embedded {DEFAULT_CONFIG_NAME}"
+    else:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        source = str(path)
+    try:
+        data = yaml.safe_load(text)
+        return RewardConfig.model_validate(data)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from exc

@@ -1,0 +1,197 @@
+"""The scoring engine: one micro-batcher per model, one worker thread per device.
+
+A request's items are tokenised off the event loop, submitted to every model's batcher at
+once (so all models of a request score concurrently), gathered, and combined per item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from service.batching import BatchLimits, MicroBatcher
+from service.combine import CombinedReward, CombineMode, combine_response
+from service.config import RewardConfig
+from service.errors import ModelFailure, NotReady, Overloaded
+from service.metrics import ServiceMetrics
+from service.models import AspectScore, HolisticScore, ModelOutput, Prepared, RewardModel
+
+HOST_DEVICE = "host"  # models without tensors run inline on the event loop
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    combined: CombinedReward
+    truncated: bool
+
+
+class RewardEngine:
+    """Owns the models' batchers and threads; `score` is safe to call concurrently."""
+
+    def __init__(
+        self, models: Sequence[RewardModel], config: RewardConfig, metrics: ServiceMetrics
+    ) -> None:
+        self._models = list(models)
+        self._config = config
+        self._metrics = metrics
+        self._holistic_params = config.holistic_params()
+        self._aspect_params = config.aspect_params()
+        limits = BatchLimits(
+            max_batch_tokens=config.batching.max_batch_tokens,
+            max_batch_size=config.batching.max_batch_size,
+            max_wait_s=config.batching.max_wait_ms / 1000,
+        )
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        self._device_pools = {
+            device: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{device}")
+            for device in sorted({m.device for m in self._models} - {HOST_DEVICE})
+        }
+        self._batchers: dict[str, MicroBatcher[Prepared, ModelOutput]] = {}
+        for model in self._models:
+            self._batchers[model.name] = MicroBatcher(
+                self._runner(model),
+                limits,
+                on_batch=lambda stats, name=model.name: metrics.observe_batch(name, stats),
+            )
+        self._in_flight = 0
+        self._accepting = False
+
+    def _runner(self, model: RewardModel) -> Any:
+        if model.device == HOST_DEVICE:
+
+            async def run_inline(batch: list[Prepared]) -> list[ModelOutput]:
+                return model.run(batch)
+
+            return run_inline
+        pool = self._device_pools[model.device]
+
+        async def run_on_device(batch: list[Prepared]) -> list[ModelOutput]:
+            return await asyncio.get_running_loop().run_in_executor(pool, model.run, batch)
+
+        return run_on_device
+
+    @property
+    def in_flight_items(self) -> int:
+        return self._in_flight
+
+    async def start(self) -> None:
+        """Start the batchers and warm every model with one real item."""
+        for batcher in self._batchers.values():
+            batcher.start()
+        self._accepting = True
+        await self.score([ScoreInput("Warm-up question?", "A warm-up answer.")])
+
+    async def stop(self) -> None:
+        self._accepting = False
+        for batcher in self._batchers.values():
+            await batcher.stop()
+        for pool in (*self._device_pools.values(), self._tokenize_pool):
+            pool.shutdown(wait=True)
+
+    def reward_definition(self, mode: CombineMode) -> str:
+        """A hash of everything that determines a reward: models, versions, parameters."""
+        definition = {
+            "models": [(m.name, m.kind, m.role, m.fingerprint) for m in self._models],
+            "holistic": asdict(self._holistic_params),
+            "aspects": [asdict(a) for a in self._aspect_params],
+            "mode": mode.value,
+        }
+        digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+        return f"sha256:{digest}"
+
+    def describe_models(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": m.name,
+                "role": m.role,
+                "kind": m.kind,
+                "device": m.device,
+                "fingerprint": m.fingerprint,
+                "details": m.describe(),
+            }
+            for m in self._models
+        ]
+
+    def _prepare_all(self, model: RewardModel, items: Sequence[ScoreInput]) -> list[Prepared]:
+        return [model.prepare(item.prompt, item.response) for item in items]
+
+    async def _score_with(
+        self, model: RewardModel, items: Sequence[ScoreInput]
+    ) -> list[ModelOutput]:
+        loop = asyncio.get_running_loop()
+        try:
+            prepared = await loop.run_in_executor(
+                self._tokenize_pool, self._prepare_all, model, items
+            )
+        except Exception as exc:
+            log.exception("model %s failed to prepare inputs", model.name)
+            raise ModelFailure(f"model {model.name!r} could not tokenise the input") from exc
+        batcher = self._batchers[model.name]
+        futures = [batcher.submit(p, p.length, len(p.rows), p.tokens) for p in prepared]
+        self._metrics.queue_depth.labels(model.name).set(batcher.depth)
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        self._metrics.queue_depth.labels(model.name).set(batcher.depth)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                log.error("model %s failed on a batch: %r", model.name, outcome)
+                raise ModelFailure(f"model {model.name!r} failed on this batch") from outcome
+        return outcomes  # type: ignore[return-value]
+
+    async def score(
+        self, items: Sequence[ScoreInput], mode: CombineMode | None = None
+    ) -> list[ScoredItem]:
+        """Score every item with every model and combine; results are in input order."""
+        if not self._accepting:
+            raise NotReady("the service is not accepting work")
+        limit = self._config.batching.max_queue_items
+        if self._in_flight + len(items) > limit:
+            self._metrics.rejected.labels("queue_full").inc(len(items))
+            raise Overloaded(f"queue full ({self._in_flight} items in flight, limit {limit})")
+        self._in_flight += len(items)
+        self._metrics.in_flight.set(self._in_flight)
+        try:
+            per_model = await asyncio.gather(
+                *(self._score_with(m, items) for m in self._models), return_exceptions=True
+            )
+        finally:
+            self._in_flight -= len(items)
+            self._metrics.in_flight.set(self._in_flight)
+        for outputs in per_model:
+            if isinstance(outputs, BaseException):
+                raise outputs
+        return [
+            self._combine(item, [outputs[i] for outputs in per_model], mode)
+            for i, item in enumerate(items)
+        ]
+
+    def _combine(
+        self, item: ScoreInput, outputs: list[ModelOutput], mode: CombineMode | None
+    ) -> ScoredItem:
+        holistic, *aspects = outputs
+        assert isinstance(holistic, HolisticScore)
+        segments = {}
+        for model, output in zip(self._models[1:], aspects, strict=True):
+            assert isinstance(output, AspectScore)
+            segments[model.name] = output.segments
+        combined = combine_response(
+            item.response,
+            holistic.raw,
+            segments,
+            self._holistic_params,
+            self._aspect_params,
+            mode or self._config.combination.mode,
+        )
+        return ScoredItem(combined, truncated=any(o.truncated for o in outputs))

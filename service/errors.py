@@ -1,0 +1,65 @@
+"""One error vocabulary for the service and the single table that maps it to HTTP.
+
+Lower layers raise these domain errors; only `service.api` turns them into responses.
+"""
+
+from __future__ import annotations
+
+
+class AlarmError(Exception):
+    """Base of every error the service reports to a client."""
+
+    error_type: str = "internal_error"
+    http_status: int = 500
+    retry_after_s: float | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(AlarmError):
+    """The request is well-formed JSON but asks for something the service cannot do."""
+
+    error_type = "invalid_request"
+    http_status = 422
+
+
+class PayloadTooLarge(AlarmError):
+    """Too many items, or a text longer than the configured limit."""
+
+    error_type = "payload_too_large"
+    http_status = 413
+
+
+class Overloaded(AlarmError):
+    """The bounded queue is full; the client should retry after a pause."""
+
+    error_type = "overloaded"
+    http_status = 503
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NotReady(AlarmError):
+    """Models are still loading or the service is shutting down."""
+
+    error_type = "not_ready"
+    http_status = 503
+
+    def __init__(self, message: str, retry_after_s: float = 2.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ModelFailure(AlarmError):
+    """A model raised while scoring a batch; only that batch's items fail."""
+
+    error_type = "model_failure"
+    http_status = 500
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; raised at start-up, never while serving."""

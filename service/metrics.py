@@ -1,0 +1,112 @@
+"""Every Prometheus metric of the service, declared once on an injected registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.batching import BatchStats
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+class ServiceMetrics:
+    """Named metrics with low-cardinality labels: route, status class and model name."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "alarm_requests_total",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "alarm_request_duration_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait_seconds = Histogram(
+            "alarm_queue_wait_seconds",
+            "Time an item waited before its batch ran",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "alarm_batch_size_items",
+            "Items per executed batch",
+            ["model"],
+            buckets=_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.batch_tokens = Histogram(
+            "alarm_batch_padded_tokens",
+            "Padded tokens (rows x longest) per batch",
+            ["model"],
+            buckets=_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.real_tokens = Counter(
+            "alarm_real_tokens_total",
+            "Unpadded tokens run through each model",
+            ["model"],
+            registry=registry,
+        )
+        self.padded_tokens = Counter(
+            "alarm_padded_tokens_total",
+            "Padded tokens run through each model",
+            ["model"],
+            registry=registry,
+        )
+        self.forward_seconds = Histogram(
+            "alarm_forward_duration_seconds",
+            "Batch forward latency (incl. device queue)",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "alarm_queue_depth_items",
+            "Items waiting to be batched",
+            ["model"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "alarm_in_flight_items", "Admitted items not yet answered", registry=registry
+        )
+        self.items_scored = Counter(
+            "alarm_items_scored_total",
+            "Items scored by each model",
+            ["model"],
+            registry=registry,
+        )
+        self.batch_failures = Counter(
+            "alarm_batch_failures_total",
+            "Batches whose forward raised",
+            ["model"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "alarm_rejected_items_total",
+            "Items refused by admission control",
+            ["reason"],
+            registry=registry,
+        )
+
+    def observe_batch(self, model: str, stats: BatchStats) -> None:
+        self.batch_size.labels(model).observe(stats.size)
+        self.batch_tokens.labels(model).observe(stats.padded_tokens)
+        self.real_tokens.labels(model).inc(stats.real_tokens)
+        self.padded_tokens.labels(model).inc(stats.padded_tokens)
+        self.forward_seconds.labels(model).observe(stats.run_s)
+        wait = self.queue_wait_seconds.labels(model)
+        for seconds in stats.queue_wait_s:
+            wait.observe(seconds)
+        if stats.failed:
+            self.batch_failures.labels(model).inc()
+        else:
+            self.items_scored.labels(model).inc(stats.size)

@@ -1,0 +1,62 @@
+"""Reward-model adapters behind one protocol, and their construction from the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from service.config import (
+    EmbeddingSimilarityAspect,
+    LengthRuleAspect,
+    LmLikelihoodHolistic,
+    ModelSpec,
+    RewardConfig,
+    SegmentClassifierAspect,
+    SequenceScalarAspect,
+    SequenceScalarHolistic,
+)
+from service.models.base import AspectScore, HolisticScore, ModelOutput, Prepared, RewardModel
+from service.models.loading import place
+from service.models.packaged import resolve_model_path
+
+__all__ = [
+    "AspectScore",
+    "HolisticScore",
+    "ModelOutput",
+    "Prepared",
+    "RewardModel",
+    "load_models",
+]
+
+
+def _build(spec: ModelSpec, index: int, cache_dir: Path) -> RewardModel:
+    if isinstance(spec, LengthRuleAspect):
+        from service.models.length_rule import LengthRule
+
+        tokenizer = spec.tokenizer_path
+        return LengthRule(spec, resolve_model_path(tokenizer, cache_dir) if tokenizer else None)
+    path = resolve_model_path(spec.path, cache_dir)
+    device = place(spec.device, index)
+    if isinstance(spec, SequenceScalarHolistic | SequenceScalarAspect):
+        from service.models.sequence_scalar import SequenceScalarModel
+
+        role = "holistic" if isinstance(spec, SequenceScalarHolistic) else "aspect"
+        return SequenceScalarModel(spec, role, path, device)
+    if isinstance(spec, LmLikelihoodHolistic):
+        from service.models.lm_likelihood import LmLikelihoodModel
+
+        return LmLikelihoodModel(spec, path, device)
+    if isinstance(spec, SegmentClassifierAspect):
+        from service.models.segment_classifier import SegmentClassifierModel
+
+        return SegmentClassifierModel(spec, path, device)
+    if isinstance(spec, EmbeddingSimilarityAspect):
+        from service.models.embedding_similarity import EmbeddingSimilarityModel
+
+        return EmbeddingSimilarityModel(spec, path, device)
+    raise TypeError(f"no adapter for {type(spec).__name__}")
+
+
+def load_models(config: RewardConfig, cache_dir: Path) -> list[RewardModel]:
+    """Load the holistic model first, then every aspect, in config order."""
+    specs: list[ModelSpec] = [config.holistic, *config.aspects]
+    return [_build(spec, index, cache_dir) for index, spec in enumerate(specs)]

@@ -1,0 +1,63 @@
+"""The small protocol every reward-model adapter implements, and the values it returns.
+
+An adapter has two hooks: `prepare` (tokenise one item; runs in a tokenizer thread) and
+`run` (one padded forward over a batch of prepared items; runs in its device's thread).
+It never sees a queue, a request or HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from service.combine import SegmentScore
+
+Role = Literal["holistic", "aspect"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One item, tokenised: `rows` token sequences plus adapter-specific bookkeeping."""
+
+    rows: tuple[tuple[int, ...], ...]
+    truncated: bool
+    meta: Any = None  # adapter-private (segment spans, separator positions, ...)
+
+    @property
+    def length(self) -> int:
+        return max((len(r) for r in self.rows), default=0)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r) for r in self.rows)
+
+
+@dataclass(frozen=True)
+class HolisticScore:
+    raw: float | None  # None when the response gives the model nothing to score
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class AspectScore:
+    segments: tuple[SegmentScore, ...]
+    truncated: bool
+
+
+ModelOutput = HolisticScore | AspectScore
+
+
+@runtime_checkable
+class RewardModel(Protocol):
+    name: str
+    role: Role
+    kind: str
+    device: str  # "cpu", "cuda:0", ...; one worker thread per device
+    fingerprint: str  # identifies the weights and tokenizer files (part of reward_definition)
+
+    def prepare(self, prompt: str, response: str) -> Prepared: ...
+
+    def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]: ...
+
+    def describe(self) -> dict[str, Any]: ...

@@ -1,0 +1,67 @@
+"""Relevance as cosine similarity between the prompt and each response segment.
+
+A sentence-embedding encoder (e.g. all-MiniLM-L6-v2): mean pooling over real tokens and L2
+normalisation, as sentence-transformers does. One item is several rows (prompt first,
+then one per segment), so the batcher budgets it by rows x length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from service.combine import SegmentScore
+from service.config import EmbeddingSimilarityAspect
+from service.models.base import AspectScore, ModelOutput, Prepared
+from service.models.loading import fingerprint, load_pretrained, load_tokenizer, pad_right
+from service.segmentation import split_spans
+
+
+class EmbeddingSimilarityModel:
+    kind = "embedding_similarity"
+    role = "aspect"
+
+    def __init__(self, spec: EmbeddingSimilarityAspect, resolved_path: str, device: str) -> None:
+        from transformers import AutoModel
+
+        self.name, self.device = spec.name, device
+        self._spec = spec
+        self._tokenizer = load_tokenizer(resolved_path)
+        self._tokenizer.truncation_side = spec.truncation_side
+        self._model = load_pretrained(AutoModel, resolved_path, spec.dtype, device)
+        self._pad_id = int(self._tokenizer.pad_token_id or 0)
+        self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude={"device"}))
+
+    def prepare(self, prompt: str, response: str) -> Prepared:
+        spans = split_spans(response, self._spec.split)
+        texts = [prompt, *(response[s:e] for s, e in spans)]
+        full = self._tokenizer(texts)["input_ids"]
+        rows = self._tokenizer(texts, truncation=True, max_length=self._spec.max_length)
+        kept = rows["input_ids"]
+        truncated = any(len(k) < len(f) for k, f in zip(kept, full, strict=True))
+        return Prepared(rows=tuple(map(tuple, kept)), truncated=truncated, meta=tuple(spans))
+
+    @torch.inference_mode()
+    def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
+        all_rows = [row for p in batch for row in p.rows]
+        ids, mask = pad_right(all_rows, self._pad_id, self.device)
+        hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, L, H)
+        weights = mask.unsqueeze(-1).to(hidden.dtype)  # (N, L, 1)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # (N, H)
+        embeddings = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
+        results: list[ModelOutput] = []
+        first = 0
+        for p in batch:
+            rows = embeddings[first : first + len(p.rows)]  # (1 + S, H): prompt, then segments
+            cosines = (rows[1:] @ rows[0]).tolist()  # (S,)
+            segments = tuple(
+                SegmentScore(s, e, c) for (s, e), c in zip(p.meta, cosines, strict=True)
+            )
+            results.append(AspectScore(segments, p.truncated))
+            first += len(p.rows)
+        return results
+
+    def describe(self) -> dict[str, Any]:
+        return {"architecture": self._model.config.architectures, "split": self._spec.split.value}

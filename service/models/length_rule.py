@@ -1,0 +1,44 @@
+"""The paper's length pseudo-aspect: response length over a configured mean."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from service.combine import SegmentScore
+from service.config import LengthRuleAspect
+from service.models.base import AspectScore, ModelOutput, Prepared
+from service.models.loading import fingerprint, load_tokenizer
+
+
+class LengthRule:
+    kind = "rule"
+    role = "aspect"
+    device = "host"  # no tensors: runs inline, never queues behind a forward pass
+
+    def __init__(self, spec: LengthRuleAspect, resolved_tokenizer: str | None) -> None:
+        self.name = spec.name
+        self._spec = spec
+        self._tokenizer = load_tokenizer(resolved_tokenizer) if resolved_tokenizer else None
+        self.fingerprint = fingerprint(resolved_tokenizer or "", spec.model_dump())
+
+    def _count(self, response: str) -> int:
+        if self._spec.unit == "chars":
+            return len(response)
+        if self._spec.unit == "words":
+            return len(response.split())
+        assert self._tokenizer is not None  # guaranteed by LengthRuleAspect validation
+        return len(self._tokenizer(response, add_special_tokens=False)["input_ids"])
+
+    def prepare(self, prompt: str, response: str) -> Prepared:
+        # No model rows: the count is the whole computation.
+        return Prepared(rows=((),), truncated=False, meta=(len(response), self._count(response)))
+
+    def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
+        return [
+            AspectScore((SegmentScore(0, end, count / self._spec.mean),), False)
+            for end, count in (p.meta for p in batch)
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        return {"rule": self._spec.rule, "unit": self._spec.unit, "mean": self._spec.mean}

@@ -1,0 +1,96 @@
+"""A generative holistic reward: mean log p(response | prompt) under a causal LM.
+
+Needs no trained head, so a packaged instruct model gives a meaningful reward offline.
+The lm head is applied only at response positions, never to the whole (B, L, V) grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from service.config import LmLikelihoodHolistic
+from service.errors import ConfigError
+from service.models.base import HolisticScore, ModelOutput, Prepared
+from service.models.loading import (
+    ensure_pad_token,
+    fingerprint,
+    load_pretrained,
+    load_tokenizer,
+    pad_right,
+)
+
+
+class LmLikelihoodModel:
+    kind = "lm_likelihood"
+    role = "holistic"
+
+    def __init__(self, spec: LmLikelihoodHolistic, resolved_path: str, device: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.name, self.device = spec.name, device
+        self._spec = spec
+        self._tokenizer = load_tokenizer(resolved_path)
+        self._model = load_pretrained(AutoModelForCausalLM, resolved_path, spec.dtype, device)
+        if spec.prompt_template is None and not self._tokenizer.chat_template:
+            raise ConfigError(f"{spec.name}: tokenizer has no chat template; set prompt_template")
+        self._pad_id = ensure_pad_token(self._tokenizer, self._model)
+        self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude={"device"}))
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        if self._spec.prompt_template is not None:
+            text = self._spec.prompt_template.format(prompt=prompt)
+            return list(self._tokenizer(text)["input_ids"])
+        text = self._tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prepare(self, prompt: str, response: str) -> Prepared:
+        """Prompt then response ids; the prompt is cut from the left first (the response is
+        what is scored), then the response from the right if it alone is too long."""
+        prompt_ids = self._prompt_ids(prompt)
+        response_ids = list(self._tokenizer(response, add_special_tokens=False)["input_ids"])
+        limit = self._spec.max_length
+        kept_response = response_ids[: max(limit - 1, 0)]
+        kept_prompt = prompt_ids[max(len(prompt_ids) - (limit - len(kept_response)), 0) :]
+        truncated = len(kept_prompt) + len(kept_response) < len(prompt_ids) + len(response_ids)
+        return Prepared(
+            rows=(tuple(kept_prompt + kept_response),),
+            truncated=truncated,
+            # Index of the first scored response token; with no prompt token to condition
+            # on, the first response token cannot be scored.
+            meta=max(len(kept_prompt), 1),
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
+        ids, mask = pad_right([p.rows[0] for p in batch], self._pad_id, self.device)
+        hidden = self._model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        # hidden: (B, L, H)
+        # Position t predicts token t + 1: gather the states that predict response tokens.
+        row_index, position = [], []
+        for i, p in enumerate(batch):
+            start, end = p.meta, len(p.rows[0])
+            row_index += [i] * (end - start)
+            position += range(start - 1, end - 1)
+        if not position:
+            return [HolisticScore(None, p.truncated) for p in batch]
+        rows_t = torch.tensor(row_index, device=self.device)
+        pos_t = torch.tensor(position, device=self.device)
+        logits = self._model.get_output_embeddings()(hidden[rows_t, pos_t])  # (N, V)
+        targets = ids[rows_t, pos_t + 1]  # (N,)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
+        sums = torch.zeros(len(batch), device=self.device).index_add_(0, rows_t, logp)
+        counts = torch.bincount(rows_t, minlength=len(batch))
+        results: list[ModelOutput] = []
+        for i, p in enumerate(batch):
+            n = int(counts[i])
+            raw = float(sums[i]) / n if n else None
+            results.append(HolisticScore(raw, p.truncated))
+        return results
+
+    def describe(self) -> dict[str, Any]:
+        return {"architecture": self._model.config.architectures, "pad_token_id": self._pad_id}

@@ -1,0 +1,107 @@
+"""Loading and placement shared by the transformers adapters: paths, dtypes, devices, ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def place(device: str, model_index: int) -> str:
+    """Map a configured device to a concrete one; `auto` spreads models over visible GPUs."""
+    if device == "auto":
+        count = torch.cuda.device_count()
+        return f"cuda:{model_index % count}" if count else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but no CUDA device is visible")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} does not exist")
+        return f"cuda:{index}"
+    return device
+
+
+def fingerprint(resolved_path: str, extra: dict[str, Any]) -> str:
+    """Identify the model files (names, sizes, config) plus adapter settings, cheaply.
+
+    Hashing every weight byte of a 13B model would take minutes at start-up; names, sizes
+    and config.json change whenever the weights are replaced in practice.
+    """
+    digest = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    folder = Path(resolved_path)
+    if folder.is_dir():
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(folder)}:{file.stat().st_size}".encode())
+        config = folder / "config.json"
+        if config.exists():
+            digest.update(config.read_bytes())
+    else:
+        digest.update(resolved_path.encode())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def load_tokenizer(resolved_path: str, **kwargs: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolved_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load tokenizer from {resolved_path!r}: {exc}") from exc
+
+
+def load_pretrained(auto_class: Any, resolved_path: str, dtype: str, device: str) -> Any:
+    try:
+        model = auto_class.from_pretrained(resolved_path, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model from {resolved_path!r}: {exc}") from exc
+    return model.to(device).eval()
+
+
+def ensure_pad_token(tokenizer: Any, model: Any) -> int:
+    """Decoder RMs often ship without a pad token; reuse eos so batches can be padded."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError("tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return int(tokenizer.pad_token_id)
+
+
+def pad_right(
+    rows: Sequence[Sequence[int]], pad_id: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad rows to one (B, L) id tensor and its attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+
+
+def truncate_keeping_specials(
+    ids: Sequence[int], special_ids: set[int], max_length: int, side: str
+) -> tuple[list[int], list[int]]:
+    """Cut `ids` to `max_length` from `side`, keeping a leading/trailing special token.
+
+    Returns the kept ids and, for each, its index in the original `ids`, so callers can map
+    positions they care about (or learn that they were cut).
+    """
+    if len(ids) <= max_length:
+        return list(ids), list(range(len(ids)))
+    head = 1 if ids and ids[0] in special_ids else 0
+    tail = 1 if len(ids) > 1 and ids[-1] in special_ids else 0
+    budget = max_length - head - tail
+    lo = head if side == "right" else len(ids) - tail - budget
+    origin = [*range(head), *range(lo, lo + budget), *range(len(ids) - tail, len(ids))]
+    return [ids[i] for i in origin], origin

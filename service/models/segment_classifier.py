@@ -1,0 +1,113 @@
+"""Fine-Grained RLHF-style segment rewards (ALARM.md section 4).
+
+Input: "{prefix} <sep> s1 <sep> s2 ..."; the token classifier's logits at each separator
+decide that segment's label. Separators are located by character offset, so a separator
+string inside the prompt can never be mistaken for a segment, and a segment whose
+separator falls outside the truncation window is reported unscored, never misaligned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from service.combine import SegmentScore
+from service.config import SegmentClassifierAspect
+from service.errors import ConfigError
+from service.models.base import AspectScore, ModelOutput, Prepared
+from service.models.loading import (
+    ensure_pad_token,
+    fingerprint,
+    load_pretrained,
+    load_tokenizer,
+    pad_right,
+    truncate_keeping_specials,
+)
+from service.segmentation import split_spans
+
+
+class SegmentClassifierModel:
+    kind = "segment_classifier"
+    role = "aspect"
+
+    def __init__(self, spec: SegmentClassifierAspect, resolved_path: str, device: str) -> None:
+        from transformers import AutoModelForTokenClassification
+
+        self.name, self.device = spec.name, device
+        self._spec = spec
+        self._tokenizer = load_tokenizer(resolved_path)
+        self._model = load_pretrained(
+            AutoModelForTokenClassification, resolved_path, spec.dtype, device
+        )
+        self._separator = spec.separator or self._tokenizer.sep_token or self._tokenizer.eos_token
+        self._separator_id = self._tokenizer.convert_tokens_to_ids(self._separator)
+        if self._separator_id is None or self._separator_id == self._tokenizer.unk_token_id:
+            raise ConfigError(f"{spec.name}: separator {self._separator!r} is not a token")
+        num_labels = self._model.config.num_labels
+        bad = [label for label in spec.label_values if not 0 <= label < num_labels]
+        if bad:
+            raise ConfigError(f"{spec.name}: label_values {bad} outside 0..{num_labels - 1}")
+        self._labels = torch.tensor(sorted(spec.label_values))
+        self._label_values = [spec.label_values[int(i)] for i in self._labels]
+        self._pad_id = ensure_pad_token(self._tokenizer, self._model)
+        self._special_ids = set(self._tokenizer.all_special_ids)
+        self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude={"device"}))
+
+    def prepare(self, prompt: str, response: str) -> Prepared:
+        spans = split_spans(response, self._spec.split)
+        text = self._spec.prefix_template.format(prompt=prompt)
+        separator_chars: list[int] = []
+        for start, end in spans:
+            text += " "
+            separator_chars.append(len(text))
+            text += f"{self._separator} {response[start:end]}"
+        encoded = self._tokenizer(text, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        token_at_char = {
+            start: i for i, (start, _) in enumerate(offsets) if ids[i] == self._separator_id
+        }
+        positions = [token_at_char.get(c) for c in separator_chars]
+        if any(p is None for p in positions):
+            raise ConfigError(
+                f"{self.name}: separator {self._separator!r} is not tokenised as one token"
+            )
+        kept, origin = truncate_keeping_specials(
+            ids, self._special_ids, self._spec.max_length, self._spec.truncation_side
+        )
+        new_index = {old: new for new, old in enumerate(origin)}
+        kept_positions = tuple(new_index.get(p) for p in positions if p is not None)
+        return Prepared(
+            rows=(tuple(kept),),
+            truncated=len(kept) < len(ids),
+            meta=(tuple(spans), kept_positions),
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
+        ids, mask = pad_right([p.rows[0] for p in batch], self._pad_id, self.device)
+        logits = self._model(input_ids=ids, attention_mask=mask).logits  # (B, L, C)
+        label_logits = logits[..., self._labels.to(self.device)]  # (B, L, K)
+        choice = label_logits.argmax(-1).cpu()  # (B, L): index into sorted labels
+        results: list[ModelOutput] = []
+        for i, p in enumerate(batch):
+            spans, positions = p.meta
+            segments = tuple(
+                SegmentScore(
+                    start,
+                    end,
+                    None if pos is None else self._label_values[int(choice[i, pos])],
+                )
+                for (start, end), pos in zip(spans, positions, strict=True)
+            )
+            results.append(AspectScore(segments, p.truncated))
+        return results
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "architecture": self._model.config.architectures,
+            "separator": self._separator,
+            "label_values": self._spec.label_values,
+            "split": self._spec.split.value,
+        }

@@ -1,0 +1,109 @@
+"""Wire models (pydantic): what clients send and receive. They become openapi.yaml."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.combine import CombineMode
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RewardItem(_Wire):
+    prompt: str = Field(description="The prompt (question and any context) given to the policy.")
+    response: str = Field(description="The policy's response to score.")
+    id: str | None = Field(None, max_length=256, description="Echoed back in the result.")
+
+    @field_validator("prompt", "response")
+    @classmethod
+    def _encodable(cls, text: str) -> str:
+        # JSON escapes can smuggle lone surrogates that no tokenizer can encode.
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"text is not valid Unicode ({exc.reason})") from exc
+        return text
+
+
+class RewardRequest(_Wire):
+    items: list[RewardItem] = Field(min_length=1, description="Items to score, in order.")
+    mode: CombineMode | None = Field(None, description="Combination mode; default from config.")
+
+
+class HolisticResult(_Wire):
+    raw: float | None = Field(description="Model output h (None when nothing to score).")
+    normalized: float = Field(description="r_h = (h - mu) / sigma, or the degenerate floor.")
+
+
+class SegmentResult(_Wire):
+    start: int = Field(description="Start character offset in the response.")
+    end: int = Field(description="End character offset (exclusive); the reward sits here.")
+    raw: float | None = Field(description="Raw aspect value; None when unscored (truncated).")
+    reward: float | None = Field(description="w * s(scale * (raw + shift)); None if unscored.")
+
+
+class AspectResult(_Wire):
+    value: float = Field(description="Sum of this aspect's segment rewards, before the gate.")
+    segments: list[SegmentResult]
+
+
+class DenseReward(_Wire):
+    end: int = Field(description="Character end offset in the response.")
+    reward: float
+
+
+class RewardResult(_Wire):
+    id: str | None
+    reward: float = Field(description="Sequence-level total: the sum of `dense`.")
+    holistic: HolisticResult
+    gate_passed: bool = Field(description="r_h >= threshold.")
+    aspects_applied: bool = Field(description="Whether aspect rewards are included in `dense`.")
+    degenerate: bool = Field(description="Empty or too short: the holistic floor was used.")
+    aspects: dict[str, AspectResult]
+    dense: list[DenseReward] = Field(
+        description="Rewards keyed to character end offsets; holistic at end == len(response)."
+    )
+    truncated: bool = Field(description="Some model saw a truncated input.")
+
+
+class RewardResponse(_Wire):
+    results: list[RewardResult]
+    reward_definition: str = Field(
+        description="sha256 of the models, their versions and every combination parameter."
+    )
+
+
+class ModelInfo(_Wire):
+    name: str
+    role: str
+    kind: str
+    device: str
+    fingerprint: str
+    details: dict[str, Any]
+
+
+class ModelsResponse(_Wire):
+    models: list[ModelInfo]
+    combination: dict[str, Any]
+    batching: dict[str, Any]
+    limits: dict[str, Any]
+    reward_definitions: dict[str, str] = Field(description="reward_definition for each mode.")
+
+
+class HealthResponse(_Wire):
+    status: str
+
+
+class ErrorDetail(_Wire):
+    type: str = Field(description="Machine-readable error type, e.g. invalid_request.")
+    message: str
+    request_id: str | None = None
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorResponse(_Wire):
+    error: ErrorDetail

@@ -1,0 +1,95 @@
+"""Split a response into sentence or sub-sentence spans (character offsets into the text).
+
+A small rule-based splitter so the service needs no NLTK data download; spans are what the
+rewards are keyed to, so they must map exactly back into the original string.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+
+class SplitUnit(str, Enum):
+    sentence = "sentence"
+    subsentence = "subsentence"
+
+
+_ABBREVIATIONS = frozenset(
+    [
+        "mr",
+        "mrs",
+        "ms",
+        "dr",
+        "prof",
+        "sr",
+        "jr",
+        "st",
+        "vs",
+        "etc",
+        "e.g",
+        "i.e",
+        "u.s",
+        "u.k",
+        "no",
+        "fig",
+        "al",
+        "approx",
+        "inc",
+        "ltd",
+        "co",
+        "jan",
+        "feb",
+        "mar",
+        "apr",
+        "jun",
+        "jul",
+        "aug",
+        "sep",
+        "sept",
+        "oct",
+        "nov",
+        "dec",
+    ]
+)
+# Terminal punctuation (plus closing quotes/brackets) followed by whitespace or the end.
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
+_CLAUSE_END = re.compile(r"[,;:](?=\s)")
+
+
+def _is_abbreviation(text: str, dot_at: int) -> bool:
+    word_start = max(text.rfind(" ", 0, dot_at), text.rfind("\n", 0, dot_at)) + 1
+    word = text[word_start:dot_at].lower().strip("\"'(")
+    return word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha())
+
+
+def _strip_span(text: str, start: int, end: int) -> tuple[int, int] | None:
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return (start, end) if end > start else None
+
+
+def _cut(text: str, start: int, end: int, pattern: re.Pattern[str]) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    piece_start = start
+    for match in pattern.finditer(text, start, end):
+        if match.group().startswith(".") and _is_abbreviation(text, match.start()):
+            continue
+        span = _strip_span(text, piece_start, match.end())
+        if span:
+            spans.append(span)
+        piece_start = match.end()
+    tail = _strip_span(text, piece_start, end)
+    if tail:
+        spans.append(tail)
+    return spans
+
+
+def split_spans(text: str, unit: SplitUnit = SplitUnit.sentence) -> list[tuple[int, int]]:
+    """Non-overlapping (start, end) spans covering every non-blank part of `text`, in order."""
+    spans = _cut(text, 0, len(text), _SENTENCE_END)
+    if unit is SplitUnit.subsentence:
+        spans = [piece for s, e in spans for piece in _cut(text, s, e, _CLAUSE_END)]
+    return spans
