@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -65,7 +66,7 @@ def _byte_tokenizer(
         vocab.setdefault(token, len(vocab))
     # alphabet() comes back in a different order in every process: sort it for stable ids.
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
+        vocab.setdefault(symbol, len(vocab))
     unk = wrapper_kwargs.get("unk_token")
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -114,20 +115,23 @@ def _save(model: PreTrainedModel, tok: PreTrainedTokenizerFast, folder: Path | s
     return path
 
 
-def _llama_config(tok: PreTrainedTokenizerFast, **extra: object) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
-        intermediate_size=INTERMEDIATE,
-        max_position_embeddings=MAX_POSITIONS,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        **extra,
-    )
+def _sizes(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
+    """Shared tiny sizes. Configs are built with from_dict: transformers 5 configs are typed
+    dataclasses, and architecture extras (DeBERTa's position_buckets...) are not fields."""
+    return {
+        "vocab_size": len(tok),
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "intermediate_size": INTERMEDIATE,
+        "max_position_embeddings": MAX_POSITIONS,
+        "pad_token_id": tok.pad_token_id,
+    }
+
+
+def _llama_config(tok: PreTrainedTokenizerFast, **extra: Any) -> LlamaConfig:
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    return LlamaConfig.from_dict({**_sizes(tok), "num_key_value_heads": HEADS, **ids, **extra})
 
 
 def build_llama_scalar_rm(folder: Path | str, seed: int = SEED) -> Path:
@@ -156,23 +160,20 @@ def build_deberta_scalar_rm(folder: Path | str, seed: int = SEED) -> Path:
         unk_token="[UNK]",
         mask_token="[MASK]",
     )
-    config = DebertaV2Config(
-        vocab_size=len(tok),
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=INTERMEDIATE,
-        max_position_embeddings=512,
-        type_vocab_size=0,
-        relative_attention=True,
-        position_biased_input=False,
-        pos_att_type=["p2c", "c2p"],
-        max_relative_positions=-1,
-        position_buckets=256,
-        norm_rel_ebd="layer_norm",
-        share_att_key=True,
-        pad_token_id=tok.pad_token_id,
-        num_labels=1,
+    config = DebertaV2Config.from_dict(
+        {
+            **_sizes(tok),
+            "max_position_embeddings": 512,
+            "type_vocab_size": 0,
+            "relative_attention": True,
+            "position_biased_input": False,
+            "pos_att_type": ["p2c", "c2p"],
+            "max_relative_positions": -1,
+            "position_buckets": 256,
+            "norm_rel_ebd": "layer_norm",
+            "share_att_key": True,
+            "num_labels": 1,
+        }
     )
     torch.manual_seed(seed)
     model = DebertaV2ForSequenceClassification(config)
@@ -198,17 +199,7 @@ def build_segment_classifier(folder: Path | str, seed: int = SEED) -> Path:
         unk_token="<unk>",
         mask_token="<mask>",
     )
-    config = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=INTERMEDIATE,
-        max_position_embeddings=MAX_POSITIONS,
-        type_vocab_size=1,
-        pad_token_id=tok.pad_token_id,
-        num_labels=2,
-    )
+    config = BertConfig.from_dict({**_sizes(tok), "type_vocab_size": 1, "num_labels": 2})
     torch.manual_seed(seed)
     model = BertForTokenClassification(config)
     return _save(model, tok, folder)

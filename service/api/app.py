@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
 from prometheus_client import CollectorRegistry
 
 from service.api.errors import install_error_handlers
@@ -73,7 +72,6 @@ def create_app(
         version=API_VERSION,
         description="Hierarchical (ALaRM) rewards for RLHF over HTTP.",
         lifespan=lifespan,
-        default_response_class=ORJSONResponse,
     )
     app.state.alarm = state
     app.include_router(router)

@@ -42,8 +42,9 @@ def _state(request: Request) -> Any:
 def _engine(request: Request) -> RewardEngine:
     state = _state(request)
     if state.engine is None:
-        reason = state.load_error or "models are still loading"
-        raise NotReady(f"not ready: {reason}")
+        if state.load_error:
+            raise NotReady(f"model loading failed: {state.load_error}", retry_after_s=30)
+        raise NotReady("models are still loading")
     return state.engine
 
 

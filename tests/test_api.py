@@ -1,0 +1,252 @@
+"""The HTTP API through a real ASGI client, real lifespan, real tiny models and batching."""
+
+import asyncio
+import json
+import random
+
+import pytest
+
+from service.config import RewardConfig
+from tests.conftest import asgi_client, tiny_config_dict, wait_ready
+
+PROMPT = "question: Who wrote Hamlet? context: Hamlet is a tragedy by William Shakespeare."
+ANSWER = "William Shakespeare wrote Hamlet. It is a tragedy. He wrote it around 1600."
+
+
+@pytest.fixture
+async def client(tiny_config, tmp_path):
+    async with asgi_client(tiny_config, tmp_path) as client:
+        await wait_ready(client)
+        yield client
+
+
+def assert_error(response, status: int, error_type: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == error_type
+    assert error["message"]
+    assert error["request_id"] == response.headers["x-request-id"]
+    return error
+
+
+async def test_scores_items_in_order_with_hierarchical_structure(client):
+    items = [
+        {"prompt": PROMPT, "response": ANSWER, "id": "a"},
+        {"prompt": PROMPT, "response": "Marlowe.", "id": "b"},
+        {"prompt": PROMPT, "response": ""},
+    ]
+    response = await client.post("/v1/rewards", json={"items": items})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["reward_definition"].startswith("sha256:")
+    results = body["results"]
+    assert [r["id"] for r in results] == ["a", "b", None]
+    first = results[0]
+    assert set(first["aspects"]) == {"factuality", "completeness", "length"}
+    sentences = first["aspects"]["factuality"]["segments"]
+    assert [ANSWER[s["start"] : s["end"]] for s in sentences] == [
+        "William Shakespeare wrote Hamlet.",
+        "It is a tragedy.",
+        "He wrote it around 1600.",
+    ]
+    for result, item in zip(results, items):
+        dense = result["dense"]
+        assert sum(d["reward"] for d in dense) == pytest.approx(result["reward"], abs=1e-9)
+        assert dense[-1]["end"] == len(item["response"])
+    assert results[2]["degenerate"] and results[2]["holistic"]["normalized"] == -10.0
+
+
+async def test_modes_change_the_total_and_the_definition(client):
+    item = {"prompt": PROMPT, "response": ANSWER}
+    by_mode = {}
+    for mode in ("hierarchical", "holistic_only", "aspect_only", "weighted_sum"):
+        response = await client.post("/v1/rewards", json={"items": [item], "mode": mode})
+        assert response.status_code == 200
+        by_mode[mode] = response.json()
+    totals = {m: b["results"][0]["reward"] for m, b in by_mode.items()}
+    # The tiny config's threshold passes every response, so hierarchical == weighted_sum.
+    assert totals["hierarchical"] == pytest.approx(totals["weighted_sum"])
+    assert totals["weighted_sum"] == pytest.approx(totals["holistic_only"] + totals["aspect_only"])
+    assert len({b["reward_definition"] for b in by_mode.values()}) == 4
+
+
+async def test_hundred_concurrent_requests_score_like_each_item_alone(client):
+    """Batch composition must not change a score, and no result lands on another item."""
+    rng = random.Random(1)
+    words = ANSWER.split()
+    responses = [" ".join(words[: rng.randint(0, len(words))]) + "." for _ in range(30)]
+    alone = {}
+    for text in responses:
+        r = await client.post("/v1/rewards", json={"items": [{"prompt": PROMPT, "response": text}]})
+        alone[text] = r.json()["results"][0]
+
+    requests = [
+        [
+            {"prompt": PROMPT, "response": rng.choice(responses), "id": f"{n}-{i}"}
+            for i in range(rng.randint(1, 8))
+        ]
+        for n in range(100)
+    ]
+    replies = await asyncio.gather(
+        *(client.post("/v1/rewards", json={"items": items}) for items in requests)
+    )
+    for items, reply in zip(requests, replies):
+        assert reply.status_code == 200, reply.text
+        results = reply.json()["results"]
+        assert [r["id"] for r in results] == [i["id"] for i in items]
+        for item, result in zip(items, results):
+            expected = alone[item["response"]]
+            assert result["reward"] == pytest.approx(expected["reward"], abs=1e-4)
+            assert result["holistic"]["raw"] == pytest.approx(expected["holistic"]["raw"], abs=1e-4)
+    metrics = (await client.get("/metrics")).text
+    assert 'alarm_batch_size_items_count{model="holistic"}' in metrics
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"items": []}, "items"),
+        ({"items": [{"prompt": 1, "response": "x"}]}, "prompt"),
+        ({"items": [{"prompt": "p"}]}, "response"),
+        ({"items": [{"prompt": "p", "response": "r"}], "mode": "best"}, "mode"),
+        ({"items": [{"prompt": "p", "response": "r", "colour": "red"}]}, "colour"),
+        ({"items": "nope"}, "items"),
+        ({}, "items"),
+        ([1, 2], "body"),
+    ],
+)
+async def test_invalid_bodies_get_422_naming_the_problem(client, body, needle):
+    response = await client.post("/v1/rewards", json=body)
+    error = assert_error(response, 422, "invalid_request")
+    assert needle in json.dumps(error)
+
+
+async def test_malformed_json_and_lone_surrogates_get_422(client):
+    headers = {"content-type": "application/json"}
+    response = await client.post("/v1/rewards", content=b'{"items": [', headers=headers)
+    assert_error(response, 422, "invalid_request")
+    surrogate = b'{"items": [{"prompt": "p", "response": "bad \\ud800 text"}]}'
+    response = await client.post("/v1/rewards", content=surrogate, headers=headers)
+    assert "Unicode" in assert_error(response, 422, "invalid_request")["message"]
+
+
+async def test_nul_bytes_and_unicode_are_scored(client):
+    items = [{"prompt": "p\x00q", "response": "héllo \x00 wörld. 日本語です。"}]
+    response = await client.post("/v1/rewards", json={"items": items})
+    assert response.status_code == 200, response.text
+
+
+async def test_oversized_requests_get_413(tiny_paths, tmp_path):
+    limits = {"max_items_per_request": 3, "max_text_chars": 50, "max_request_bytes": 4096}
+    config = RewardConfig.model_validate(tiny_config_dict(tiny_paths, limits=limits))
+    async with asgi_client(config, tmp_path) as client:
+        await wait_ready(client)
+        many = {"items": [{"prompt": "p", "response": "r"}] * 4}
+        assert (
+            "max_items_per_request"
+            in assert_error(await client.post("/v1/rewards", json=many), 413, "payload_too_large")[
+                "message"
+            ]
+        )
+        long_text = {"items": [{"prompt": "p", "response": "r" * 51}]}
+        assert (
+            "items.0.response"
+            in assert_error(
+                await client.post("/v1/rewards", json=long_text), 413, "payload_too_large"
+            )["message"]
+        )
+        huge = {"items": [{"prompt": "p" * 5000, "response": "r"}]}
+        assert_error(await client.post("/v1/rewards", json=huge), 413, "payload_too_large")
+
+
+async def test_a_full_queue_answers_503_with_retry_after(tiny_paths, tmp_path):
+    config = RewardConfig.model_validate(
+        tiny_config_dict(tiny_paths, batching={"max_queue_items": 4, "max_wait_ms": 50})
+    )
+    async with asgi_client(config, tmp_path) as client:
+        await wait_ready(client)
+        items = [{"prompt": PROMPT, "response": ANSWER}] * 3
+        replies = await asyncio.gather(
+            *(client.post("/v1/rewards", json={"items": items}) for _ in range(6))
+        )
+        statuses = sorted(r.status_code for r in replies)
+        assert statuses.count(200) >= 1 and 503 in statuses
+        for reply in replies:
+            if reply.status_code == 503:
+                assert_error(reply, 503, "overloaded")
+                assert int(reply.headers["retry-after"]) >= 1
+        # The service recovers once the queue drains.
+        assert (await client.post("/v1/rewards", json={"items": items})).status_code == 200
+
+
+async def test_a_model_failure_fails_that_request_and_the_service_stays_ready(client, monkeypatch):
+    from service.models.segment_classifier import SegmentClassifierModel
+
+    original = SegmentClassifierModel.run
+    calls = {"n": 0}
+
+    def fail_once(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return original(self, batch)
+
+    monkeypatch.setattr(SegmentClassifierModel, "run", fail_once)
+    body = {"items": [{"prompt": PROMPT, "response": ANSWER}]}
+    error = assert_error(await client.post("/v1/rewards", json=body), 500, "model_failure")
+    assert "factuality" in error["message"]
+    assert (await client.get("/readyz")).status_code == 200
+    assert (await client.post("/v1/rewards", json=body)).status_code == 200
+
+
+async def test_models_endpoint_reports_models_devices_and_limits(client):
+    body = (await client.get("/v1/models")).json()
+    assert [(m["name"], m["role"], m["device"]) for m in body["models"]] == [
+        ("holistic", "holistic", "cpu"),
+        ("factuality", "aspect", "cpu"),
+        ("completeness", "aspect", "cpu"),
+        ("length", "aspect", "host"),
+    ]
+    assert body["combination"]["mode"] == "hierarchical"
+    assert body["limits"]["max_items_per_request"] == 512
+    assert set(body["reward_definitions"]) == {
+        "hierarchical",
+        "weighted_sum",
+        "holistic_only",
+        "aspect_only",
+    }
+
+
+async def test_health_and_metrics(client):
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"status": "ready"}
+    await client.post("/v1/rewards", json={"items": [{"prompt": "p", "response": "r."}]})
+    metrics = (await client.get("/metrics")).text
+    for name in (
+        "alarm_requests_total",
+        "alarm_request_duration_seconds",
+        "alarm_queue_wait_seconds",
+        "alarm_batch_size_items",
+        "alarm_batch_padded_tokens",
+        "alarm_forward_duration_seconds",
+        "alarm_queue_depth_items",
+        "alarm_items_scored_total",
+    ):
+        assert name in metrics
+    assert 'alarm_requests_total{route="/v1/rewards",status="200"}' in metrics
+
+
+async def test_a_model_that_cannot_load_keeps_the_service_unready(tiny_paths, tmp_path):
+    broken = tiny_config_dict(tiny_paths)
+    broken["holistic"]["path"] = str(tmp_path / "missing-model")
+    config = RewardConfig.model_validate(broken)
+    async with asgi_client(config, tmp_path) as client:
+        for _ in range(200):
+            response = await client.get("/readyz")
+            if "loading failed" in response.text:
+                break
+            await asyncio.sleep(0.05)
+        assert_error(response, 503, "not_ready")
+        body = {"items": [{"prompt": "p", "response": "r"}]}
+        assert_error(await client.post("/v1/rewards", json=body), 503, "not_ready")
+        assert (await client.get("/healthz")).status_code == 200

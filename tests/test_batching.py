@@ -1,0 +1,137 @@
+"""The micro-batcher under real asyncio concurrency, with a deterministic fake model."""
+
+import asyncio
+import random
+
+import pytest
+
+from service.batching import BatchLimits, BatchSizeMismatch, MicroBatcher, WorkItem, form_batches
+
+LIMITS = BatchLimits(max_batch_tokens=256, max_batch_size=8, max_wait_s=0.005)
+
+
+class RecordingModel:
+    """Returns (payload, batch number) so every result can be traced to its item."""
+
+    def __init__(self, fail_on=None):
+        self.batches: list[list[tuple[str, int]]] = []
+        self.fail_on = fail_on
+
+    async def __call__(self, payloads):
+        self.batches.append(list(payloads))
+        await asyncio.sleep(0)  # let other submitters interleave
+        if self.fail_on is not None and any(p[0] == self.fail_on for p in payloads):
+            raise RuntimeError("model exploded")
+        return [f"scored:{key}" for key, _ in payloads]
+
+
+async def run_requests(batcher, requests):
+    async def one_request(request_id, lengths):
+        await asyncio.sleep(random.random() * 0.002)
+        futures = [
+            batcher.submit((f"{request_id}/{i}", n), length=n) for i, n in enumerate(lengths)
+        ]
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    return await asyncio.gather(*(one_request(r, lengths) for r, lengths in requests.items()))
+
+
+async def test_hundred_concurrent_requests_each_get_their_own_results():
+    rng = random.Random(0)
+    requests = {
+        f"req{r}": [rng.randint(1, 60) for _ in range(rng.randint(1, 12))] for r in range(100)
+    }
+    model = RecordingModel()
+    batcher = MicroBatcher(model, LIMITS)
+    batcher.start()
+    try:
+        results = await run_requests(batcher, requests)
+    finally:
+        await batcher.stop()
+    for (request_id, lengths), got in zip(requests.items(), results):
+        assert got == [f"scored:{request_id}/{i}" for i in range(len(lengths))]
+    assert len(model.batches) < sum(len(v) for v in requests.values())  # batching happened
+    for batch in model.batches:
+        assert len(batch) <= LIMITS.max_batch_size
+        lengths = [n for _, n in batch]
+        assert len(batch) == 1 or len(batch) * max(lengths) <= LIMITS.max_batch_tokens
+
+
+async def test_a_lone_item_is_flushed_after_the_wait():
+    model = RecordingModel()
+    batcher = MicroBatcher(model, LIMITS)
+    batcher.start()
+    try:
+        assert await asyncio.wait_for(batcher.submit(("solo", 3), length=3), 2) == "scored:solo"
+    finally:
+        await batcher.stop()
+
+
+async def test_a_failing_batch_fails_only_its_own_items():
+    model = RecordingModel(fail_on="bad")
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=1, max_wait_s=0.001)
+    batcher = MicroBatcher(model, limits)
+    batcher.start()
+    try:
+        good = batcher.submit(("good", 2), length=2)
+        bad = batcher.submit(("bad", 2), length=2)
+        results = await asyncio.gather(good, bad, return_exceptions=True)
+    finally:
+        await batcher.stop()
+    assert results[0] == "scored:good"
+    assert isinstance(results[1], RuntimeError)
+
+
+async def test_a_batch_returning_too_few_results_fails_every_item():
+    async def drops_one(payloads):
+        return payloads[:-1]
+
+    batcher = MicroBatcher(drops_one, BatchLimits(1000, 8, 0.01))
+    batcher.start()
+    try:
+        futures = [batcher.submit(i, length=1) for i in range(3)]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        await batcher.stop()
+    assert all(isinstance(r, BatchSizeMismatch) for r in results)
+
+
+async def test_cancelled_items_never_reach_the_model():
+    model = RecordingModel()
+    batcher = MicroBatcher(model, BatchLimits(1000, 8, 0.05))
+    batcher.start()
+    try:
+        gone = batcher.submit(("gone", 1), length=1)
+        kept = batcher.submit(("kept", 1), length=1)
+        gone.cancel()
+        assert await kept == "scored:kept"
+    finally:
+        await batcher.stop()
+    assert [key for batch in model.batches for key, _ in batch] == ["kept"]
+
+
+def make_item(length, rows=1):
+    loop = asyncio.new_event_loop()
+    try:
+        return WorkItem(None, length, rows, length * rows, loop.create_future(), 0.0)
+    finally:
+        loop.close()
+
+
+def test_form_batches_sorts_by_length_and_respects_the_padded_budget():
+    items = [make_item(n) for n in (50, 3, 40, 5, 4, 45)]
+    batches = form_batches(items, BatchLimits(max_batch_tokens=100, max_batch_size=8, max_wait_s=0))
+    assert [[i.length for i in b] for b in batches] == [[3, 4, 5], [40, 45], [50]]
+
+
+def test_form_batches_counts_rows_of_multi_row_items():
+    items = [make_item(10, rows=6), make_item(10, rows=6)]
+    batches = form_batches(items, BatchLimits(max_batch_tokens=100, max_batch_size=8, max_wait_s=0))
+    assert len(batches) == 2
+
+
+@pytest.mark.parametrize("size_cap", [1, 2, 3])
+def test_form_batches_respects_the_size_cap(size_cap):
+    items = [make_item(1) for _ in range(7)]
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=size_cap, max_wait_s=0)
+    assert all(len(b) <= size_cap for b in form_batches(items, limits))

@@ -1,0 +1,120 @@
+"""The ALaRM combination math (ALARM.md section 2), pinned to the paper's numbers."""
+
+import math
+
+import pytest
+
+from service.combine import (
+    AspectParams,
+    CombineMode,
+    HolisticParams,
+    SegmentScore,
+    combine_response,
+    shape_aspect_value,
+    sigmoid,
+)
+
+# Long-form QA settings of the paper: eps 0.6, lambda 5, mu/sigma of UltraRM.
+QA = HolisticParams(mu=-4.8961, sigma=3.0596, threshold=0.6, weight=5.0)
+FACTUALITY = AspectParams("factuality", weight=1.0)
+RESPONSE = "Paris is the capital. It is in France."
+SEGMENTS = {"factuality": [SegmentScore(0, 21, 0.5), SegmentScore(22, 38, -0.5)]}
+
+
+def raw_for(r_h: float, params: HolisticParams = QA) -> float:
+    """The raw holistic score whose z-normalised value is r_h."""
+    return r_h * params.sigma + params.mu
+
+
+def test_factuality_plus_half_is_shaped_to_0_6225():
+    assert shape_aspect_value(0.5, FACTUALITY) == pytest.approx(0.6225, abs=1e-4)
+    assert shape_aspect_value(-0.5, FACTUALITY) == pytest.approx(0.3775, abs=1e-4)
+
+
+def test_completeness_affine_constants_map_raw_scores():
+    completeness = AspectParams("completeness", scale=0.3 / 8.30116, shift=0.44678, sigmoid=False)
+    assert shape_aspect_value(-0.44678, completeness) == pytest.approx(0.0)
+    assert shape_aspect_value(8.30116 - 0.44678, completeness) == pytest.approx(0.3)
+
+
+def test_below_threshold_only_lambda_times_holistic_remains():
+    result = combine_response(RESPONSE, raw_for(0.59), SEGMENTS, QA, [FACTUALITY])
+    assert result.holistic_normalized == pytest.approx(0.59)
+    assert not result.gate_passed and not result.aspects_applied
+    assert result.reward == pytest.approx(5 * 0.59)
+    assert [(d.end, d.reward) for d in result.dense] == [(len(RESPONSE), pytest.approx(2.95))]
+
+
+def test_at_threshold_aspects_are_kept_with_strict_less_than_gate():
+    params = HolisticParams(mu=0.0, sigma=1.0, threshold=0.6, weight=5.0)
+    result = combine_response(RESPONSE, 0.6, SEGMENTS, params, [FACTUALITY])
+    assert result.gate_passed and result.aspects_applied
+    expected = sigmoid(0.5) + sigmoid(-0.5) + 5 * 0.6
+    assert result.reward == pytest.approx(expected)
+    assert [d.end for d in result.dense] == [21, 38]
+    assert result.dense[0].reward == pytest.approx(0.6225, abs=1e-4)
+    # The last segment ends at len(response): its aspect reward and the holistic term add up.
+    assert result.dense[1].reward == pytest.approx(sigmoid(-0.5) + 3.0)
+
+
+def test_dense_rewards_sum_exactly_to_reward():
+    result = combine_response(RESPONSE, raw_for(1.3), SEGMENTS, QA, [FACTUALITY])
+    assert math.fsum(d.reward for d in result.dense) == pytest.approx(result.reward, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        (CombineMode.holistic_only, 5 * 0.2),
+        (CombineMode.aspect_only, sigmoid(0.5) + sigmoid(-0.5)),
+        (CombineMode.weighted_sum, sigmoid(0.5) + sigmoid(-0.5) + 5 * 0.2),
+        (CombineMode.hierarchical, 5 * 0.2),
+    ],
+)
+def test_baseline_modes(mode, expected):
+    result = combine_response(RESPONSE, raw_for(0.2), SEGMENTS, QA, [FACTUALITY], mode)
+    assert result.reward == pytest.approx(expected)
+
+
+def test_aspect_only_puts_nothing_for_holistic_at_the_end():
+    result = combine_response(
+        RESPONSE, raw_for(2.0), SEGMENTS, QA, [FACTUALITY], CombineMode.aspect_only
+    )
+    assert [d.end for d in result.dense] == [21, 38]
+    assert result.dense[1].reward == pytest.approx(sigmoid(-0.5))
+
+
+@pytest.mark.parametrize("response", ["", "   ", "\n"])
+def test_degenerate_responses_get_the_floor(response):
+    result = combine_response(response, 3.0, {}, QA, [FACTUALITY])
+    assert result.degenerate
+    assert result.holistic_normalized == -10.0
+    assert result.reward == pytest.approx(-50.0)
+    assert [d.end for d in result.dense] == [len(response)]
+
+
+def test_short_responses_below_minimum_are_degenerate():
+    params = HolisticParams(min_response_chars=5)
+    assert combine_response("abcd", 3.0, {}, params, []).degenerate
+    assert not combine_response("abcde", 3.0, {}, params, []).degenerate
+
+
+def test_unscored_segments_contribute_nothing_and_are_reported():
+    segments = {"factuality": [SegmentScore(0, 21, 0.5), SegmentScore(22, 38, None)]}
+    params = HolisticParams(mu=0.0, sigma=1.0, threshold=0.0, weight=1.0)
+    result = combine_response(RESPONSE, 1.0, segments, params, [FACTUALITY])
+    assert result.aspects["factuality"].segments[1].reward is None
+    assert result.aspects["factuality"].value == pytest.approx(sigmoid(0.5))
+    assert result.reward == pytest.approx(sigmoid(0.5) + 1.0)
+
+
+def test_weights_scale_each_aspect():
+    heavy = AspectParams("factuality", weight=2.0)
+    params = HolisticParams(mu=0.0, sigma=1.0, threshold=0.0, weight=0.0)
+    result = combine_response(RESPONSE, 1.0, SEGMENTS, params, [heavy])
+    assert result.reward == pytest.approx(2 * (sigmoid(0.5) + sigmoid(-0.5)))
+
+
+def test_sigmoid_is_stable_for_extreme_values():
+    assert sigmoid(-1000.0) == 0.0
+    assert sigmoid(1000.0) == 1.0

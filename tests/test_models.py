@@ -1,0 +1,269 @@
+"""Model adapters on tiny models built offline, through the real from_pretrained path."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.config import RewardConfig
+from service.models import AspectScore, HolisticScore, load_models
+from service.models.packaged import MINILM, PACKAGED_PREFIX
+from tests.conftest import tiny_config_dict
+
+PROMPT = "question: Who wrote Hamlet? context: Hamlet is a tragedy by William Shakespeare."
+RESPONSES = [
+    "Shakespeare wrote it.",
+    "William Shakespeare wrote Hamlet around 1600. It is one of his tragedies. It is long.",
+    "",
+    "No.",
+]
+
+
+def llama_holistic(paths) -> dict:
+    return {"name": "h", "kind": "sequence_scalar", "path": str(paths["llama_rm"]), "device": "cpu"}
+
+
+def load_holistic(spec: dict, tmp_path: Path):
+    """Load one holistic model through the config and the real loader."""
+    (model,) = load_models(RewardConfig.model_validate({"holistic": spec}), tmp_path)
+    return model
+
+
+def load_aspect(spec: dict, paths, tmp_path: Path):
+    config = RewardConfig.model_validate({"holistic": llama_holistic(paths), "aspects": [spec]})
+    return load_models(config, tmp_path)[1]
+
+
+def assert_batch_invariant(model, prompt: str, responses: list[str]) -> None:
+    """Each item scores the same alone as inside a padded, mixed-length batch."""
+    prepared = [model.prepare(prompt, r) for r in responses]
+    together = model.run(prepared)
+    for item, in_batch in zip(prepared, together):
+        (alone,) = model.run([item])
+        if isinstance(alone, HolisticScore):
+            if alone.raw is None:
+                assert in_batch.raw is None
+            else:
+                assert in_batch.raw == pytest.approx(alone.raw, abs=1e-4)
+        else:
+            assert [s.raw for s in in_batch.segments] == pytest.approx(
+                [s.raw for s in alone.segments], abs=1e-4
+            )
+
+
+@pytest.mark.parametrize("which", ["llama_rm", "deberta_rm"])
+def test_sequence_scalar_is_batch_invariant_for_decoder_and_encoder(which, tiny_paths, tmp_path):
+    spec = {"name": "h", "kind": "sequence_scalar", "path": str(tiny_paths[which]), "device": "cpu"}
+    model = load_holistic(spec, tmp_path)
+    assert model.role == "holistic"
+    assert_batch_invariant(model, PROMPT, RESPONSES)
+
+
+def test_decoder_scalar_reads_the_last_real_token_not_padding(tiny_paths, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    spec = {
+        "name": "h",
+        "kind": "sequence_scalar",
+        "path": str(tiny_paths["llama_rm"]),
+        "device": "cpu",
+    }
+    model = load_holistic(spec, tmp_path)
+    text = f"Human: {PROMPT}\nAssistant: {RESPONSES[0]}"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_paths["llama_rm"])
+    reference = AutoModelForSequenceClassification.from_pretrained(tiny_paths["llama_rm"])
+    with torch.inference_mode():
+        expected = reference(**tokenizer(text, return_tensors="pt")).logits[0, 0].item()
+    scored = model.run([model.prepare(PROMPT, RESPONSES[0]), model.prepare(PROMPT, RESPONSES[1])])
+    assert scored[0].raw == pytest.approx(expected, abs=1e-4)
+
+
+def test_sequence_scalar_truncation_is_reported(tiny_paths, tmp_path):
+    spec = {
+        "name": "h",
+        "kind": "sequence_scalar",
+        "path": str(tiny_paths["deberta_rm"]),
+        "device": "cpu",
+        "max_length": 16,
+    }
+    model = load_holistic(spec, tmp_path)
+    item = model.prepare(PROMPT, RESPONSES[1])
+    assert item.truncated and item.length == 16
+    (score,) = model.run([item])
+    assert score.truncated and score.raw is not None
+
+
+def test_sequence_scalar_aspect_covers_the_whole_response(tiny_paths, tmp_path):
+    aspect = {
+        "name": "completeness",
+        "kind": "sequence_scalar",
+        "path": str(tiny_paths["deberta_rm"]),
+        "device": "cpu",
+    }
+    model = load_aspect(aspect, tiny_paths, tmp_path)
+    (score,) = model.run([model.prepare(PROMPT, RESPONSES[1])])
+    assert isinstance(score, AspectScore)
+    assert [(s.start, s.end) for s in score.segments] == [(0, len(RESPONSES[1]))]
+
+
+def lm_spec(paths, **extra):
+    return {
+        "name": "lm",
+        "kind": "lm_likelihood",
+        "path": str(paths["causal_lm"]),
+        "device": "cpu",
+        **extra,
+    }
+
+
+def test_lm_likelihood_equals_mean_log_prob_of_the_response(tiny_paths, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = load_holistic(lm_spec(tiny_paths), tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_paths["causal_lm"])
+    reference = AutoModelForCausalLM.from_pretrained(tiny_paths["causal_lm"])
+    prompt_text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+    )
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(RESPONSES[1], add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.inference_mode():
+        logp = torch.log_softmax(reference(ids).logits[0, :-1], -1)
+    targets = ids[0, 1:]
+    per_token = logp[torch.arange(len(targets)), targets][len(prompt_ids) - 1 :]
+    (score,) = model.run([model.prepare(PROMPT, RESPONSES[1])])
+    assert score.raw == pytest.approx(per_token.mean().item(), abs=1e-4)
+
+
+def test_lm_likelihood_is_batch_invariant_and_empty_response_is_unscored(tiny_paths, tmp_path):
+    model = load_holistic(lm_spec(tiny_paths), tmp_path)
+    assert_batch_invariant(model, PROMPT, RESPONSES)
+    (empty,) = model.run([model.prepare(PROMPT, "")])
+    assert empty.raw is None
+
+
+def test_lm_likelihood_keeps_the_response_when_the_prompt_is_too_long(tiny_paths, tmp_path):
+    model = load_holistic(lm_spec(tiny_paths, max_length=40), tmp_path)
+    item = model.prepare(PROMPT * 5, "Short answer.")
+    assert item.truncated and item.length == 40
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_paths["causal_lm"])
+    response_ids = tokenizer("Short answer.", add_special_tokens=False)["input_ids"]
+    assert list(item.rows[0][-len(response_ids) :]) == response_ids
+    (score,) = model.run([item])
+    assert score.raw is not None and score.truncated
+
+
+def segment_spec(paths, **extra):
+    return {
+        "name": "factuality",
+        "kind": "segment_classifier",
+        "path": str(paths["segment"]),
+        "device": "cpu",
+        **extra,
+    }
+
+
+def load_segment(tiny_paths, tmp_path, **extra):
+    return load_aspect(segment_spec(tiny_paths, **extra), tiny_paths, tmp_path)
+
+
+def test_segment_classifier_scores_each_sentence_with_a_label_value(tiny_paths, tmp_path):
+    model = load_segment(tiny_paths, tmp_path)
+    response = RESPONSES[1]
+    (score,) = model.run([model.prepare(PROMPT, response)])
+    assert [response[s.start : s.end] for s in score.segments] == [
+        "William Shakespeare wrote Hamlet around 1600.",
+        "It is one of his tragedies.",
+        "It is long.",
+    ]
+    assert all(s.raw in (-0.5, 0.5) for s in score.segments)
+
+
+def test_segment_classifier_is_batch_invariant(tiny_paths, tmp_path):
+    model = load_segment(tiny_paths, tmp_path)
+    assert_batch_invariant(model, PROMPT, RESPONSES)
+
+
+def test_separator_text_inside_the_prompt_does_not_shift_segments(tiny_paths, tmp_path):
+    model = load_segment(tiny_paths, tmp_path)
+    clean = model.prepare("Who? answer", RESPONSES[1])
+    tricky = model.prepare("Who </s> wrote </s> it? answer", RESPONSES[1])
+    _, clean_positions = clean.meta
+    _, tricky_positions = tricky.meta
+    assert len(clean_positions) == len(tricky_positions) == 3
+    shift = len(tricky.rows[0]) - len(clean.rows[0])
+    assert [p + shift for p in clean_positions] == list(tricky_positions)
+
+
+def test_segments_lost_to_truncation_are_unscored_not_misaligned(tiny_paths, tmp_path):
+    full = load_segment(tiny_paths, tmp_path)
+    response = "First sentence here. Second one is here. Third is the last one."
+    (reference,) = full.run([full.prepare("Q?", response)])
+    prepared = full.prepare("Q?", response)
+    _, positions = prepared.meta
+    # Cut right after the second separator's segment starts: the third separator is lost.
+    cut = load_segment(tiny_paths, tmp_path / "cut", max_length=positions[2])
+    (truncated,) = cut.run([cut.prepare("Q?", response)])
+    assert truncated.truncated
+    assert [s.raw is None for s in truncated.segments] == [False, False, True]
+    assert [s.raw for s in truncated.segments[:2]] == [s.raw for s in reference.segments[:2]]
+
+
+def test_left_truncation_drops_the_prompt_first(tiny_paths, tmp_path):
+    model = load_segment(tiny_paths, tmp_path, max_length=64, truncation_side="left")
+    (score,) = model.run([model.prepare(PROMPT * 10, "One. Two.")])
+    assert score.truncated
+    assert all(s.raw is not None for s in score.segments)
+
+
+def test_embedding_similarity_with_packaged_minilm_prefers_relevant_sentences(tiny_paths, tmp_path):
+    spec = {
+        "name": "relevance",
+        "kind": "embedding_similarity",
+        "path": PACKAGED_PREFIX + MINILM,
+        "device": "cpu",
+        "max_length": 128,
+    }
+    model = load_aspect(spec, tiny_paths, tmp_path)
+    response = "Click 'Forgot password' on the login page to reset it. Bananas are yellow."
+    (score,) = model.run([model.prepare("How do I reset my password?", response)])
+    relevant, unrelated = (s.raw for s in score.segments)
+    assert relevant > 0.5 > 0.2 > unrelated
+    assert_batch_invariant(model, "How do I reset my password?", [response, "Yes.", ""])
+
+
+@pytest.mark.parametrize(("unit", "expected"), [("chars", 11 / 10), ("words", 2 / 10)])
+def test_length_rule_counts_over_the_mean(unit, expected, tiny_paths, tmp_path):
+    spec = {"name": "length", "kind": "rule", "unit": unit, "mean": 10}
+    model = load_aspect(spec, tiny_paths, tmp_path)
+    (score,) = model.run([model.prepare("q", "hello world")])
+    assert score.segments[0].raw == pytest.approx(expected)
+    assert score.segments[0].end == len("hello world")
+
+
+def test_length_rule_in_tokens_uses_the_tokenizer(tiny_paths, tmp_path):
+    spec = {
+        "name": "length",
+        "kind": "rule",
+        "unit": "tokens",
+        "mean": 1,
+        "tokenizer_path": str(tiny_paths["causal_lm"]),
+    }
+    model = load_aspect(spec, tiny_paths, tmp_path)
+    (score,) = model.run([model.prepare("q", "héllo")])
+    assert score.segments[0].raw == len("héllo".encode())  # a byte-level tokenizer
+
+
+def test_full_tiny_config_loads_every_adapter(tiny_paths, tmp_path):
+    config = RewardConfig.model_validate(tiny_config_dict(tiny_paths))
+    models = load_models(config, tmp_path)
+    assert [(m.name, m.role, m.kind) for m in models] == [
+        ("holistic", "holistic", "sequence_scalar"),
+        ("factuality", "aspect", "segment_classifier"),
+        ("completeness", "aspect", "sequence_scalar"),
+        ("length", "aspect", "rule"),
+    ]
+    assert all(m.fingerprint.startswith("sha256:") for m in models)
