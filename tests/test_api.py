@@ -49,7 +49,7 @@ async def test_scores_items_in_order_with_hierarchical_structure(client):
         "It is a tragedy.",
         "He wrote it around 1600.",
     ]
-    for result, item in zip(results, items):
+    for result, item in zip(results, items, strict=True):
         dense = result["dense"]
         assert sum(d["reward"] for d in dense) == pytest.approx(result["reward"], abs=1e-9)
         assert dense[-1]["end"] == len(item["response"])
@@ -90,11 +90,11 @@ async def test_hundred_concurrent_requests_score_like_each_item_alone(client):
     replies = await asyncio.gather(
         *(client.post("/v1/rewards", json={"items": items}) for items in requests)
     )
-    for items, reply in zip(requests, replies):
+    for items, reply in zip(requests, replies, strict=True):
         assert reply.status_code == 200, reply.text
         results = reply.json()["results"]
         assert [r["id"] for r in results] == [i["id"] for i in items]
-        for item, result in zip(items, results):
+        for item, result in zip(items, results, strict=True):
             expected = alone[item["response"]]
             assert result["reward"] == pytest.approx(expected["reward"], abs=1e-4)
             assert result["holistic"]["raw"] == pytest.approx(expected["holistic"]["raw"], abs=1e-4)

@@ -48,7 +48,7 @@ async def test_hundred_concurrent_requests_each_get_their_own_results():
         results = await run_requests(batcher, requests)
     finally:
         await batcher.stop()
-    for (request_id, lengths), got in zip(requests.items(), results):
+    for (request_id, lengths), got in zip(requests.items(), results, strict=True):
         assert got == [f"scored:{request_id}/{i}" for i in range(len(lengths))]
     assert len(model.batches) < sum(len(v) for v in requests.values())  # batching happened
     for batch in model.batches:

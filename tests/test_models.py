@@ -38,7 +38,7 @@ def assert_batch_invariant(model, prompt: str, responses: list[str]) -> None:
     """Each item scores the same alone as inside a padded, mixed-length batch."""
     prepared = [model.prepare(prompt, r) for r in responses]
     together = model.run(prepared)
-    for item, in_batch in zip(prepared, together):
+    for item, in_batch in zip(prepared, together, strict=True):
         (alone,) = model.run([item])
         if isinstance(alone, HolisticScore):
             if alone.raw is None:

@@ -1,5 +1,7 @@
 """Sentence and sub-sentence spans map exactly back into the response."""
 
+import itertools
+
 import pytest
 
 from service.segmentation import SplitUnit, split_spans
@@ -46,6 +48,6 @@ def test_blank_text_has_no_spans(text):
 def test_spans_are_ordered_disjoint_and_cover_all_non_blank_text():
     text = ' "Quoted." (Bracketed.) Next line\nwith a break. Last'
     spans = split_spans(text)
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
     covered = "".join(text[s:e] for s, e in spans)
     assert "".join(covered.split()) == "".join(text.split())
