@@ -146,6 +146,16 @@ class LimitsConfig(_Strict):
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
 
 
+class OpenRLHFConfig(_Strict):
+    """How `POST /get_reward` splits OpenRLHF's full texts into prompt and response."""
+
+    response_separator: str | None = Field(
+        None,
+        description="used when a request has no `prompts`: the response is the text after "
+        "the last occurrence of this string (e.g. 'Assistant:')",
+    )
+
+
 class RewardConfig(_Strict):
     """The reward definition: models, combination parameters, batching and limits."""
 
@@ -154,6 +164,7 @@ class RewardConfig(_Strict):
     combination: CombinationConfig = CombinationConfig()
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
+    openrlhf: OpenRLHFConfig = OpenRLHFConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> RewardConfig:

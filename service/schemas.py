@@ -9,6 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from service.combine import CombineMode
 
 
+def _require_valid_unicode(text: str) -> str:
+    # JSON escapes can smuggle lone surrogates that no tokenizer can encode.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode ({exc.reason})") from exc
+    return text
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -21,12 +30,7 @@ class RewardItem(_Wire):
     @field_validator("prompt", "response")
     @classmethod
     def _encodable(cls, text: str) -> str:
-        # JSON escapes can smuggle lone surrogates that no tokenizer can encode.
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"text is not valid Unicode ({exc.reason})") from exc
-        return text
+        return _require_valid_unicode(text)
 
 
 class RewardRequest(_Wire):
@@ -74,6 +78,31 @@ class RewardResponse(_Wire):
     results: list[RewardResult]
     reward_definition: str = Field(
         description="sha256 of the models, their versions and every combination parameter."
+    )
+
+
+class OpenRLHFRequest(BaseModel):
+    """OpenRLHF's remote reward-model request (`--remote_rm_url`)."""
+
+    model_config = ConfigDict(extra="ignore")  # OpenRLHF versions add fields freely
+
+    query: list[str] = Field(description="Full texts: prompt followed by response.")
+    prompts: list[str] | None = Field(None, description="The prompt prefix of each query.")
+    labels: list[Any] | None = Field(None, description="Accepted and ignored.")
+
+    @field_validator("query", "prompts")
+    @classmethod
+    def _encodable(cls, texts: list[str] | None) -> list[str] | None:
+        for text in texts or []:
+            _require_valid_unicode(text)
+        return texts
+
+
+class OpenRLHFResponse(_Wire):
+    rewards: list[float] = Field(description="Sequence-level ALaRM reward of each query.")
+    scores: list[float] = Field(description="Same as rewards (OpenRLHF filters on it).")
+    extra_logs: dict[str, list[float]] = Field(
+        description="Per-query holistic score, gate, and each aspect's value, for logging."
     )
 
 

@@ -250,3 +250,67 @@ async def test_a_model_that_cannot_load_keeps_the_service_unready(tiny_paths, tm
         body = {"items": [{"prompt": "p", "response": "r"}]}
         assert_error(await client.post("/v1/rewards", json=body), 503, "not_ready")
         assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_openrlhf_get_reward_splits_by_prompt_prefix(client):
+    prompt = "Human: Who wrote Hamlet?\nAssistant: "
+    queries = [prompt + "Shakespeare.", prompt + "Marlowe wrote it. Probably."]
+    reply = await client.post("/get_reward", json={"query": queries, "prompts": [prompt] * 2})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    direct = await client.post(
+        "/v1/rewards",
+        json={"items": [{"prompt": prompt, "response": q[len(prompt) :]} for q in queries]},
+    )
+    expected = [r["reward"] for r in direct.json()["results"]]
+    assert body["rewards"] == pytest.approx(expected, abs=1e-4)
+    assert body["scores"] == body["rewards"]
+    assert set(body["extra_logs"]) == {
+        "holistic",
+        "gate_passed",
+        "aspect/factuality",
+        "aspect/completeness",
+        "aspect/length",
+    }
+    assert all(len(v) == 2 for v in body["extra_logs"].values())
+
+
+async def test_openrlhf_accepts_empty_lists_and_refuses_unsplittable_queries(client):
+    reply = await client.post("/get_reward", json={"query": [], "prompts": [], "labels": []})
+    assert reply.json() == {
+        "rewards": [],
+        "scores": [],
+        "extra_logs": {
+            "holistic": [],
+            "gate_passed": [],
+            "aspect/factuality": [],
+            "aspect/completeness": [],
+            "aspect/length": [],
+        },
+    }
+    no_prompts = await client.post("/get_reward", json={"query": ["a b"]})
+    assert "response_separator" in assert_error(no_prompts, 422, "invalid_request")["message"]
+    mismatch = await client.post("/get_reward", json={"query": ["abc"], "prompts": ["xyz"]})
+    assert "query.0" in assert_error(mismatch, 422, "invalid_request")["message"]
+
+
+async def test_openrlhf_splits_on_a_configured_separator(tiny_paths, tmp_path):
+    config = RewardConfig.model_validate(
+        tiny_config_dict(tiny_paths, openrlhf={"response_separator": "Assistant:"})
+    )
+    async with asgi_client(config, tmp_path) as client:
+        await wait_ready(client)
+        query = "Human: Who wrote Hamlet?\nAssistant: Shakespeare. He did."
+        reply = await client.post("/get_reward", json={"query": [query]})
+        assert reply.status_code == 200, reply.text
+        direct = await client.post(
+            "/v1/rewards",
+            json={
+                "items": [
+                    {"prompt": "Human: Who wrote Hamlet?\n", "response": "Shakespeare. He did."}
+                ]
+            },
+        )
+        assert reply.json()["rewards"][0] == pytest.approx(
+            direct.json()["results"][0]["reward"], abs=1e-4
+        )

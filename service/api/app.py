@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from service.api import openrlhf, routes
 from service.api.errors import install_error_handlers
 from service.api.middleware import RequestContextMiddleware
-from service.api.routes import router
 from service.config import RewardConfig, ServiceSettings
 from service.engine import RewardEngine
 from service.metrics import ServiceMetrics
@@ -74,7 +74,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.alarm = state
-    app.include_router(router)
+    app.include_router(routes.router)
+    app.include_router(openrlhf.router)
     install_error_handlers(app)
     app.add_middleware(
         RequestContextMiddleware,

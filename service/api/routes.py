@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.combine import CombineMode
+from service.config import LimitsConfig
 from service.engine import RewardEngine, ScoredItem, ScoreInput
 from service.errors import ModelFailure, NotReady, PayloadTooLarge
 from service.schemas import (
@@ -27,7 +29,7 @@ from service.schemas import (
 )
 
 router = APIRouter()
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Too many items or a text too long."},
     422: {"model": ErrorResponse, "description": "Malformed or invalid request."},
     500: {"model": ErrorResponse, "description": "A model failed on this request's batch."},
@@ -35,12 +37,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _state(request: Request) -> Any:
+def state_of(request: Request) -> Any:
     return request.app.state.alarm
 
 
-def _engine(request: Request) -> RewardEngine:
-    state = _state(request)
+def engine_of(request: Request) -> RewardEngine:
+    state = state_of(request)
     if state.engine is None:
         if state.load_error:
             raise NotReady(f"model loading failed: {state.load_error}", retry_after_s=30)
@@ -48,8 +50,7 @@ def _engine(request: Request) -> RewardEngine:
     return state.engine
 
 
-def _check_limits(items: list[RewardItem], request: Request) -> None:
-    limits = _state(request).config.limits
+def check_limits(items: Sequence[ScoreInput], limits: LimitsConfig) -> None:
     if len(items) > limits.max_items_per_request:
         raise PayloadTooLarge(
             f"{len(items)} items exceed max_items_per_request={limits.max_items_per_request}"
@@ -90,7 +91,7 @@ def _to_result(item: RewardItem, scored: ScoredItem) -> RewardResult:
     )
 
 
-@router.post("/v1/rewards", response_model=RewardResponse, responses=_ERRORS)
+@router.post("/v1/rewards", response_model=RewardResponse, responses=ERROR_RESPONSES)
 async def score_rewards(body: RewardRequest, request: Request) -> RewardResponse:
     """Score (prompt, response) items with ALaRM hierarchical rewards.
 
@@ -98,21 +99,23 @@ async def score_rewards(body: RewardRequest, request: Request) -> RewardResponse
     character end offsets of the response (the holistic term at `end == len(response)`);
     its sum is `reward`. `reward_definition` identifies the models and parameters used.
     """
-    engine = _engine(request)
-    _check_limits(body.items, request)
-    mode = body.mode or _state(request).config.combination.mode
-    scored = await engine.score([ScoreInput(i.prompt, i.response) for i in body.items], mode)
+    engine = engine_of(request)
+    config = state_of(request).config
+    items = [ScoreInput(i.prompt, i.response) for i in body.items]
+    check_limits(items, config.limits)
+    mode = body.mode or config.combination.mode
+    scored = await engine.score(items, mode)
     return RewardResponse(
         results=[_to_result(item, s) for item, s in zip(body.items, scored, strict=True)],
         reward_definition=engine.reward_definition(mode),
     )
 
 
-@router.get("/v1/models", response_model=ModelsResponse, responses={503: _ERRORS[503]})
+@router.get("/v1/models", response_model=ModelsResponse, responses={503: ERROR_RESPONSES[503]})
 async def list_models(request: Request) -> ModelsResponse:
     """The loaded models, their devices, the combination parameters and request limits."""
-    engine = _engine(request)
-    config = _state(request).config
+    engine = engine_of(request)
+    config = state_of(request).config
     return ModelsResponse(
         models=[ModelInfo(**m) for m in engine.describe_models()],
         combination=config.combination.model_dump(mode="json"),
@@ -128,10 +131,10 @@ async def healthz() -> HealthResponse:
     return HealthResponse(status="ok")
 
 
-@router.get("/readyz", response_model=HealthResponse, responses={503: _ERRORS[503]})
+@router.get("/readyz", response_model=HealthResponse, responses={503: ERROR_RESPONSES[503]})
 async def readyz(request: Request) -> HealthResponse:
     """Readiness: every model is loaded and has scored a warm-up item."""
-    _engine(request)
+    engine_of(request)
     return HealthResponse(status="ready")
 
 
@@ -139,5 +142,5 @@ async def readyz(request: Request) -> HealthResponse:
 async def metrics(request: Request) -> Response:
     """Prometheus metrics (prefix `alarm_`)."""
     return Response(
-        generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
+        generate_latest(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
     )

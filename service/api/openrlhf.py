@@ -1,0 +1,60 @@
+"""`POST /get_reward`: OpenRLHF's remote reward-model protocol over the same engine."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from service.api.routes import ERROR_RESPONSES, check_limits, engine_of, state_of
+from service.engine import ScoreInput
+from service.errors import InvalidRequest
+from service.schemas import OpenRLHFRequest, OpenRLHFResponse
+
+router = APIRouter()
+
+
+def split_queries(body: OpenRLHFRequest, separator: str | None) -> list[ScoreInput]:
+    """Recover (prompt, response) from each full text, or refuse with a precise error."""
+    if body.prompts is not None:
+        if len(body.prompts) != len(body.query):
+            raise InvalidRequest(
+                f"prompts has {len(body.prompts)} entries for {len(body.query)} queries"
+            )
+        pairs = []
+        for index, (query, prompt) in enumerate(zip(body.query, body.prompts, strict=True)):
+            if not query.startswith(prompt):
+                raise InvalidRequest(f"query.{index} does not start with prompts.{index}")
+            pairs.append(ScoreInput(prompt, query[len(prompt) :]))
+        return pairs
+    if separator is None:
+        raise InvalidRequest(
+            "send `prompts`, or configure openrlhf.response_separator on the server"
+        )
+    pairs = []
+    for index, query in enumerate(body.query):
+        cut = query.rfind(separator)
+        if cut < 0:
+            raise InvalidRequest(f"query.{index} does not contain the separator {separator!r}")
+        pairs.append(ScoreInput(query[:cut], query[cut + len(separator) :].lstrip()))
+    return pairs
+
+
+@router.post("/get_reward", response_model=OpenRLHFResponse, responses=ERROR_RESPONSES)
+async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFResponse:
+    """OpenRLHF-compatible scoring: point `--remote_rm_url` at `http://HOST:PORT/get_reward`.
+
+    Each query is a full text; its prompt is the matching `prompts` entry (a prefix of the
+    query) or, without `prompts`, everything before the configured response separator.
+    """
+    engine = engine_of(request)
+    config = state_of(request).config
+    items = split_queries(body, config.openrlhf.response_separator)
+    check_limits(items, config.limits)
+    scored = await engine.score(items, config.combination.mode) if items else []
+    rewards = [s.combined.reward for s in scored]
+    logs: dict[str, list[float]] = {
+        "holistic": [s.combined.holistic_normalized for s in scored],
+        "gate_passed": [float(s.combined.gate_passed) for s in scored],
+    }
+    for name in (a.name for a in config.aspects):
+        logs[f"aspect/{name}"] = [s.combined.aspects[name].value for s in scored]
+    return OpenRLHFResponse(rewards=rewards, scores=rewards, extra_logs=logs)

@@ -1,0 +1,302 @@
+"""RewardClient (sync) and AsyncRewardClient: one pooled httpx client each, same rules."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from trainer_client._errors import ProtocolError, ServerUnavailable
+from trainer_client._protocol import (
+    CallPlan,
+    Item,
+    RetryableReply,
+    check_status,
+    chunks,
+    normalize_items,
+    parse_reply,
+    strip_client_ids,
+    transport_error,
+)
+from trainer_client._types import RetryPolicy, RewardBatch, RewardReply, Timeouts
+
+
+class _ClientBase:
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        *,
+        timeouts: Timeouts,
+        retry: RetryPolicy,
+        chunk_size: int | None,
+        max_concurrency: int,
+        mode: str | None,
+        seed: int | None,
+    ) -> None:
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        if not urls:
+            raise ValueError("at least one base URL is needed")
+        self.base_urls = [u.rstrip("/") for u in urls]
+        self.timeouts = timeouts
+        self.retry = retry
+        self.chunk_size = chunk_size
+        self.max_concurrency = max_concurrency
+        self.mode = mode
+        self._rng = random.Random(seed)
+        self._next_replica = itertools.count(self._rng.randrange(len(self.base_urls)))
+        self._server_max_items: int | None = None
+
+    def _plan(self, deadline: float) -> CallPlan:
+        first = next(self._next_replica) % len(self.base_urls)
+        return CallPlan(self.base_urls, first, self.retry, deadline, self._rng)
+
+    def _timeout(self, plan: CallPlan) -> httpx.Timeout:
+        read = max(0.001, min(self.timeouts.read_s, plan.remaining_s()))
+        return httpx.Timeout(read, connect=min(self.timeouts.connect_s, read))
+
+    def _chunk_size(self) -> int:
+        limit = self._server_max_items or 64
+        return min(self.chunk_size or limit, limit)
+
+    def _payload(self, chunk: list[dict[str, Any]], mode: str | None) -> dict[str, Any]:
+        payload: dict[str, Any] = {"items": chunk}
+        if mode or self.mode:
+            payload["mode"] = mode or self.mode
+        return payload
+
+    @staticmethod
+    def _assemble(items: list[dict[str, Any]], replies: list[RewardReply]) -> RewardBatch:
+        definitions = {r.reward_definition for r in replies}
+        if len(definitions) > 1:
+            raise ProtocolError(
+                f"replicas served different reward definitions: {sorted(definitions)}"
+            )
+        results = [result for reply in replies for result in reply.results]
+        return RewardBatch(strip_client_ids(results, items), definitions.pop())
+
+
+class AsyncRewardClient(_ClientBase):
+    """Scores (prompt, response) items through one or several alarm-serve replicas."""
+
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        *,
+        timeouts: Timeouts = Timeouts(),
+        retry: RetryPolicy = RetryPolicy(),
+        chunk_size: int | None = None,
+        max_concurrency: int = 8,
+        mode: str | None = None,
+        headers: dict[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            base_urls,
+            timeouts=timeouts,
+            retry=retry,
+            chunk_size=chunk_size,
+            max_concurrency=max_concurrency,
+            mode=mode,
+            seed=seed,
+        )
+        limits = httpx.Limits(max_connections=max_concurrency * len(self.base_urls))
+        self._http = httpx.AsyncClient(headers=headers, transport=transport, limits=limits)
+
+    async def __aenter__(self) -> AsyncRewardClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        deadline: float,
+        sent: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        plan = self._plan(deadline)
+        while True:
+            url = plan.url() + path
+            try:
+                response = await self._http.request(
+                    method, url, timeout=self._timeout(plan), **kwargs
+                )
+                if sent is not None:
+                    return parse_reply(response, sent)
+                check_status(response)
+                return response
+            except httpx.TransportError as exc:
+                delay = plan.next_delay(transport_error(url, exc), None)
+            except RetryableReply as retry:
+                delay = plan.next_delay(retry.error, retry.retry_after_s)
+            await asyncio.sleep(delay)
+
+    async def models(self) -> dict[str, Any]:
+        """The server's `/v1/models`: models, combination parameters and limits."""
+        deadline = time.monotonic() + self.timeouts.total_s
+        response = await self._request("GET", "/v1/models", deadline)
+        info: dict[str, Any] = response.json()
+        self._server_max_items = int(info["limits"]["max_items_per_request"])
+        return info
+
+    async def score(self, items: Sequence[Item], *, mode: str | None = None) -> RewardBatch:
+        """Every item's reward, in input order, or a typed error: never a partial result."""
+        deadline = time.monotonic() + self.timeouts.total_s
+        payload = normalize_items(items)
+        if not payload:
+            return RewardBatch([], "")
+        if self._server_max_items is None:
+            await self.models()
+        gate = asyncio.Semaphore(self.max_concurrency)
+
+        async def bounded(chunk: list[dict[str, Any]]) -> RewardReply:
+            async with gate:
+                return await self._request(
+                    "POST", "/v1/rewards", deadline, chunk, json=self._payload(chunk, mode)
+                )
+
+        tasks = [asyncio.ensure_future(bounded(c)) for c in chunks(payload, self._chunk_size())]
+        try:
+            replies = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        return self._assemble(payload, list(replies))
+
+    async def rewards(self, items: Sequence[Item], *, mode: str | None = None) -> list[float]:
+        return (await self.score(items, mode=mode)).rewards
+
+    async def wait_until_ready(self, timeout_s: float = 300.0) -> None:
+        """Block until at least one replica answers `/readyz` with 200."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for url in self.base_urls:
+                try:
+                    response = await self._http.get(f"{url}/readyz", timeout=2.0)
+                    if response.status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+            if time.monotonic() >= deadline:
+                raise ServerUnavailable(f"no replica ready after {timeout_s} s: {self.base_urls}")
+            await asyncio.sleep(0.2)
+
+
+class RewardClient(_ClientBase):
+    """The synchronous twin of AsyncRewardClient; chunks go out on a small thread pool."""
+
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        *,
+        timeouts: Timeouts = Timeouts(),
+        retry: RetryPolicy = RetryPolicy(),
+        chunk_size: int | None = None,
+        max_concurrency: int = 8,
+        mode: str | None = None,
+        headers: dict[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            base_urls,
+            timeouts=timeouts,
+            retry=retry,
+            chunk_size=chunk_size,
+            max_concurrency=max_concurrency,
+            mode=mode,
+            seed=seed,
+        )
+        limits = httpx.Limits(max_connections=max_concurrency * len(self.base_urls))
+        self._http = httpx.Client(headers=headers, transport=transport, limits=limits)
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="reward")
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._http.close()
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        deadline: float,
+        sent: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        plan = self._plan(deadline)
+        while True:
+            url = plan.url() + path
+            try:
+                response = self._http.request(method, url, timeout=self._timeout(plan), **kwargs)
+                if sent is not None:
+                    return parse_reply(response, sent)
+                check_status(response)
+                return response
+            except httpx.TransportError as exc:
+                delay = plan.next_delay(transport_error(url, exc), None)
+            except RetryableReply as retry:
+                delay = plan.next_delay(retry.error, retry.retry_after_s)
+            time.sleep(delay)
+
+    def models(self) -> dict[str, Any]:
+        """The server's `/v1/models`: models, combination parameters and limits."""
+        deadline = time.monotonic() + self.timeouts.total_s
+        info: dict[str, Any] = self._request("GET", "/v1/models", deadline).json()
+        self._server_max_items = int(info["limits"]["max_items_per_request"])
+        return info
+
+    def score(self, items: Sequence[Item], *, mode: str | None = None) -> RewardBatch:
+        """Every item's reward, in input order, or a typed error: never a partial result."""
+        deadline = time.monotonic() + self.timeouts.total_s
+        payload = normalize_items(items)
+        if not payload:
+            return RewardBatch([], "")
+        if self._server_max_items is None:
+            self.models()
+        futures = [
+            self._pool.submit(
+                self._request, "POST", "/v1/rewards", deadline, c, json=self._payload(c, mode)
+            )
+            for c in chunks(payload, self._chunk_size())
+        ]
+        try:
+            replies = [f.result() for f in futures]
+        finally:
+            for future in futures:
+                future.cancel()
+        return self._assemble(payload, replies)
+
+    def rewards(self, items: Sequence[Item], *, mode: str | None = None) -> list[float]:
+        return self.score(items, mode=mode).rewards
+
+    def wait_until_ready(self, timeout_s: float = 300.0) -> None:
+        """Block until at least one replica answers `/readyz` with 200."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for url in self.base_urls:
+                try:
+                    if self._http.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+            if time.monotonic() >= deadline:
+                raise ServerUnavailable(f"no replica ready after {timeout_s} s: {self.base_urls}")
+            time.sleep(0.2)
