@@ -1,50 +1,16 @@
 """End to end: `alarm-serve serve` as a real process, spoken to over real HTTP."""
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-ALARM_SERVE = str(Path(sys.executable).with_name("alarm-serve"))
+from tests.server_process import ALARM_SERVE, free_port, start, wait_ready
+
 PROMPT = "question: Who wrote Hamlet? context: Hamlet is a tragedy by William Shakespeare."
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [ALARM_SERVE, "serve", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def wait_ready(process: subprocess.Popen, base_url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited early:\n{process.stdout.read()}")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"server not ready in {timeout_s} s:\n{process.stdout.read()}")
 
 
 def in_flight_items(base_url: str) -> float:

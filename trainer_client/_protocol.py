@@ -40,9 +40,20 @@ def normalize_items(items: Sequence[Item]) -> list[dict[str, Any]]:
             entry = {"prompt": item["prompt"], "response": item["response"]}
             if item.get("id") is not None:
                 entry["id"] = str(item["id"])
+        for field in ("prompt", "response"):
+            _check_text(entry[field], f"items.{index}.{field}")
         entry.setdefault("id", f"#{index}")
         payload.append(entry)
     return payload
+
+
+def _check_text(value: object, where: str) -> None:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{where} must be a string, not {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"{where} is not valid Unicode ({exc.reason})") from exc
 
 
 def chunks(items: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:

@@ -1,0 +1,231 @@
+"""trainer_client against a real alarm-serve process (and a real misbehaving HTTP server)."""
+
+import asyncio
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import tiny_config_dict
+from tests.server_process import free_port, running_server
+from trainer_client import (
+    AsyncRewardClient,
+    DeadlineExceeded,
+    InvalidRequest,
+    ProtocolError,
+    RetryPolicy,
+    RewardClient,
+    ServerUnavailable,
+    Timeouts,
+    make_reward_func,
+)
+
+PROMPT = "question: Who wrote Hamlet? context: Hamlet is a tragedy by William Shakespeare."
+RESPONSES = [f"Shakespeare wrote it in {1590 + i}. It is a tragedy." for i in range(10)]
+FAST_RETRY = RetryPolicy(max_attempts=4, backoff_initial_s=0.01, backoff_max_s=0.05)
+PATIENT_RETRY = RetryPolicy(max_attempts=50, backoff_initial_s=0.01, backoff_max_s=0.2)
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_paths, tmp_path_factory):
+    """A server that accepts at most 4 items per request and 8 in flight."""
+    config = tiny_config_dict(
+        tiny_paths,
+        limits={"max_items_per_request": 4},
+        batching={"max_queue_items": 8, "max_wait_ms": 20},
+    )
+    folder = tmp_path_factory.mktemp("client-server")
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    with running_server(folder / "config.yaml", folder) as url:
+        yield url
+
+
+def metric(base_url: str, prefix: str) -> float:
+    total = 0.0
+    for line in httpx.get(f"{base_url}/metrics").text.splitlines():
+        if line.startswith(prefix):
+            total += float(line.split()[-1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def expected(server_url) -> list[float]:
+    """Each response scored alone with a plain HTTP call, before any client test runs."""
+    rewards = []
+    for response in RESPONSES:
+        reply = httpx.post(
+            f"{server_url}/v1/rewards",
+            json={"items": [{"prompt": PROMPT, "response": response}]},
+        )
+        rewards.append(reply.json()["results"][0]["reward"])
+    return rewards
+
+
+def test_large_batches_are_chunked_under_the_server_limit_and_kept_in_order(server_url, expected):
+    with RewardClient(server_url, retry=FAST_RETRY) as client:
+        client.wait_until_ready(30)
+        batch = client.score([(PROMPT, r) for r in RESPONSES])  # 10 items, server max is 4
+    assert batch.rewards == pytest.approx(expected, abs=1e-4)
+    assert [r.id for r in batch.results] == [None] * 10
+    assert batch.reward_definition.startswith("sha256:")
+
+
+def test_caller_ids_are_echoed(server_url):
+    items = [
+        {"prompt": PROMPT, "response": r, "id": f"rollout-{i}"} for i, r in enumerate(RESPONSES)
+    ]
+    with RewardClient(server_url) as client:
+        batch = client.score(items)
+    assert [r.id for r in batch.results] == [f"rollout-{i}" for i in range(10)]
+
+
+def test_503_storms_are_retried_until_every_reward_arrives(server_url, expected):
+    """40 items in chunks of 2, 10 at once, against a queue of 8: the server must shed load."""
+    rejected_before = metric(server_url, "alarm_rejected_items_total")
+    with RewardClient(server_url, retry=PATIENT_RETRY, chunk_size=2, max_concurrency=10) as client:
+        batch = client.score([(PROMPT, r) for r in RESPONSES * 4])
+    assert batch.rewards == pytest.approx(expected * 4, abs=1e-4)
+    assert metric(server_url, "alarm_rejected_items_total") > rejected_before
+
+
+def test_refused_input_is_never_retried(server_url):
+    refused = 'alarm_requests_total{route="/v1/rewards",status="413"}'
+    before = metric(server_url, refused)
+    with (
+        RewardClient(server_url, retry=FAST_RETRY) as client,
+        pytest.raises(InvalidRequest, match="max_text_chars") as info,
+    ):
+        client.score([(PROMPT, "x" * 100_001)])  # over the server's max_text_chars
+    assert info.value.status == 413
+    assert metric(server_url, refused) == before + 1
+
+
+@pytest.mark.parametrize("response", ["bad \ud800 text", None, 3])
+def test_unsendable_input_is_refused_before_any_request(response):
+    with (
+        RewardClient("http://127.0.0.1:9", retry=FAST_RETRY) as client,
+        pytest.raises(InvalidRequest, match=r"items\.0\.response"),
+    ):
+        client.score([(PROMPT, response)])
+
+
+def test_a_dead_replica_fails_over_to_a_live_one(server_url, expected):
+    dead = f"http://127.0.0.1:{free_port()}"
+    with RewardClient([dead, server_url], retry=FAST_RETRY, chunk_size=1) as client:
+        assert client.rewards([(PROMPT, r) for r in RESPONSES]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_server_down_raises_a_typed_error():
+    dead = f"http://127.0.0.1:{free_port()}"
+    with RewardClient(dead, retry=FAST_RETRY) as client, pytest.raises(ServerUnavailable):
+        client.score([(PROMPT, "x")])
+
+
+def test_a_slow_server_hits_the_deadline(server_url):
+    timeouts = Timeouts(connect_s=1, read_s=0.001, total_s=0.5)
+    retry = RetryPolicy(max_attempts=1000, backoff_initial_s=0.01, backoff_max_s=0.05)
+    started = time.monotonic()
+    with (
+        RewardClient(server_url, timeouts=timeouts, retry=retry) as client,
+        pytest.raises(DeadlineExceeded),
+    ):
+        client.score([(PROMPT, r) for r in RESPONSES])
+    assert time.monotonic() - started < 5  # the deadline bounds the call, retries included
+    # The abandoned requests still run on the server; let them drain before the next test.
+    deadline = time.monotonic() + 60
+    while metric(server_url, "alarm_in_flight_items") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_async_client_scores_concurrent_calls_in_order(server_url, expected):
+
+    async def run():
+        async with AsyncRewardClient(server_url, retry=PATIENT_RETRY) as client:
+            await client.wait_until_ready(30)
+            return await asyncio.gather(
+                *(client.rewards([(PROMPT, r) for r in RESPONSES[k:]]) for k in range(4))
+            )
+
+    for k, rewards in enumerate(asyncio.run(run())):
+        assert rewards == pytest.approx(expected[k:], abs=1e-4)
+
+
+def test_trl_style_reward_function(server_url, expected):
+    with RewardClient(server_url) as client:
+        reward_func = make_reward_func(client)
+        plain = reward_func(prompts=[PROMPT] * 2, completions=RESPONSES[:2])
+        chat = reward_func(
+            prompts=[[{"role": "user", "content": PROMPT}]] * 2,
+            completions=[[{"role": "assistant", "content": r}] for r in RESPONSES[:2]],
+        )
+    assert plain == pytest.approx(expected[:2], abs=1e-4)
+    assert chat == pytest.approx(expected[:2], abs=1e-4)
+
+
+class _Misbehaving(BaseHTTPRequestHandler):
+    """Answers /v1/rewards with whatever `reply` the test set; /v1/models honestly."""
+
+    reply: bytes = b""
+
+    def do_GET(self):
+        self._send(200, json.dumps({"limits": {"max_items_per_request": 64}}).encode())
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        self._send(200, self.reply)
+
+    def _send(self, status, body):
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def good_result(item_id):
+    return {
+        "id": item_id,
+        "reward": 1.0,
+        "holistic": {"raw": 1.0, "normalized": 1.0},
+        "gate_passed": True,
+        "aspects_applied": True,
+        "degenerate": False,
+        "aspects": {},
+        "dense": [{"end": 1, "reward": 1.0}],
+        "truncated": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("reply", "why"),
+    [
+        (b"not json", "malformed"),
+        (json.dumps({"results": []}).encode(), "malformed"),
+        (json.dumps({"results": [good_result("#0")], "reward_definition": "d"}).encode(), "match"),
+        (
+            json.dumps(
+                {"results": [good_result("#1"), good_result("#0")], "reward_definition": "d"}
+            ).encode(),
+            "match",
+        ),
+    ],
+)
+def test_malformed_or_misattributed_replies_raise_protocol_error(reply, why):
+    handler = type("Handler", (_Misbehaving,), {"reply": reply})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with RewardClient(url, retry=FAST_RETRY) as client, pytest.raises(ProtocolError, match=why):
+            client.score([(PROMPT, "a"), (PROMPT, "b")])
+    finally:
+        server.shutdown()
+        server.server_close()
