@@ -25,14 +25,13 @@ $(STAMP): pyproject.toml Makefile
 serve: install
 	$(VENV)/bin/alarm-serve serve
 
-test: install
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+test: lint
 	$(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy service trainer_client
 
 openapi: install
 	$(VENV)/bin/alarm-serve openapi --out openapi.yaml

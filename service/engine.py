@@ -10,12 +10,13 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from service.batching import BatchLimits, MicroBatcher
+from service.batching import BatchLimits, BatchStats, MicroBatcher
 from service.combine import CombinedReward, CombineMode, combine_response
 from service.config import RewardConfig
 from service.errors import ModelFailure, NotReady, Overloaded
@@ -59,17 +60,19 @@ class RewardEngine:
             device: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{device}")
             for device in sorted({m.device for m in self._models} - {HOST_DEVICE})
         }
-        self._batchers: dict[str, MicroBatcher[Prepared, ModelOutput]] = {}
-        for model in self._models:
-            self._batchers[model.name] = MicroBatcher(
-                self._runner(model),
-                limits,
-                on_batch=lambda stats, name=model.name: metrics.observe_batch(name, stats),
-            )
+        self._batchers: dict[str, MicroBatcher[Prepared, ModelOutput]] = {
+            model.name: MicroBatcher(self._runner(model), limits, self._observer(model.name))
+            for model in self._models
+        }
         self._in_flight = 0
         self._accepting = False
 
-    def _runner(self, model: RewardModel) -> Any:
+    def _observer(self, name: str) -> Callable[[BatchStats], None]:
+        return lambda stats: self._metrics.observe_batch(name, stats)
+
+    def _runner(
+        self, model: RewardModel
+    ) -> Callable[[list[Prepared]], Awaitable[list[ModelOutput]]]:
         if model.device == HOST_DEVICE:
 
             async def run_inline(batch: list[Prepared]) -> list[ModelOutput]:
@@ -169,11 +172,13 @@ class RewardEngine:
         finally:
             self._in_flight -= len(items)
             self._metrics.in_flight.set(self._in_flight)
+        outputs_by_model: list[list[ModelOutput]] = []
         for outputs in per_model:
             if isinstance(outputs, BaseException):
                 raise outputs
+            outputs_by_model.append(outputs)
         return [
-            self._combine(item, [outputs[i] for outputs in per_model], mode)
+            self._combine(item, [outputs[i] for outputs in outputs_by_model], mode)
             for i, item in enumerate(items)
         ]
 
@@ -194,4 +199,6 @@ class RewardEngine:
             self._aspect_params,
             mode or self._config.combination.mode,
         )
+        if not math.isfinite(combined.reward):  # e.g. fp16 overflow; JSON cannot carry it
+            raise ModelFailure("a model produced a non-finite score")
         return ScoredItem(combined, truncated=any(o.truncated for o in outputs))

@@ -314,3 +314,16 @@ async def test_openrlhf_splits_on_a_configured_separator(tiny_paths, tmp_path):
         assert reply.json()["rewards"][0] == pytest.approx(
             direct.json()["results"][0]["reward"], abs=1e-4
         )
+
+
+async def test_a_non_finite_score_is_a_model_failure_not_a_broken_reply(client, monkeypatch):
+    from service.models.base import HolisticScore
+    from service.models.sequence_scalar import SequenceScalarModel
+
+    def overflowing(self, batch):
+        return [HolisticScore(float("nan"), False) for _ in batch]
+
+    monkeypatch.setattr(SequenceScalarModel, "run", overflowing)
+    body = {"items": [{"prompt": PROMPT, "response": ANSWER}]}
+    error = assert_error(await client.post("/v1/rewards", json=body), 500, "model_failure")
+    assert "non-finite" in error["message"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.combine import CombineMode
 from service.config import LimitsConfig
 from service.engine import RewardEngine, ScoredItem, ScoreInput
-from service.errors import ModelFailure, NotReady, PayloadTooLarge
+from service.errors import NotReady, PayloadTooLarge
 from service.schemas import (
     AspectResult,
     DenseReward,
@@ -67,8 +66,6 @@ def check_limits(items: Sequence[ScoreInput], limits: LimitsConfig) -> None:
 
 def _to_result(item: RewardItem, scored: ScoredItem) -> RewardResult:
     c = scored.combined
-    if not math.isfinite(c.reward):
-        raise ModelFailure("a model produced a non-finite score")
     return RewardResult(
         id=item.id,
         reward=c.reward,

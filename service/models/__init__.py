@@ -39,8 +39,9 @@ def _build(spec: ModelSpec, index: int, cache_dir: Path) -> RewardModel:
     if isinstance(spec, SequenceScalarHolistic | SequenceScalarAspect):
         from service.models.sequence_scalar import SequenceScalarModel
 
-        role = "holistic" if isinstance(spec, SequenceScalarHolistic) else "aspect"
-        return SequenceScalarModel(spec, role, path, device)
+        if isinstance(spec, SequenceScalarHolistic):
+            return SequenceScalarModel(spec, "holistic", path, device)
+        return SequenceScalarModel(spec, "aspect", path, device)
     if isinstance(spec, LmLikelihoodHolistic):
         from service.models.lm_likelihood import LmLikelihoodModel
 

@@ -14,14 +14,14 @@ import torch
 
 from service.combine import SegmentScore
 from service.config import EmbeddingSimilarityAspect
-from service.models.base import AspectScore, ModelOutput, Prepared
+from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.loading import fingerprint, load_pretrained, load_tokenizer, pad_right
 from service.segmentation import split_spans
 
 
 class EmbeddingSimilarityModel:
     kind = "embedding_similarity"
-    role = "aspect"
+    role: Role = "aspect"
 
     def __init__(self, spec: EmbeddingSimilarityAspect, resolved_path: str, device: str) -> None:
         from transformers import AutoModel

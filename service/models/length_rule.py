@@ -7,13 +7,13 @@ from typing import Any
 
 from service.combine import SegmentScore
 from service.config import LengthRuleAspect
-from service.models.base import AspectScore, ModelOutput, Prepared
+from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.loading import fingerprint, load_tokenizer
 
 
 class LengthRule:
     kind = "rule"
-    role = "aspect"
+    role: Role = "aspect"
     device = "host"  # no tensors: runs inline, never queues behind a forward pass
 
     def __init__(self, spec: LengthRuleAspect, resolved_tokenizer: str | None) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from service.config import LmLikelihoodHolistic
 from service.errors import ConfigError
-from service.models.base import HolisticScore, ModelOutput, Prepared
+from service.models.base import HolisticScore, ModelOutput, Prepared, Role
 from service.models.loading import (
     ensure_pad_token,
     fingerprint,
@@ -25,7 +25,7 @@ from service.models.loading import (
 
 class LmLikelihoodModel:
     kind = "lm_likelihood"
-    role = "holistic"
+    role: Role = "holistic"
 
     def __init__(self, spec: LmLikelihoodHolistic, resolved_path: str, device: str) -> None:
         from transformers import AutoModelForCausalLM
@@ -71,7 +71,8 @@ class LmLikelihoodModel:
         hidden = self._model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         # hidden: (B, L, H)
         # Position t predicts token t + 1: gather the states that predict response tokens.
-        row_index, position = [], []
+        row_index: list[int] = []
+        position: list[int] = []
         for i, p in enumerate(batch):
             start, end = p.meta, len(p.rows[0])
             row_index += [i] * (end - start)

@@ -16,7 +16,7 @@ import torch
 from service.combine import SegmentScore
 from service.config import SegmentClassifierAspect
 from service.errors import ConfigError
-from service.models.base import AspectScore, ModelOutput, Prepared
+from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.loading import (
     ensure_pad_token,
     fingerprint,
@@ -30,7 +30,7 @@ from service.segmentation import split_spans
 
 class SegmentClassifierModel:
     kind = "segment_classifier"
-    role = "aspect"
+    role: Role = "aspect"
 
     def __init__(self, spec: SegmentClassifierAspect, resolved_path: str, device: str) -> None:
         from transformers import AutoModelForTokenClassification
