@@ -6,6 +6,7 @@ after that. The embedded default reward definition is `service/default_config.ya
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
@@ -102,24 +103,38 @@ class EmbeddingSimilarityAspect(_TransformerSpec, _AspectShaping):
     split: SplitUnit = SplitUnit.sentence
 
 
-class LengthRuleAspect(_AspectShaping):
+class RuleAspect(_AspectShaping):
+    """Aspects computed from the text alone: raw value = count / mean.
+
+    `length` counts chars, words or tokens (the paper's length pseudo-aspect); `regex`
+    counts matches of `pattern` (citations, banned phrases with a negative weight, ...).
+    """
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     kind: Literal["rule"]
-    rule: Literal["length"] = "length"
+    rule: Literal["length", "regex"] = "length"
     unit: Literal["chars", "words", "tokens"] = "words"
+    pattern: str | None = Field(None, description="regular expression, for rule 'regex'")
     mean: float = Field(gt=0, description="raw value = count / mean")
     tokenizer_path: str | None = Field(None, description="needed when unit is tokens")
 
     @model_validator(mode="after")
-    def _tokens_need_tokenizer(self) -> LengthRuleAspect:
-        if self.unit == "tokens" and not self.tokenizer_path:
+    def _rule_inputs(self) -> RuleAspect:
+        if self.rule == "length" and self.unit == "tokens" and not self.tokenizer_path:
             raise ValueError("unit 'tokens' needs tokenizer_path")
+        if self.rule == "regex":
+            if not self.pattern:
+                raise ValueError("rule 'regex' needs pattern")
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid pattern: {exc}") from exc
         return self
 
 
 HolisticSpec = Annotated[SequenceScalarHolistic | LmLikelihoodHolistic, Field(discriminator="kind")]
 AspectSpec = Annotated[
-    SequenceScalarAspect | SegmentClassifierAspect | EmbeddingSimilarityAspect | LengthRuleAspect,
+    SequenceScalarAspect | SegmentClassifierAspect | EmbeddingSimilarityAspect | RuleAspect,
     Field(discriminator="kind"),
 ]
 ModelSpec = SequenceScalarHolistic | LmLikelihoodHolistic | AspectSpec

@@ -74,3 +74,16 @@ def test_combination_parameters_flow_into_the_math():
     assert (holistic.mu, holistic.sigma, holistic.threshold, holistic.weight) == (2, 4, 0.5, 3)
     (aspect,) = config.aspect_params()
     assert (aspect.name, aspect.weight, aspect.sigmoid) == ("l", 0.3, False)
+
+
+@pytest.mark.parametrize(
+    ("rule", "needle"),
+    [({"rule": "regex"}, "needs pattern"), ({"rule": "regex", "pattern": "("}, "invalid pattern")],
+)
+def test_regex_rules_need_a_valid_pattern(rule, needle):
+    spec = {
+        "holistic": {"name": "h", "kind": "sequence_scalar", "path": "x"},
+        "aspects": [{"name": "r", "kind": "rule", "mean": 1, **rule}],
+    }
+    with pytest.raises(ValueError, match=needle):
+        RewardConfig.model_validate(spec)

@@ -267,3 +267,10 @@ def test_full_tiny_config_loads_every_adapter(tiny_paths, tmp_path):
         ("length", "aspect", "rule"),
     ]
     assert all(m.fingerprint.startswith("sha256:") for m in models)
+
+
+def test_regex_rule_counts_matches(tiny_paths, tmp_path):
+    spec = {"name": "citations", "kind": "rule", "rule": "regex", "pattern": r"\[\d+\]", "mean": 2}
+    model = load_aspect(spec, tiny_paths, tmp_path)
+    (score,) = model.run([model.prepare("q", "Paris [1] is big [2] and old [3].")])
+    assert score.segments[0].raw == pytest.approx(1.5)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from service.config import (
     EmbeddingSimilarityAspect,
-    LengthRuleAspect,
     LmLikelihoodHolistic,
     ModelSpec,
     RewardConfig,
+    RuleAspect,
     SegmentClassifierAspect,
     SequenceScalarAspect,
     SequenceScalarHolistic,
@@ -29,11 +29,11 @@ __all__ = [
 
 
 def _build(spec: ModelSpec, index: int, cache_dir: Path) -> RewardModel:
-    if isinstance(spec, LengthRuleAspect):
-        from service.models.length_rule import LengthRule
+    if isinstance(spec, RuleAspect):
+        from service.models.rules import RuleModel
 
         tokenizer = spec.tokenizer_path
-        return LengthRule(spec, resolve_model_path(tokenizer, cache_dir) if tokenizer else None)
+        return RuleModel(spec, resolve_model_path(tokenizer, cache_dir) if tokenizer else None)
     path = resolve_model_path(spec.path, cache_dir)
     device = place(spec.device, index)
     if isinstance(spec, SequenceScalarHolistic | SequenceScalarAspect):

@@ -1,33 +1,37 @@
-"""The paper's length pseudo-aspect: response length over a configured mean."""
+"""Rule aspects: text statistics over a configured mean (length, regex matches)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from service.combine import SegmentScore
-from service.config import LengthRuleAspect
+from service.config import RuleAspect
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.loading import fingerprint, load_tokenizer
 
 
-class LengthRule:
+class RuleModel:
     kind = "rule"
     role: Role = "aspect"
     device = "host"  # no tensors: runs inline, never queues behind a forward pass
 
-    def __init__(self, spec: LengthRuleAspect, resolved_tokenizer: str | None) -> None:
+    def __init__(self, spec: RuleAspect, resolved_tokenizer: str | None) -> None:
         self.name = spec.name
         self._spec = spec
+        self._pattern = re.compile(spec.pattern) if spec.pattern else None
         self._tokenizer = load_tokenizer(resolved_tokenizer) if resolved_tokenizer else None
         self.fingerprint = fingerprint(resolved_tokenizer or "", spec.model_dump())
 
     def _count(self, response: str) -> int:
+        if self._pattern is not None:
+            return sum(1 for _ in self._pattern.finditer(response))
         if self._spec.unit == "chars":
             return len(response)
         if self._spec.unit == "words":
             return len(response.split())
-        assert self._tokenizer is not None  # guaranteed by LengthRuleAspect validation
+        assert self._tokenizer is not None  # guaranteed by RuleAspect validation
         return len(self._tokenizer(response, add_special_tokens=False)["input_ids"])
 
     def prepare(self, prompt: str, response: str) -> Prepared:
@@ -41,4 +45,9 @@ class LengthRule:
         ]
 
     def describe(self) -> dict[str, Any]:
-        return {"rule": self._spec.rule, "unit": self._spec.unit, "mean": self._spec.mean}
+        return {
+            "rule": self._spec.rule,
+            "unit": self._spec.unit,
+            "pattern": self._spec.pattern,
+            "mean": self._spec.mean,
+        }
