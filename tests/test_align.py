@@ -1,5 +1,7 @@
 """Dense rewards land on the policy's own tokens, for several tokenizers and padded batches."""
 
+import itertools
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -98,3 +100,17 @@ def test_an_empty_response_refuses_rather_than_dropping_the_reward():
 def test_a_row_longer_than_the_width_is_an_error():
     with pytest.raises(ValueError, match="width"):
         align_rewards_batch([[{"end": 3, "reward": 1.0}]], ["abc"], build_byte_tokenizer(), 2)
+
+
+def test_generated_token_offsets_keep_every_reward_on_the_generated_tokens():
+    from trainer_client.align import generated_token_offsets
+
+    tokenizer = build_byte_tokenizer()
+    text = "Caf\u00e9 ok. Fin."
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    offsets = generated_token_offsets(tokens, tokenizer)
+    assert offsets[-1] == (len(text), len(text))  # EOS decodes to nothing
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(offsets))  # contiguous spans
+    rewards = align_to_offsets(service_style_dense(text), offsets)
+    assert sum(rewards) == pytest.approx(0.1 + 0.2 + 5.0)
+    assert rewards[-1] == 0.0 and rewards[-2] == pytest.approx(0.2 + 5.0)

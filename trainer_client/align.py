@@ -38,6 +38,22 @@ def align_to_offsets(dense: Sequence[DenseLike], offsets: Sequence[tuple[int, in
     return rewards
 
 
+def generated_token_offsets(token_ids: Sequence[int], tokenizer: Any) -> list[tuple[int, int]]:
+    """Character spans of generated tokens inside `tokenizer.decode(token_ids)`.
+
+    Decoding prefixes gives each token's end; a prefix that ends inside a multi-byte
+    character may decode longer than the final text, so ends are clamped to stay monotonic.
+    """
+    ends = [
+        len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=True))
+        for i in range(len(token_ids))
+    ]
+    for i in range(len(ends) - 2, -1, -1):
+        ends[i] = min(ends[i], ends[i + 1])
+    starts = [0, *ends[:-1]]
+    return list(zip(starts, ends, strict=True))
+
+
 def response_offsets(response_text: str, tokenizer: Any) -> list[tuple[int, int]]:
     encoded = tokenizer(response_text, add_special_tokens=False, return_offsets_mapping=True)
     return [(int(s), int(e)) for s, e in encoded["offset_mapping"]]

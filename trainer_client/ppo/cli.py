@@ -1,0 +1,65 @@
+"""`alarm-ppo`: train a causal LM with PPO against a running alarm-serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trainer_client._client import RewardClient
+from trainer_client.ppo.run import load_prompts, train
+from trainer_client.ppo.trainer import PPOConfig, PPOTrainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alarm-ppo", description=__doc__)
+    parser.add_argument("--server", action="append", required=True, help="base URL (repeatable)")
+    parser.add_argument("--policy", required=True, help="causal LM folder or hub id")
+    parser.add_argument("--prompts", type=Path, required=True, help=".jsonl (prompt) or .txt")
+    parser.add_argument("--out", type=Path, default=Path("runs/ppo"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=PPOConfig.batch_size)
+    parser.add_argument("--mini-batch-size", type=int, default=PPOConfig.mini_batch_size)
+    parser.add_argument("--ppo-epochs", type=int, default=PPOConfig.ppo_epochs)
+    parser.add_argument("--lr", type=float, default=PPOConfig.learning_rate)
+    parser.add_argument("--max-new-tokens", type=int, default=PPOConfig.max_new_tokens)
+    parser.add_argument("--max-prompt-tokens", type=int, default=PPOConfig.max_prompt_tokens)
+    parser.add_argument("--init-kl-coef", type=float, default=PPOConfig.init_kl_coef)
+    parser.add_argument("--mode", help="combination mode to request (default: server's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = PPOConfig(
+        batch_size=args.batch_size,
+        mini_batch_size=args.mini_batch_size,
+        ppo_epochs=args.ppo_epochs,
+        learning_rate=args.lr,
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_tokens=args.max_prompt_tokens,
+        init_kl_coef=args.init_kl_coef,
+        mode=args.mode,
+        seed=args.seed,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(args.policy)
+    lm = AutoModelForCausalLM.from_pretrained(args.policy)
+    with RewardClient(args.server) as client:
+        client.wait_until_ready()
+        trainer = PPOTrainer(lm, tokenizer, client, config, device)
+        history = train(
+            trainer, load_prompts(args.prompts), args.steps, args.out, not args.no_progress
+        )
+    first, last = history[0]["reward_mean"], history[-1]["reward_mean"]
+    print(f"reward {first:.4f} -> {last:.4f}; log and curves.png in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
