@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.combine import AspectParams, CombineMode, HolisticParams
@@ -31,6 +38,13 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _empty_means_default(cls, value: object) -> object:
+        # ALARM_CONFIG="" (e.g. an unset compose variable) means the embedded default.
+        return None if value == "" else value
+
     cache_dir: Path = Field(
         Path.home() / ".cache" / "alarm-serve",
         description="where packaged models are converted once (e.g. GGUF -> safetensors)",

@@ -87,3 +87,8 @@ def test_regex_rules_need_a_valid_pattern(rule, needle):
     }
     with pytest.raises(ValueError, match=needle):
         RewardConfig.model_validate(spec)
+
+
+def test_an_empty_alarm_config_means_the_embedded_default(monkeypatch):
+    monkeypatch.setenv("ALARM_CONFIG", "")
+    assert ServiceSettings().config is None
