@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from service.errors import AlarmError
 
@@ -21,11 +24,13 @@ def error_response(
     request_id: str | None,
     details: list[dict[str, Any]] | None = None,
     retry_after_s: float | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {"type": error_type, "message": message, "request_id": request_id}
     if details:
         body["details"] = details
-    headers = {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s else None
+    if retry_after_s:
+        headers = {**(headers or {}), "Retry-After": str(max(1, round(retry_after_s)))}
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
@@ -59,10 +64,27 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"{'.'.join(first['loc'])}: {first['msg']}"
         return error_response(422, "invalid_request", message, _request_id(request), details)
 
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        # Raised by the framework, never by our code: unknown routes and methods, and bodies
+        # that FastAPI could not read, which it reports as a 400 chained to the cause.
+        assert isinstance(exc, HTTPException)
+        cause = exc.__cause__
+        if isinstance(cause, AlarmError):  # the size cap on a chunked body (middleware)
+            return await on_alarm_error(request, cause)
+        if exc.status_code == 400:  # invalid UTF-8, nesting too deep: as malformed JSON
+            reason = f"{type(cause).__name__}: {cause}" if cause else exc.detail
+            message = f"body: cannot be parsed as JSON ({reason})"
+            return error_response(422, "invalid_request", message, _request_id(request))
+        error_type = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+        return error_response(
+            exc.status_code, error_type, str(exc.detail), _request_id(request), headers=exc.headers
+        )
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
         return error_response(500, "internal_error", "internal error", _request_id(request))
 
     app.add_exception_handler(AlarmError, on_alarm_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
