@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class CombineMode(str, Enum):
+class CombineMode(StrEnum):
     hierarchical = "hierarchical"
     weighted_sum = "weighted_sum"
     holistic_only = "holistic_only"

@@ -7,10 +7,10 @@ rewards are keyed to, so they must map exactly back into the original string.
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import StrEnum
 
 
-class SplitUnit(str, Enum):
+class SplitUnit(StrEnum):
     sentence = "sentence"
     subsentence = "subsentence"
 
