@@ -24,6 +24,8 @@ class BatchLimits:
     max_batch_tokens: int
     max_batch_size: int
     max_wait_s: float
+    # Start a new batch rather than let real / padded tokens fall below this (0 = never).
+    min_padding_efficiency: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -61,15 +63,20 @@ def form_batches(items: Sequence[WorkItem], limits: BatchLimits) -> list[list[Wo
     """Length-sorted greedy cut: similar lengths share a batch, so little padding is wasted."""
     batches: list[list[WorkItem]] = []
     current: list[WorkItem] = []
-    rows = 0
+    rows = tokens = 0
     for item in sorted(items, key=lambda i: i.length):
         # Sorted ascending, so `item.length` is the new batch's longest row.
-        too_many_tokens = (rows + item.rows) * item.length > limits.max_batch_tokens
-        if current and (too_many_tokens or len(current) >= limits.max_batch_size):
+        padded = (rows + item.rows) * item.length
+        too_many_tokens = padded > limits.max_batch_tokens
+        too_much_padding = (tokens + item.tokens) < limits.min_padding_efficiency * padded
+        if current and (
+            too_many_tokens or too_much_padding or len(current) >= limits.max_batch_size
+        ):
             batches.append(current)
-            current, rows = [], 0
+            current, rows, tokens = [], 0, 0
         current.append(item)
         rows += item.rows
+        tokens += item.tokens
     if current:
         batches.append(current)
     return batches

@@ -166,6 +166,13 @@ class BatchingConfig(_Strict):
     max_batch_tokens: int = Field(16384, ge=64, description="padded tokens per forward")
     max_batch_size: int = Field(64, ge=1)
     max_wait_ms: float = Field(5.0, ge=0)
+    min_padding_efficiency: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="cut batches whose real/padded tokens would fall below this; on CPUs, "
+        "where batching buys little, padding is what costs (0 = cut only by budget and size)",
+    )
     max_queue_items: int = Field(4096, ge=1, description="admitted items not yet scored")
 
 

@@ -54,6 +54,7 @@ class RewardEngine:
             max_batch_tokens=config.batching.max_batch_tokens,
             max_batch_size=config.batching.max_batch_size,
             max_wait_s=config.batching.max_wait_ms / 1000,
+            min_padding_efficiency=config.batching.min_padding_efficiency,
         )
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._device_pools = {

@@ -135,3 +135,15 @@ def test_form_batches_respects_the_size_cap(size_cap):
     items = [make_item(1) for _ in range(7)]
     limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=size_cap, max_wait_s=0)
     assert all(len(b) <= size_cap for b in form_batches(items, limits))
+
+
+def test_form_batches_cuts_before_padding_efficiency_drops_below_the_floor():
+    items = [make_item(n) for n in (10, 11, 12, 30, 32, 90)]
+    limits = BatchLimits(10_000, 64, 0, min_padding_efficiency=0.85)
+    batches = form_batches(items, limits)
+    assert [[i.length for i in b] for b in batches] == [[10, 11, 12], [30, 32], [90]]
+    for batch in batches:
+        real = sum(i.tokens for i in batch)
+        assert real >= 0.85 * len(batch) * max(i.length for i in batch)
+    # Without the floor, the same items share one batch.
+    assert len(form_batches(items, BatchLimits(10_000, 64, 0))) == 1

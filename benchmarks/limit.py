@@ -1,0 +1,71 @@
+"""The number no server can beat: the models' own batched forward throughput, in process.
+
+Every item of the workload is tokenised up front (not timed), sorted by length and cut
+into batches under the same padded-token budget as the server, then each model's forward
+passes are timed; the limit is items / (sum of the models' forward times).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.batching import BatchLimits, WorkItem, form_batches
+from service.config import RewardConfig
+from service.models import Prepared, RewardModel, load_models
+
+
+@dataclass(frozen=True)
+class LimitResult:
+    batch_size: int
+    min_padding_efficiency: float
+    items_per_s: float
+    real_tokens_per_s: float
+    padding_efficiency: float
+    seconds_by_model: dict[str, float]
+
+
+def _sorted_batches(prepared: list[Prepared], limits: BatchLimits) -> list[list[Prepared]]:
+    """The server's own batch formation, applied to the whole workload at once."""
+    work = [WorkItem(p, p.length, len(p.rows), p.tokens, None, 0.0) for p in prepared]  # type: ignore[arg-type]
+    return [[w.payload for w in batch] for batch in form_batches(work, limits)]
+
+
+def measure(
+    models: list[RewardModel], items: list[dict[str, str]], limits: BatchLimits
+) -> LimitResult:
+    seconds: dict[str, float] = {}
+    real = padded = 0
+    for model in models:
+        prepared = [model.prepare(i["prompt"], i["response"]) for i in items]
+        batches = _sorted_batches(prepared, limits)
+        model.run(batches[0])  # warm-up
+        started = time.perf_counter()
+        for batch in batches:
+            model.run(batch)
+        seconds[model.name] = time.perf_counter() - started
+        real += sum(p.tokens for p in prepared)
+        padded += sum(sum(len(p.rows) for p in b) * max(p.length for p in b) for b in batches)
+    total = sum(seconds.values())
+    return LimitResult(
+        batch_size=limits.max_batch_size,
+        min_padding_efficiency=limits.min_padding_efficiency,
+        items_per_s=len(items) / total,
+        real_tokens_per_s=real / total,
+        padding_efficiency=real / padded if padded else 1.0,
+        seconds_by_model=seconds,
+    )
+
+
+def best_limit(
+    config: RewardConfig, cache_dir: Path, items: list[dict[str, str]], batch_sizes: list[int]
+) -> tuple[LimitResult, list[LimitResult]]:
+    models = load_models(config, cache_dir)
+    b = config.batching
+    results = [
+        measure(models, items, BatchLimits(b.max_batch_tokens, size, 0.0, efficiency))
+        for size in batch_sizes
+        for efficiency in sorted({0.0, b.min_padding_efficiency})
+    ]
+    return max(results, key=lambda r: r.items_per_s), results
