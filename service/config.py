@@ -78,23 +78,25 @@ class _AspectShaping(_Strict):
     sigmoid: bool = True
 
 
-class SequenceScalarHolistic(_TransformerSpec, _HolisticNorm):
-    kind: Literal["sequence_scalar"]
+class _ScalarInput(_Strict):
+    """How a scalar RM sees a (prompt, response): a format template or the chat template."""
+
     template: str = "Human: {prompt}\nAssistant: {response}"
     use_chat_template: bool = False
+
+
+class SequenceScalarHolistic(_TransformerSpec, _HolisticNorm, _ScalarInput):
+    kind: Literal["sequence_scalar"]
 
 
 class LmLikelihoodHolistic(_TransformerSpec, _HolisticNorm):
     kind: Literal["lm_likelihood"]
-    gguf_file: str | None = None
     # None = the tokenizer's chat template (user turn + generation prompt).
     prompt_template: str | None = None
 
 
-class SequenceScalarAspect(_TransformerSpec, _AspectShaping):
+class SequenceScalarAspect(_TransformerSpec, _AspectShaping, _ScalarInput):
     kind: Literal["sequence_scalar"]
-    template: str = "Human: {prompt}\nAssistant: {response}"
-    use_chat_template: bool = False
 
 
 class SegmentClassifierAspect(_TransformerSpec, _AspectShaping):
