@@ -274,3 +274,26 @@ def test_regex_rule_counts_matches(tiny_paths, tmp_path):
     model = load_aspect(spec, tiny_paths, tmp_path)
     (score,) = model.run([model.prepare("q", "Paris [1] is big [2] and old [3].")])
     assert score.segments[0].raw == pytest.approx(1.5)
+
+
+def test_embedding_similarity_truncates_long_rows_and_keeps_special_tokens(tiny_paths, tmp_path):
+    spec = {
+        "name": "relevance",
+        "kind": "embedding_similarity",
+        "path": PACKAGED_PREFIX + MINILM,
+        "device": "cpu",
+        "max_length": 16,
+    }
+    model = load_aspect(spec, tiny_paths, tmp_path)
+    item = model.prepare("How do I reset my password? " * 10, "Use the reset link. Done.")
+    assert item.truncated
+    prompt_row = item.rows[0]
+    assert len(prompt_row) == 16
+    from transformers import AutoTokenizer
+
+    from service.models.packaged import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec["path"], tmp_path))
+    assert prompt_row[0] == tokenizer.cls_token_id and prompt_row[-1] == tokenizer.sep_token_id
+    (score,) = model.run([item])
+    assert len(score.segments) == 2 and score.truncated

@@ -15,7 +15,13 @@ import torch
 from service.combine import SegmentScore
 from service.config import EmbeddingSimilarityAspect
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
-from service.models.loading import fingerprint, load_pretrained, load_tokenizer, pad_right
+from service.models.loading import (
+    fingerprint,
+    load_pretrained,
+    load_tokenizer,
+    pad_right,
+    truncate_keeping_specials,
+)
 from service.segmentation import split_spans
 
 
@@ -29,7 +35,7 @@ class EmbeddingSimilarityModel:
         self.name, self.device = spec.name, device
         self._spec = spec
         self._tokenizer = load_tokenizer(resolved_path)
-        self._tokenizer.truncation_side = spec.truncation_side
+        self._special_ids = set(self._tokenizer.all_special_ids)
         self._model = load_pretrained(AutoModel, resolved_path, spec.dtype, device)
         self._pad_id = int(self._tokenizer.pad_token_id or 0)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude={"device"}))
@@ -38,8 +44,12 @@ class EmbeddingSimilarityModel:
         spans = split_spans(response, self._spec.split)
         texts = [prompt, *(response[s:e] for s, e in spans)]
         full = self._tokenizer(texts)["input_ids"]
-        rows = self._tokenizer(texts, truncation=True, max_length=self._spec.max_length)
-        kept = rows["input_ids"]
+        kept = [
+            truncate_keeping_specials(
+                ids, self._special_ids, self._spec.max_length, self._spec.truncation_side
+            )[0]
+            for ids in full
+        ]
         truncated = any(len(k) < len(f) for k, f in zip(kept, full, strict=True))
         return Prepared(rows=tuple(map(tuple, kept)), truncated=truncated, meta=tuple(spans))
 
