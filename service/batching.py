@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -83,7 +84,15 @@ def form_batches(items: Sequence[WorkItem], limits: BatchLimits) -> list[list[Wo
 
 
 class MicroBatcher(Generic[P, R]):
-    """Merges items submitted by many concurrent callers into batches for `run_batch`."""
+    """Merges items submitted by many concurrent callers into batches for `run_batch`.
+
+    Items are queued per owner (a trainer). Each flush takes a round of at most
+    `ROUND_BATCHES` batches' worth of items, one item per owner in turn, oldest first within
+    an owner; so an owner that floods the queue delays another owner's item by at most one
+    round, never by its whole backlog.
+    """
+
+    ROUND_BATCHES = 4
 
     def __init__(
         self,
@@ -94,7 +103,8 @@ class MicroBatcher(Generic[P, R]):
         self._run_batch = run_batch
         self._limits = limits
         self._on_batch = on_batch
-        self._pending: list[WorkItem[P]] = []
+        self._pending: dict[str, deque[WorkItem[P]]] = {}
+        self._pending_count = 0
         self._pending_rows = 0
         self._pending_max_length = 0
         self._arrived = asyncio.Event()
@@ -102,7 +112,7 @@ class MicroBatcher(Generic[P, R]):
 
     @property
     def depth(self) -> int:
-        return len(self._pending)
+        return self._pending_count
 
     def start(self) -> None:
         if self._task is None:
@@ -115,17 +125,21 @@ class MicroBatcher(Generic[P, R]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for item in self._pending:
-            if not item.future.done():
-                item.future.set_exception(RuntimeError("batcher stopped"))
+        for queue in self._pending.values():
+            for item in queue:
+                if not item.future.done():
+                    item.future.set_exception(RuntimeError("batcher stopped"))
         self._pending.clear()
+        self._pending_count = 0
 
     def submit(
-        self, payload: P, length: int, rows: int = 1, tokens: int | None = None
+        self, payload: P, length: int, rows: int = 1, tokens: int | None = None, owner: str = ""
     ) -> asyncio.Future[R]:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         real_tokens = length * rows if tokens is None else tokens
-        self._pending.append(WorkItem(payload, length, rows, real_tokens, future, time.monotonic()))
+        item = WorkItem(payload, length, rows, real_tokens, future, time.monotonic())
+        self._pending.setdefault(owner, deque()).append(item)
+        self._pending_count += 1
         self._pending_rows += rows
         self._pending_max_length = max(self._pending_max_length, length)
         self._arrived.set()
@@ -133,15 +147,18 @@ class MicroBatcher(Generic[P, R]):
 
     def _full(self) -> bool:
         return (
-            len(self._pending) >= self._limits.max_batch_size
+            self._pending_count >= self._limits.max_batch_size
             or self._pending_rows * self._pending_max_length >= self._limits.max_batch_tokens
         )
+
+    def _oldest_enqueued_at(self) -> float:
+        return min(queue[0].enqueued_at for queue in self._pending.values())
 
     async def _wait_for_batch(self) -> None:
         while not self._pending:
             self._arrived.clear()
             await self._arrived.wait()
-        deadline = self._pending[0].enqueued_at + self._limits.max_wait_s
+        deadline = self._oldest_enqueued_at() + self._limits.max_wait_s
         while not self._full():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -150,12 +167,28 @@ class MicroBatcher(Generic[P, R]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
+    def _take_round(self) -> list[WorkItem[P]]:
+        """One item per owner in turn until the round is full or nothing is pending."""
+        limit = self.ROUND_BATCHES * self._limits.max_batch_size
+        taken: list[WorkItem[P]] = []
+        while self._pending and len(taken) < limit:
+            for owner in list(self._pending):
+                queue = self._pending[owner]
+                taken.append(queue.popleft())
+                if not queue:
+                    del self._pending[owner]
+                if len(taken) >= limit:
+                    break
+        remaining = [item for queue in self._pending.values() for item in queue]
+        self._pending_count = len(remaining)
+        self._pending_rows = sum(item.rows for item in remaining)
+        self._pending_max_length = max((item.length for item in remaining), default=0)
+        return taken
+
     async def _loop(self) -> None:
         while True:
             await self._wait_for_batch()
-            items, self._pending = self._pending, []
-            self._pending_rows = self._pending_max_length = 0
-            for batch in form_batches(items, self._limits):
+            for batch in form_batches(self._take_round(), self._limits):
                 await self._execute(batch)
 
     async def _execute(self, batch: list[WorkItem[P]]) -> None:

@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -49,6 +50,13 @@ class ServiceSettings(BaseSettings):
         Path.home() / ".cache" / "alarm-serve",
         description="where packaged models are converted once (e.g. GGUF -> safetensors)",
     )
+    api_keys_file: Path | None = Field(
+        None, description="YAML mapping trainer name -> API key; scoring routes then need one"
+    )
+    api_keys: SecretStr | None = Field(
+        None, description="the same inline: 'trainer-a:key-a,trainer-b:key-b'"
+    )
+    metrics_require_auth: bool = Field(False, description="also protect /metrics")
 
 
 class _Strict(BaseModel):
@@ -182,6 +190,9 @@ class LimitsConfig(_Strict):
     max_items_per_request: int = Field(512, ge=1)
     max_text_chars: int = Field(100_000, ge=1)
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_items_in_flight_per_trainer: int = Field(
+        2048, ge=1, description="one trainer's admitted, unanswered items; beyond: 429"
+    )
 
 
 class OpenRLHFConfig(_Strict):
@@ -203,6 +214,20 @@ class RewardConfig(_Strict):
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     openrlhf: OpenRLHFConfig = OpenRLHFConfig()
+
+    @model_validator(mode="after")
+    def _limits_admit_one_full_request(self) -> RewardConfig:
+        largest = self.limits.max_items_per_request
+        for key, value in (
+            ("batching.max_queue_items", self.batching.max_queue_items),
+            ("limits.max_items_in_flight_per_trainer", self.limits.max_items_in_flight_per_trainer),
+        ):
+            if value < largest:
+                raise ValueError(
+                    f"{key}={value} is below limits.max_items_per_request={largest}: "
+                    "a full request could never be admitted"
+                )
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> RewardConfig:

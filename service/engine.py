@@ -19,7 +19,7 @@ from typing import Any
 from service.batching import BatchLimits, BatchStats, MicroBatcher
 from service.combine import CombinedReward, CombineMode, combine_response
 from service.config import RewardConfig
-from service.errors import ModelFailure, NotReady, Overloaded
+from service.errors import ModelFailure, NotReady, Overloaded, TooManyRequests
 from service.metrics import ServiceMetrics
 from service.models import AspectScore, HolisticScore, ModelOutput, Prepared, RewardModel
 
@@ -66,6 +66,7 @@ class RewardEngine:
             for model in self._models
         }
         self._in_flight = 0
+        self._in_flight_by_trainer: dict[str, int] = {}
         self._accepting = False
 
     def _observer(self, name: str) -> Callable[[BatchStats], None]:
@@ -96,7 +97,10 @@ class RewardEngine:
         for batcher in self._batchers.values():
             batcher.start()
         self._accepting = True
-        await self.score([ScoreInput("Warm-up question?", "A warm-up answer.")])
+        # Not a trainer's request: bypasses admission, so trainer metrics stay clean.
+        await self._score_admitted(
+            [ScoreInput("Warm-up question?", "A warm-up answer.")], None, "warm-up"
+        )
 
     async def stop(self) -> None:
         self._accepting = False
@@ -133,7 +137,7 @@ class RewardEngine:
         return [model.prepare(item.prompt, item.response) for item in items]
 
     async def _score_with(
-        self, model: RewardModel, items: Sequence[ScoreInput]
+        self, model: RewardModel, items: Sequence[ScoreInput], owner: str
     ) -> list[ModelOutput]:
         loop = asyncio.get_running_loop()
         try:
@@ -144,7 +148,7 @@ class RewardEngine:
             log.exception("model %s failed to prepare inputs", model.name)
             raise ModelFailure(f"model {model.name!r} could not tokenise the input") from exc
         batcher = self._batchers[model.name]
-        futures = [batcher.submit(p, p.length, len(p.rows), p.tokens) for p in prepared]
+        futures = [batcher.submit(p, p.length, len(p.rows), p.tokens, owner) for p in prepared]
         self._metrics.queue_depth.labels(model.name).set(batcher.depth)
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
         self._metrics.queue_depth.labels(model.name).set(batcher.depth)
@@ -154,25 +158,50 @@ class RewardEngine:
                 raise ModelFailure(f"model {model.name!r} failed on this batch") from outcome
         return outcomes  # type: ignore[return-value]
 
-    async def score(
-        self, items: Sequence[ScoreInput], mode: CombineMode | None = None
-    ) -> list[ScoredItem]:
-        """Score every item with every model and combine; results are in input order."""
+    def _admit(self, trainer: str, count: int) -> None:
+        """Bounded queue (503) and per-trainer limit (429), checked before any work."""
         if not self._accepting:
             raise NotReady("the service is not accepting work")
-        limit = self._config.batching.max_queue_items
-        if self._in_flight + len(items) > limit:
-            self._metrics.rejected.labels("queue_full").inc(len(items))
-            raise Overloaded(f"queue full ({self._in_flight} items in flight, limit {limit})")
-        self._in_flight += len(items)
-        self._metrics.in_flight.set(self._in_flight)
-        try:
-            per_model = await asyncio.gather(
-                *(self._score_with(m, items) for m in self._models), return_exceptions=True
+        mine = self._in_flight_by_trainer.get(trainer, 0)
+        per_trainer = self._config.limits.max_items_in_flight_per_trainer
+        if mine + count > per_trainer:
+            self._metrics.trainer_rejected.labels(trainer, "trainer_limit").inc(count)
+            raise TooManyRequests(
+                f"trainer {trainer!r} has {mine} items in flight (limit {per_trainer})"
             )
+        limit = self._config.batching.max_queue_items
+        if self._in_flight + count > limit:
+            self._metrics.rejected.labels("queue_full").inc(count)
+            self._metrics.trainer_rejected.labels(trainer, "queue_full").inc(count)
+            raise Overloaded(f"queue full ({self._in_flight} items in flight, limit {limit})")
+        self._track(trainer, count)
+        self._metrics.trainer_items.labels(trainer).inc(count)
+
+    def _track(self, trainer: str, delta: int) -> None:
+        self._in_flight += delta
+        self._in_flight_by_trainer[trainer] = self._in_flight_by_trainer.get(trainer, 0) + delta
+        self._metrics.in_flight.set(self._in_flight)
+        self._metrics.trainer_in_flight.labels(trainer).set(self._in_flight_by_trainer[trainer])
+
+    async def score(
+        self,
+        items: Sequence[ScoreInput],
+        mode: CombineMode | None = None,
+        trainer: str = "anonymous",
+    ) -> list[ScoredItem]:
+        """Score every item with every model and combine; results are in input order."""
+        self._admit(trainer, len(items))
+        try:
+            return await self._score_admitted(items, mode, trainer)
         finally:
-            self._in_flight -= len(items)
-            self._metrics.in_flight.set(self._in_flight)
+            self._track(trainer, -len(items))
+
+    async def _score_admitted(
+        self, items: Sequence[ScoreInput], mode: CombineMode | None, owner: str
+    ) -> list[ScoredItem]:
+        per_model = await asyncio.gather(
+            *(self._score_with(m, items, owner) for m in self._models), return_exceptions=True
+        )
         outputs_by_model: list[list[ModelOutput]] = []
         for outputs in per_model:
             if isinstance(outputs, BaseException):

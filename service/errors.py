@@ -43,6 +43,24 @@ class Overloaded(AlarmError):
         self.retry_after_s = retry_after_s
 
 
+class Unauthorized(AlarmError):
+    """A scoring route was called without a valid API key."""
+
+    error_type = "unauthorized"
+    http_status = 401
+
+
+class TooManyRequests(AlarmError):
+    """This trainer is over its own limit; other trainers are unaffected."""
+
+    error_type = "too_many_requests"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class NotReady(AlarmError):
     """Models are still loading or the service is shutting down."""
 

@@ -97,6 +97,31 @@ class ServiceMetrics:
             registry=registry,
         )
 
+        self.trainer_items = Counter(
+            "alarm_trainer_items_total",
+            "Items admitted, by trainer",
+            ["trainer"],
+            registry=registry,
+        )
+        self.trainer_rejected = Counter(
+            "alarm_trainer_rejected_items_total",
+            "Items refused, by trainer and reason",
+            ["trainer", "reason"],
+            registry=registry,
+        )
+        self.trainer_in_flight = Gauge(
+            "alarm_trainer_in_flight_items",
+            "Admitted items not yet answered, by trainer",
+            ["trainer"],
+            registry=registry,
+        )
+
+    def register_trainers(self, trainers: list[str]) -> None:
+        """Show every configured trainer at zero; no other label values are ever created."""
+        for trainer in trainers:
+            self.trainer_items.labels(trainer)
+            self.trainer_in_flight.labels(trainer)
+
     def observe_batch(self, model: str, stats: BatchStats) -> None:
         self.batch_size.labels(model).observe(stats.size)
         self.batch_tokens.labels(model).observe(stats.padded_tokens)

@@ -49,10 +49,14 @@ def wait_ready(process: subprocess.Popen, base_url: str, timeout_s: float) -> No
 
 
 @contextmanager
-def running_server(config: Path, cache_dir: Path, timeout_s: float = 120) -> Iterator[str]:
+def running_server(
+    config: Path, cache_dir: Path, timeout_s: float = 120, env: dict[str, str] | None = None
+) -> Iterator[str]:
     """Yield the base URL of a ready server; SIGTERM it afterwards."""
     port = free_port()
-    process = start(["--config", str(config), "--port", str(port), "--cache-dir", str(cache_dir)])
+    process = start(
+        ["--config", str(config), "--port", str(port), "--cache-dir", str(cache_dir)], env
+    )
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(process, base_url, timeout_s)

@@ -147,3 +147,29 @@ def test_form_batches_cuts_before_padding_efficiency_drops_below_the_floor():
         assert real >= 0.85 * len(batch) * max(i.length for i in batch)
     # Without the floor, the same items share one batch.
     assert len(form_batches(items, BatchLimits(10_000, 64, 0))) == 1
+
+
+async def test_a_flooding_owner_delays_another_owner_by_at_most_one_round():
+    executed: list[str] = []
+
+    async def slow_model(payloads):
+        executed.extend(payloads)
+        await asyncio.sleep(0.001)
+        return payloads
+
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=8, max_wait_s=0.001)
+    batcher = MicroBatcher(slow_model, limits)
+    batcher.start()
+    try:
+        flood = [batcher.submit("big", length=4, owner="big") for _ in range(1000)]
+        await asyncio.sleep(0)  # the flood is queued first
+        small = batcher.submit("small", length=4, owner="small")
+        await small
+        done_when_small_finished = sum(f.done() for f in flood)
+        await asyncio.gather(*flood)
+    finally:
+        await batcher.stop()
+    round_size = MicroBatcher.ROUND_BATCHES * limits.max_batch_size
+    # The round already running when it arrived, then the next one: not after 1000 items.
+    assert executed.index("small") < 2 * round_size
+    assert done_when_small_finished <= 2 * round_size

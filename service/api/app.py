@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from service.api import openrlhf, routes
 from service.api.errors import install_error_handlers
 from service.api.middleware import RequestContextMiddleware
+from service.auth import Authenticator
 from service.config import RewardConfig, ServiceSettings
 from service.engine import RewardEngine
 from service.metrics import ServiceMetrics
@@ -28,6 +29,7 @@ class AppState:
     settings: ServiceSettings
     config: RewardConfig
     metrics: ServiceMetrics
+    auth: Authenticator
     engine: RewardEngine | None = None
     load_error: str | None = None
     loader: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -55,7 +57,10 @@ def create_app(
 ) -> FastAPI:
     """Build the app. Models load in the background: /healthz answers at once, /readyz
     once every model is loaded and warm. `on_fatal` is called if loading fails."""
-    state = AppState(settings, config, ServiceMetrics(registry or CollectorRegistry()))
+    auth = Authenticator.from_settings(settings)  # ConfigError here stops the start-up
+    metrics = ServiceMetrics(registry or CollectorRegistry())
+    metrics.register_trainers(auth.trainers)
+    state = AppState(settings, config, metrics, auth)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -55,6 +55,7 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.message,
             _request_id(request),
             retry_after_s=exc.retry_after_s,
+            headers={"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None,
         )
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:

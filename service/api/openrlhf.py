@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
-from service.api.routes import ERROR_RESPONSES, check_limits, engine_of, state_of
+from service.api.routes import ERROR_RESPONSES, check_limits, engine_of, state_of, trainer_of
 from service.engine import ScoreInput
 from service.errors import InvalidRequest
 from service.schemas import OpenRLHFRequest, OpenRLHFResponse
@@ -39,7 +39,9 @@ def split_queries(body: OpenRLHFRequest, separator: str | None) -> list[ScoreInp
 
 
 @router.post("/get_reward", response_model=OpenRLHFResponse, responses=ERROR_RESPONSES)
-async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFResponse:
+async def get_reward(
+    body: OpenRLHFRequest, request: Request, trainer: str = Depends(trainer_of)
+) -> OpenRLHFResponse:
     """OpenRLHF-compatible scoring: point `--remote_rm_url` at `http://HOST:PORT/get_reward`.
 
     Each query is a full text; its prompt is the matching `prompts` entry (a prefix of the
@@ -49,7 +51,7 @@ async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFRespons
     config = state_of(request).config
     items = split_queries(body, config.openrlhf.response_separator)
     check_limits(items, config.limits)
-    scored = await engine.score(items, config.combination.mode) if items else []
+    scored = await engine.score(items, config.combination.mode, trainer) if items else []
     rewards = [s.combined.reward for s in scored]
     logs: dict[str, list[float]] = {
         "holistic": [s.combined.holistic_normalized for s in scored],

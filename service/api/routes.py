@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.combine import CombineMode
@@ -29,9 +29,14 @@ from service.schemas import (
 
 router = APIRouter()
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
     413: {"model": ErrorResponse, "description": "Too many items or a text too long."},
     422: {"model": ErrorResponse, "description": "Malformed or invalid request."},
     500: {"model": ErrorResponse, "description": "A model failed on this request's batch."},
+    429: {
+        "model": ErrorResponse,
+        "description": "This trainer is over its limit; see Retry-After.",
+    },
     503: {"model": ErrorResponse, "description": "Overloaded or not ready; see Retry-After."},
 }
 
@@ -47,6 +52,11 @@ def engine_of(request: Request) -> RewardEngine:
             raise NotReady(f"model loading failed: {state.load_error}", retry_after_s=30)
         raise NotReady("models are still loading")
     return state.engine
+
+
+def trainer_of(request: Request) -> str:
+    """The calling trainer, from its `Authorization: Bearer <key>` header (401 otherwise)."""
+    return str(state_of(request).auth.trainer_for(request.headers.get("authorization")))
 
 
 def check_limits(items: Sequence[ScoreInput], limits: LimitsConfig) -> None:
@@ -89,7 +99,9 @@ def _to_result(item: RewardItem, scored: ScoredItem) -> RewardResult:
 
 
 @router.post("/v1/rewards", response_model=RewardResponse, responses=ERROR_RESPONSES)
-async def score_rewards(body: RewardRequest, request: Request) -> RewardResponse:
+async def score_rewards(
+    body: RewardRequest, request: Request, trainer: str = Depends(trainer_of)
+) -> RewardResponse:
     """Score (prompt, response) items with ALaRM hierarchical rewards.
 
     One result per item, in order. `dense` holds the per-position rewards keyed to
@@ -101,15 +113,19 @@ async def score_rewards(body: RewardRequest, request: Request) -> RewardResponse
     items = [ScoreInput(i.prompt, i.response) for i in body.items]
     check_limits(items, config.limits)
     mode = body.mode or config.combination.mode
-    scored = await engine.score(items, mode)
+    scored = await engine.score(items, mode, trainer)
     return RewardResponse(
         results=[_to_result(item, s) for item, s in zip(body.items, scored, strict=True)],
         reward_definition=engine.reward_definition(mode),
     )
 
 
-@router.get("/v1/models", response_model=ModelsResponse, responses={503: ERROR_RESPONSES[503]})
-async def list_models(request: Request) -> ModelsResponse:
+@router.get(
+    "/v1/models",
+    response_model=ModelsResponse,
+    responses={401: ERROR_RESPONSES[401], 503: ERROR_RESPONSES[503]},
+)
+async def list_models(request: Request, _: str = Depends(trainer_of)) -> ModelsResponse:
     """The loaded models, their devices, the combination parameters and request limits."""
     engine = engine_of(request)
     config = state_of(request).config
@@ -137,7 +153,9 @@ async def readyz(request: Request) -> HealthResponse:
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics (prefix `alarm_`)."""
+    """Prometheus metrics (prefix `alarm_`); needs an API key if so configured."""
+    if state_of(request).settings.metrics_require_auth:
+        trainer_of(request)
     return Response(
         generate_latest(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
     )

@@ -1,0 +1,118 @@
+"""Several trainers on one server: API keys, per-trainer limits, fairness, labelled metrics."""
+
+import asyncio
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import tiny_config_dict
+from tests.server_process import running_server
+
+KEYS = {"big": "key-for-big-0123456789", "small": "key-for-small-0123456789"}
+PROMPT = "question: Who wrote Hamlet? context: Hamlet is a tragedy by William Shakespeare."
+ITEM = {"prompt": PROMPT, "response": "William Shakespeare wrote it. It is a tragedy."}
+
+
+def auth(trainer: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[trainer]}"}
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_paths, tmp_path_factory):
+    config = tiny_config_dict(
+        tiny_paths,
+        limits={"max_items_per_request": 64, "max_items_in_flight_per_trainer": 512},
+        batching={"max_batch_size": 8, "max_wait_ms": 2},
+    )
+    folder = tmp_path_factory.mktemp("trainers")
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    keys = ",".join(f"{name}:{key}" for name, key in KEYS.items())
+    with running_server(folder / "config.yaml", folder, env={"ALARM_API_KEYS": keys}) as url:
+        yield url
+
+
+def metric(base_url: str, prefix: str) -> float:
+    lines = httpx.get(f"{base_url}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(prefix))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEYS['big']}"}],
+    ids=["missing", "wrong", "not-bearer"],
+)
+@pytest.mark.parametrize("path", ["/v1/rewards", "/get_reward", "/v1/models"])
+def test_scoring_routes_refuse_a_missing_or_wrong_key(server_url, headers, path):
+    body = {"items": [ITEM]} if path == "/v1/rewards" else {"query": ["x"], "prompts": [""]}
+    if path == "/v1/models":
+        reply = httpx.get(f"{server_url}{path}", headers=headers)
+    else:
+        reply = httpx.post(f"{server_url}{path}", json=body, headers=headers)
+    assert reply.status_code == 401, reply.text
+    assert reply.json()["error"]["type"] == "unauthorized"
+    assert reply.headers["www-authenticate"] == "Bearer"
+
+
+def test_a_valid_key_scores_and_health_stays_open(server_url):
+    reply = httpx.post(f"{server_url}/v1/rewards", json={"items": [ITEM]}, headers=auth("small"))
+    assert reply.status_code == 200, reply.text
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert httpx.get(f"{server_url}{path}").status_code == 200
+
+
+def test_metrics_are_labelled_by_configured_trainers_only(server_url):
+    httpx.post(f"{server_url}/v1/rewards", json={"items": [ITEM] * 3}, headers=auth("small"))
+    text = httpx.get(f"{server_url}/metrics").text
+    assert metric(server_url, 'alarm_trainer_items_total{trainer="small"}') >= 3
+    labels = {
+        line.split('trainer="')[1].split('"')[0]
+        for line in text.splitlines()
+        if 'trainer="' in line and not line.startswith("#")
+    }
+    assert labels == {"big", "small"}
+    assert all(key not in text for key in KEYS.values())
+
+
+def test_a_trainer_over_its_limit_gets_429_while_another_is_served(server_url):
+    async def run():
+        async with httpx.AsyncClient(base_url=server_url, timeout=120) as client:
+            flood = [
+                client.post("/v1/rewards", json={"items": [ITEM] * 64}, headers=auth("big"))
+                for _ in range(12)  # 768 items against a per-trainer limit of 512
+            ]
+            small = client.post("/v1/rewards", json={"items": [ITEM]}, headers=auth("small"))
+            return await asyncio.gather(*flood), await small
+
+    flood, small = asyncio.run(run())
+    statuses = [r.status_code for r in flood]
+    assert 429 in statuses and 200 in statuses
+    refused = next(r for r in flood if r.status_code == 429)
+    assert refused.json()["error"]["type"] == "too_many_requests"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert small.status_code == 200
+
+
+def test_a_small_trainer_is_not_starved_by_a_flooding_one(server_url):
+    """While `big` has 512 items queued, `small`'s item is answered within a round or two,
+    long before `big`'s backlog drains."""
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server_url, timeout=300) as client:
+            flood = [
+                asyncio.create_task(
+                    client.post("/v1/rewards", json={"items": [ITEM] * 64}, headers=auth("big"))
+                )
+                for _ in range(8)
+            ]
+            while metric(server_url, 'alarm_trainer_in_flight_items{trainer="big"}') < 512:
+                await asyncio.sleep(0.01)
+            reply = await client.post("/v1/rewards", json={"items": [ITEM]}, headers=auth("small"))
+            big_left = metric(server_url, 'alarm_trainer_in_flight_items{trainer="big"}')
+            replies = await asyncio.gather(*flood)
+            return reply, big_left, replies
+
+    reply, big_left, replies = asyncio.run(run())
+    assert reply.status_code == 200
+    assert all(r.status_code == 200 for r in replies)
+    assert big_left >= 256, f"small waited until big had only {big_left} of 512 items left"
