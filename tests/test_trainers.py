@@ -116,3 +116,13 @@ def test_a_small_trainer_is_not_starved_by_a_flooding_one(server_url):
     assert reply.status_code == 200
     assert all(r.status_code == 200 for r in replies)
     assert big_left >= 256, f"small waited until big had only {big_left} of 512 items left"
+
+
+def test_the_client_sends_its_api_key(server_url):
+    from trainer_client import RewardClient, Unauthorized
+
+    with RewardClient(server_url, api_key=KEYS["small"]) as client:
+        assert len(client.rewards([(PROMPT, "Shakespeare.")])) == 1
+    with RewardClient(server_url, api_key="nope") as client, pytest.raises(Unauthorized) as info:
+        client.rewards([(PROMPT, "Shakespeare.")])
+    assert info.value.status == 401

@@ -18,6 +18,7 @@ from trainer_client._errors import (
     RewardClientError,
     ServerError,
     ServerUnavailable,
+    Unauthorized,
 )
 from trainer_client._types import (
     AspectReward,
@@ -50,6 +51,7 @@ __all__ = [
     "ServerError",
     "ServerUnavailable",
     "Timeouts",
+    "Unauthorized",
     "align_rewards",
     "align_rewards_batch",
     "align_to_offsets",

@@ -27,6 +27,14 @@ from trainer_client._protocol import (
 from trainer_client._types import RetryPolicy, RewardBatch, RewardReply, Timeouts
 
 
+def _with_key(headers: dict[str, str] | None, api_key: str | None) -> dict[str, str]:
+    """The server maps each API key to a trainer name (fairness, limits, metrics)."""
+    merged = dict(headers or {})
+    if api_key:
+        merged["Authorization"] = f"Bearer {api_key}"
+    return merged
+
+
 class _ClientBase:
     def __init__(
         self,
@@ -94,6 +102,7 @@ class AsyncRewardClient(_ClientBase):
         max_concurrency: int = 8,
         mode: str | None = None,
         headers: dict[str, str] | None = None,
+        api_key: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         seed: int | None = None,
     ) -> None:
@@ -107,7 +116,9 @@ class AsyncRewardClient(_ClientBase):
             seed=seed,
         )
         limits = httpx.Limits(max_connections=max_concurrency * len(self.base_urls))
-        self._http = httpx.AsyncClient(headers=headers, transport=transport, limits=limits)
+        self._http = httpx.AsyncClient(
+            headers=_with_key(headers, api_key), transport=transport, limits=limits
+        )
 
     async def __aenter__(self) -> AsyncRewardClient:
         return self
@@ -207,6 +218,7 @@ class RewardClient(_ClientBase):
         max_concurrency: int = 8,
         mode: str | None = None,
         headers: dict[str, str] | None = None,
+        api_key: str | None = None,
         transport: httpx.BaseTransport | None = None,
         seed: int | None = None,
     ) -> None:
@@ -220,7 +232,9 @@ class RewardClient(_ClientBase):
             seed=seed,
         )
         limits = httpx.Limits(max_connections=max_concurrency * len(self.base_urls))
-        self._http = httpx.Client(headers=headers, transport=transport, limits=limits)
+        self._http = httpx.Client(
+            headers=_with_key(headers, api_key), transport=transport, limits=limits
+        )
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="reward")
 
     def __enter__(self) -> RewardClient:

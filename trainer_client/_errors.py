@@ -3,6 +3,7 @@ client cannot return every reward of a call, it raises one of these.
 
     RewardClientError
     ├── InvalidRequest        the server refused the input (4xx other than 429); not retried
+    │   └── Unauthorized      401: missing or wrong API key
     ├── ServerError           the server failed (5xx other than 503, e.g. a model failure)
     ├── ProtocolError         the reply is malformed, misordered or from mixed definitions
     └── ServerUnavailable     no replica answered in time (connection errors, 503 storms)
@@ -23,6 +24,10 @@ class RewardClientError(Exception):
 
 
 class InvalidRequest(RewardClientError):
+    pass
+
+
+class Unauthorized(InvalidRequest):
     pass
 
 

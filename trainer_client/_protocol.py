@@ -23,6 +23,7 @@ from trainer_client._errors import (
     RewardClientError,
     ServerError,
     ServerUnavailable,
+    Unauthorized,
 )
 from trainer_client._types import RetryPolicy, RewardReply, RewardResult
 
@@ -94,6 +95,8 @@ def check_status(response: httpx.Response) -> None:
     if status in (429, 503):
         error_type = Overloaded if status == 429 or "overloaded" in str(body) else ServerUnavailable
         raise RetryableReply(error_type(text, status=status, body=body), _retry_after(response))
+    if status == 401:
+        raise Unauthorized(text, status=status, body=body)
     if 400 <= status < 500:
         raise InvalidRequest(text, status=status, body=body)
     raise ServerError(text, status=status, body=body)

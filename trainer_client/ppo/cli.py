@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from trainer_client.ppo.trainer import PPOConfig, PPOTrainer
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alarm-ppo", description=__doc__)
     parser.add_argument("--server", action="append", required=True, help="base URL (repeatable)")
+    parser.add_argument(
+        "--api-key", default=os.environ.get("ALARM_API_KEY"), help="(env ALARM_API_KEY)"
+    )
     parser.add_argument("--policy", required=True, help="causal LM folder or hub id")
     parser.add_argument("--prompts", type=Path, required=True, help=".jsonl (prompt) or .txt")
     parser.add_argument("--out", type=Path, default=Path("runs/ppo"))
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     tokenizer = AutoTokenizer.from_pretrained(args.policy)
     lm = AutoModelForCausalLM.from_pretrained(args.policy)
-    with RewardClient(args.server) as client:
+    with RewardClient(args.server, api_key=args.api_key) as client:
         client.wait_until_ready()
         trainer = PPOTrainer(lm, tokenizer, client, config, device)
         history = train(
