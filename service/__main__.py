@@ -60,6 +60,52 @@ def _serve(settings: ServiceSettings) -> int:
     return 0
 
 
+def _select_aspects(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from prometheus_client import CollectorRegistry
+
+    from service.aspect_selection import ResponsePair, measure_consistency
+    from service.engine import RewardEngine
+    from service.metrics import ServiceMetrics
+    from service.models import load_models
+    from service.selection import select
+    from service.selection_report import write_report
+
+    config = load_reward_config(args.config)
+    settings = ServiceSettings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    try:
+        rows = [json.loads(line) for line in args.pairs.read_text().splitlines() if line.strip()]
+        pairs = [ResponsePair(r["prompt"], r["response_1"], r["response_2"]) for r in rows]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{args.pairs}: expected JSON lines with prompt, response_1, response_2 ({exc})"
+        ) from exc
+
+    async def measure() -> Any:
+        models = load_models(config, settings.cache_dir)
+        engine = RewardEngine(models, config, ServiceMetrics(CollectorRegistry()))
+        await engine.start()
+        try:
+            return await measure_consistency(engine, config, pairs)
+        finally:
+            await engine.stop()
+
+    report = asyncio.run(measure())
+    selected = select(report, args.top_k, args.max_inconsistency)
+    paths = write_report(report, selected, config, args.out)
+    print(f"{report.pairs} pairs, holistic ties {report.holistic_ties}")
+    print(f"{'aspect':20s} {'inconsistency':>13s} {'win rate 1>2':>12s} {'pairs':>6s}  verdict")
+    for a in sorted(report.aspects, key=lambda a: (a.inconsistency is None, a.inconsistency)):
+        incons = "n/a" if a.inconsistency is None else f"{100 * a.inconsistency:.1f}%"
+        win = "n/a" if a.win_rate is None else f"{100 * a.win_rate:.1f}%"
+        verdict = "kept" if a.name in selected else "dropped"
+        print(f"{a.name:20s} {incons:>13s} {win:>12s} {a.pairs_counted:6d}  {verdict}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alarm-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -71,9 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--cache-dir", type=Path, help="prepared-model cache (env ALARM_CACHE_DIR)")
     spec = commands.add_parser("openapi", help="print or check the OpenAPI contract")
     spec.add_argument("--out", type=Path, help="write to this file instead of stdout")
+    choose = commands.add_parser(
+        "select-aspects", help="keep the aspects most consistent with the holistic reward"
+    )
+    choose.add_argument("--pairs", type=Path, required=True, help="JSONL: prompt, response_1/2")
+    choose.add_argument("--config", type=Path, help="YAML reward definition (default: embedded)")
+    choose.add_argument("--out", type=Path, default=Path("aspect-selection"))
+    choose.add_argument("--cache-dir", type=Path, help="prepared-model cache")
+    group = choose.add_mutually_exclusive_group()
+    group.add_argument("--top-k", type=int, help="keep the k most consistent aspects")
+    group.add_argument("--max-inconsistency", type=float, help="keep all at or under this")
     args = parser.parse_args(argv)
 
     try:
+        if args.command == "select-aspects":
+            return _select_aspects(args)
         if args.command == "openapi":
             text = render_openapi()
             if args.out:

@@ -4,6 +4,8 @@ It knows nothing about models: items carry an opaque payload, a length (tokens o
 longest row) and a row count. Pending items are flushed when the oldest has waited
 `max_wait_s`, or when they would fill a batch; a flush sorts them by length and cuts them
 into batches whose padded size (rows x longest length) stays under `max_batch_tokens`.
+Items whose caller went away (cancelled future) or whose deadline passed are dropped before
+they reach `run_batch`; the latter fail with `DeadlineExceeded`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
+
+from service.errors import DeadlineExceeded
 
 P = TypeVar("P")
 R = TypeVar("R")
+DropReason = Literal["deadline", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class WorkItem(Generic[P]):
     tokens: int  # real (unpadded) tokens over all rows
     future: asyncio.Future = field(compare=False)
     enqueued_at: float = field(compare=False)
+    deadline: float | None = field(default=None, compare=False)  # time.monotonic(); None: never
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,8 @@ class BatchStats:
     padded_tokens: int
     queue_wait_s: tuple[float, ...]
     run_s: float
-    failed: bool
+    failed: bool  # the whole batch raised
+    failed_items: int = 0  # items for which `run_batch` returned an exception
 
 
 class BatchSizeMismatch(RuntimeError):
@@ -90,19 +97,24 @@ class MicroBatcher(Generic[P, R]):
     `ROUND_BATCHES` batches' worth of items, one item per owner in turn, oldest first within
     an owner; so an owner that floods the queue delays another owner's item by at most one
     round, never by its whole backlog.
+
+    `run_batch` may return an exception in place of an item's result: it fails only that
+    item. Dropped items (deadline passed, caller gone) are reported to `on_dropped`.
     """
 
     ROUND_BATCHES = 4
 
     def __init__(
         self,
-        run_batch: Callable[[list[P]], Awaitable[Sequence[R]]],
+        run_batch: Callable[[list[P]], Awaitable[Sequence[R | BaseException]]],
         limits: BatchLimits,
         on_batch: Callable[[BatchStats], None] | None = None,
+        on_dropped: Callable[[DropReason, int], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._limits = limits
         self._on_batch = on_batch
+        self._on_dropped = on_dropped
         self._pending: dict[str, deque[WorkItem[P]]] = {}
         self._pending_count = 0
         self._pending_rows = 0
@@ -133,11 +145,18 @@ class MicroBatcher(Generic[P, R]):
         self._pending_count = 0
 
     def submit(
-        self, payload: P, length: int, rows: int = 1, tokens: int | None = None, owner: str = ""
+        self,
+        payload: P,
+        length: int,
+        rows: int = 1,
+        tokens: int | None = None,
+        owner: str = "",
+        deadline: float | None = None,
     ) -> asyncio.Future[R]:
+        """Queue one item; `deadline` is on the `time.monotonic()` clock (None: no deadline)."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         real_tokens = length * rows if tokens is None else tokens
-        item = WorkItem(payload, length, rows, real_tokens, future, time.monotonic())
+        item = WorkItem(payload, length, rows, real_tokens, future, time.monotonic(), deadline)
         self._pending.setdefault(owner, deque()).append(item)
         self._pending_count += 1
         self._pending_rows += rows
@@ -185,18 +204,47 @@ class MicroBatcher(Generic[P, R]):
         self._pending_max_length = max((item.length for item in remaining), default=0)
         return taken
 
+    def _drop_dead(self, items: list[WorkItem[P]]) -> list[WorkItem[P]]:
+        """The items still worth a forward; the others are dropped and reported."""
+        now = time.monotonic()
+        live: list[WorkItem[P]] = []
+        dropped: dict[DropReason, int] = {"deadline": 0, "cancelled": 0}
+        for item in items:
+            if item.future.cancelled():
+                dropped["cancelled"] += 1
+            elif item.future.done():
+                continue
+            elif item.deadline is not None and now >= item.deadline:
+                dropped["deadline"] += 1
+                waited_ms = 1000 * (now - item.enqueued_at)
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        f"the request's deadline passed after {waited_ms:.0f} ms in the queue; "
+                        "its items were dropped before scoring"
+                    )
+                )
+            else:
+                live.append(item)
+        if self._on_dropped is not None:
+            for reason, count in dropped.items():
+                if count:
+                    self._on_dropped(reason, count)
+        return live
+
     async def _loop(self) -> None:
         while True:
             await self._wait_for_batch()
-            for batch in form_batches(self._take_round(), self._limits):
+            for batch in form_batches(self._drop_dead(self._take_round()), self._limits):
                 await self._execute(batch)
 
     async def _execute(self, batch: list[WorkItem[P]]) -> None:
-        live = [item for item in batch if not item.future.done()]  # skip cancelled callers
+        # Checked again here: earlier batches of the round may have taken a while.
+        live = self._drop_dead(batch)
         if not live:
             return
         started = time.monotonic()
         failed = False
+        failed_items = 0
         try:
             results = await self._run_batch([item.payload for item in live])
             if len(results) != len(live):
@@ -208,7 +256,12 @@ class MicroBatcher(Generic[P, R]):
                     item.future.set_exception(exc)
         else:
             for item, result in zip(live, results, strict=True):
-                if not item.future.done():
+                if item.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    failed_items += 1
+                    item.future.set_exception(result)
+                else:
                     item.future.set_result(result)
         if self._on_batch is not None:
             self._on_batch(
@@ -220,5 +273,6 @@ class MicroBatcher(Generic[P, R]):
                     queue_wait_s=tuple(started - i.enqueued_at for i in live),
                     run_s=time.monotonic() - started,
                     failed=failed,
+                    failed_items=failed_items,
                 )
             )

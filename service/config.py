@@ -84,6 +84,9 @@ class _AspectShaping(_Strict):
     scale: float = 1.0
     shift: float = 0.0
     sigmoid: bool = True
+    # For aspect selection: which way is better, and how segments make one value per response.
+    direction: Literal["higher", "lower"] = "higher"
+    aggregate: Literal["sum", "mean"] = "mean"
 
 
 class _ScalarInput(_Strict):

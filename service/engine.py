@@ -2,6 +2,8 @@
 
 A request's items are tokenised off the event loop, submitted to every model's batcher at
 once (so all models of a request score concurrently), gathered, and combined per item.
+Work whose deadline has passed is dropped before tokenising and again before a forward; a
+batch that runs out of device memory is halved and retried (`run_halving_on_oom`).
 """
 
 from __future__ import annotations
@@ -11,20 +13,79 @@ import hashlib
 import json
 import logging
 import math
+import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from service.batching import BatchLimits, BatchStats, MicroBatcher
+from service.batching import BatchLimits, BatchStats, DropReason, MicroBatcher
 from service.combine import CombinedReward, CombineMode, combine_response
 from service.config import RewardConfig
-from service.errors import ModelFailure, NotReady, Overloaded, TooManyRequests
+from service.errors import (
+    AlarmError,
+    DeadlineExceeded,
+    ModelFailure,
+    NotReady,
+    Overloaded,
+    TooManyRequests,
+)
 from service.metrics import ServiceMetrics
 from service.models import AspectScore, HolisticScore, ModelOutput, Prepared, RewardModel
 
 HOST_DEVICE = "host"  # models without tensors run inline on the event loop
 log = logging.getLogger(__name__)
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError (a RuntimeError), or an older "CUDA out of memory" one.
+
+    Matched by name and message so that this module never has to import torch.
+    """
+    if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def release_cached_memory() -> None:
+    """Give the CUDA caching allocator's free blocks back before a retry, if torch is in use."""
+    torch: Any = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_halving_on_oom(
+    run: Callable[[Sequence[In]], Sequence[Out]],
+    batch: Sequence[In],
+    on_split: Callable[[], None],
+    model_name: str,
+) -> list[Out | ModelFailure]:
+    """`run(batch)`; on out-of-memory, halve the batch and retry each half, recursively.
+
+    Results stay in input order. A single item that still runs out of memory gets a
+    `ModelFailure` in place of its result; any other error fails the whole call.
+    """
+    try:
+        return list(run(batch))
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        reason = f"{type(exc).__name__}: {exc}"
+    # Retried outside the `except` block: the error's traceback holds the failed forward's
+    # tensors, which must be released before the cache is emptied and a half runs.
+    release_cached_memory()
+    if len(batch) <= 1:
+        log.error("model %s ran out of memory on a single item: %s", model_name, reason)
+        message = f"model {model_name!r} ran out of device memory on a single item"
+        return [ModelFailure(message) for _ in batch]
+    on_split()
+    half = len(batch) // 2
+    return run_halving_on_oom(run, batch[:half], on_split, model_name) + run_halving_on_oom(
+        run, batch[half:], on_split, model_name
+    )
 
 
 @dataclass(frozen=True)
@@ -62,7 +123,12 @@ class RewardEngine:
             for device in sorted({m.device for m in self._models} - {HOST_DEVICE})
         }
         self._batchers: dict[str, MicroBatcher[Prepared, ModelOutput]] = {
-            model.name: MicroBatcher(self._runner(model), limits, self._observer(model.name))
+            model.name: MicroBatcher(
+                self._runner(model),
+                limits,
+                self._observer(model.name),
+                self._drop_observer(model.name),
+            )
             for model in self._models
         }
         self._in_flight = 0
@@ -72,19 +138,27 @@ class RewardEngine:
     def _observer(self, name: str) -> Callable[[BatchStats], None]:
         return lambda stats: self._metrics.observe_batch(name, stats)
 
+    def _drop_observer(self, name: str) -> Callable[[DropReason, int], None]:
+        return lambda reason, count: self._metrics.observe_dropped(name, reason, count)
+
     def _runner(
         self, model: RewardModel
-    ) -> Callable[[list[Prepared]], Awaitable[list[ModelOutput]]]:
+    ) -> Callable[[list[Prepared]], Awaitable[Sequence[ModelOutput | BaseException]]]:
         if model.device == HOST_DEVICE:
 
-            async def run_inline(batch: list[Prepared]) -> list[ModelOutput]:
+            async def run_inline(batch: list[Prepared]) -> Sequence[ModelOutput | BaseException]:
                 return model.run(batch)
 
             return run_inline
         pool = self._device_pools[model.device]
+        splits = self._metrics.oom_splits.labels(model.name)
 
-        async def run_on_device(batch: list[Prepared]) -> list[ModelOutput]:
-            return await asyncio.get_running_loop().run_in_executor(pool, model.run, batch)
+        def run_splitting(batch: list[Prepared]) -> list[ModelOutput | ModelFailure]:
+            return run_halving_on_oom(model.run, batch, splits.inc, model.name)
+
+        async def run_on_device(batch: list[Prepared]) -> Sequence[ModelOutput | BaseException]:
+            # The halves run in the same device thread, so nothing else interleaves with them.
+            return await asyncio.get_running_loop().run_in_executor(pool, run_splitting, batch)
 
         return run_on_device
 
@@ -137,8 +211,15 @@ class RewardEngine:
         return [model.prepare(item.prompt, item.response) for item in items]
 
     async def _score_with(
-        self, model: RewardModel, items: Sequence[ScoreInput], owner: str
+        self,
+        model: RewardModel,
+        items: Sequence[ScoreInput],
+        owner: str,
+        deadline: float | None = None,
     ) -> list[ModelOutput]:
+        if deadline is not None and time.monotonic() >= deadline:
+            self._metrics.observe_dropped(model.name, "deadline", len(items))
+            raise DeadlineExceeded("the request's deadline passed before scoring started")
         loop = asyncio.get_running_loop()
         try:
             prepared = await loop.run_in_executor(
@@ -148,11 +229,15 @@ class RewardEngine:
             log.exception("model %s failed to prepare inputs", model.name)
             raise ModelFailure(f"model {model.name!r} could not tokenise the input") from exc
         batcher = self._batchers[model.name]
-        futures = [batcher.submit(p, p.length, len(p.rows), p.tokens, owner) for p in prepared]
+        futures = [
+            batcher.submit(p, p.length, len(p.rows), p.tokens, owner, deadline) for p in prepared
+        ]
         self._metrics.queue_depth.labels(model.name).set(batcher.depth)
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
         self._metrics.queue_depth.labels(model.name).set(batcher.depth)
         for outcome in outcomes:
+            if isinstance(outcome, AlarmError):  # a dropped deadline, or a failure with a reason
+                raise outcome
             if isinstance(outcome, BaseException):
                 log.error("model %s failed on a batch: %r", model.name, outcome)
                 raise ModelFailure(f"model {model.name!r} failed on this batch") from outcome
@@ -188,19 +273,29 @@ class RewardEngine:
         items: Sequence[ScoreInput],
         mode: CombineMode | None = None,
         trainer: str = "anonymous",
+        deadline: float | None = None,
     ) -> list[ScoredItem]:
-        """Score every item with every model and combine; results are in input order."""
+        """Score every item with every model and combine; results are in input order.
+
+        `deadline` is on the `time.monotonic()` clock: work that has not reached a model by
+        then is dropped and the call raises `DeadlineExceeded`.
+        """
         self._admit(trainer, len(items))
         try:
-            return await self._score_admitted(items, mode, trainer)
+            return await self._score_admitted(items, mode, trainer, deadline)
         finally:
             self._track(trainer, -len(items))
 
     async def _score_admitted(
-        self, items: Sequence[ScoreInput], mode: CombineMode | None, owner: str
+        self,
+        items: Sequence[ScoreInput],
+        mode: CombineMode | None,
+        owner: str,
+        deadline: float | None = None,
     ) -> list[ScoredItem]:
         per_model = await asyncio.gather(
-            *(self._score_with(m, items, owner) for m in self._models), return_exceptions=True
+            *(self._score_with(m, items, owner, deadline) for m in self._models),
+            return_exceptions=True,
         )
         outputs_by_model: list[list[ModelOutput]] = []
         for outputs in per_model:

@@ -79,5 +79,12 @@ class ModelFailure(AlarmError):
     http_status = 500
 
 
+class DeadlineExceeded(AlarmError):
+    """The request's deadline passed before its items reached a model; the work was dropped."""
+
+    error_type = "deadline_exceeded"
+    http_status = 504
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; raised at start-up, never while serving."""

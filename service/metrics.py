@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service.batching import BatchStats
+from service.batching import BatchStats, DropReason
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -96,6 +96,18 @@ class ServiceMetrics:
             ["reason"],
             registry=registry,
         )
+        self.dropped = Counter(
+            "alarm_dropped_items_total",
+            "Admitted items dropped before a model ran them: deadline passed, or caller gone",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.oom_splits = Counter(
+            "alarm_oom_splits_total",
+            "Batches halved and retried after the device ran out of memory",
+            ["model"],
+            registry=registry,
+        )
 
         self.trainer_items = Counter(
             "alarm_trainer_items_total",
@@ -131,7 +143,10 @@ class ServiceMetrics:
         wait = self.queue_wait_seconds.labels(model)
         for seconds in stats.queue_wait_s:
             wait.observe(seconds)
-        if stats.failed:
+        if stats.failed or stats.failed_items:
             self.batch_failures.labels(model).inc()
-        else:
-            self.items_scored.labels(model).inc(stats.size)
+        if not stats.failed:
+            self.items_scored.labels(model).inc(stats.size - stats.failed_items)
+
+    def observe_dropped(self, model: str, reason: DropReason, count: int) -> None:
+        self.dropped.labels(model, reason).inc(count)

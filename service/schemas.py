@@ -36,6 +36,17 @@ class RewardItem(_Wire):
 class RewardRequest(_Wire):
     items: list[RewardItem] = Field(min_length=1, description="Items to score, in order.")
     mode: CombineMode | None = Field(None, description="Combination mode; default from config.")
+    deadline_ms: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description=(
+            "The client's remaining budget in milliseconds, counted from when the server "
+            "receives the request. Work not yet scored when it runs out is dropped and the "
+            "request fails with 504 deadline_exceeded. Overrides the X-Request-Deadline-Ms "
+            "header."
+        ),
+    )
 
 
 class HolisticResult(_Wire):
@@ -136,3 +147,52 @@ class ErrorDetail(_Wire):
 
 class ErrorResponse(_Wire):
     error: ErrorDetail
+
+
+class ResponsePairIn(_Wire):
+    prompt: str
+    response_1: str = Field(description="E.g. the SFT policy's greedy output.")
+    response_2: str = Field(description="E.g. a sampled output for the same prompt.")
+
+    @field_validator("prompt", "response_1", "response_2")
+    @classmethod
+    def _encodable(cls, text: str) -> str:
+        return _require_valid_unicode(text)
+
+
+class ConsistencyRequest(_Wire):
+    pairs: list[ResponsePairIn] = Field(min_length=1, description="Two responses per prompt.")
+    max_inconsistency: float | None = Field(
+        None, ge=0, le=1, description="Select every aspect at or under this inconsistency."
+    )
+    top_k: int | None = Field(None, ge=1, description="Select the k most consistent aspects.")
+
+    @field_validator("max_inconsistency", "top_k", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: object) -> object:
+        # pydantic would read JSON true/false as 1/0; JSON Schema says they are not numbers.
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+
+class AspectConsistencyResult(_Wire):
+    name: str
+    direction: str = Field(description="higher or lower is better.")
+    inconsistency: float | None = Field(
+        description="Share of holistic-untied pairs where the aspect prefers the other response."
+    )
+    disagreements: int
+    pairs_counted: int = Field(description="Pairs the holistic reward does not tie.")
+    ties: int = Field(description="Counted pairs the aspect ties (consistent).")
+    win_rate: float | None = Field(description="How often it prefers response 1 (untied pairs).")
+    selected: bool
+
+
+class ConsistencyResponse(_Wire):
+    pairs: int
+    holistic_ties: int
+    holistic_win_rate: float | None
+    aspects: list[AspectConsistencyResult]
+    selected: list[str]
+    reward_definition: str

@@ -161,7 +161,11 @@ async def test_oversized_requests_get_413(tiny_paths, tmp_path):
 
 async def test_a_full_queue_answers_503_with_retry_after(tiny_paths, tmp_path):
     config = RewardConfig.model_validate(
-        tiny_config_dict(tiny_paths, batching={"max_queue_items": 4, "max_wait_ms": 50})
+        tiny_config_dict(
+            tiny_paths,
+            batching={"max_queue_items": 4, "max_wait_ms": 50},
+            limits={"max_items_per_request": 4},
+        )
     )
     async with asgi_client(config, tmp_path) as client:
         await wait_ready(client)
@@ -331,3 +335,36 @@ async def test_a_non_finite_score_is_a_model_failure_not_a_broken_reply(client, 
     body = {"items": [{"prompt": PROMPT, "response": ANSWER}]}
     error = assert_error(await client.post("/v1/rewards", json=body), 500, "model_failure")
     assert "non-finite" in error["message"]
+
+
+async def test_aspect_consistency_endpoint_matches_a_hand_computation(client):
+    pairs = [
+        {"prompt": PROMPT, "response_1": ANSWER, "response_2": "Marlowe."},
+        {"prompt": PROMPT, "response_1": "No.", "response_2": "It was Shakespeare, surely."},
+        {"prompt": PROMPT, "response_1": "Shakespeare.", "response_2": "Shakespeare."},
+    ]
+    reply = await client.post("/v1/aspects/consistency", json={"pairs": pairs})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    length = next(a for a in body["aspects"] if a["name"] == "length")
+
+    async def holistic(response):
+        scored = await client.post(
+            "/v1/rewards", json={"items": [{"prompt": PROMPT, "response": response}]}
+        )
+        return scored.json()["results"][0]["holistic"]["raw"]
+
+    counted = disagreements = 0
+    for pair in pairs:
+        h1, h2 = await holistic(pair["response_1"]), await holistic(pair["response_2"])
+        w1, w2 = len(pair["response_1"].split()), len(pair["response_2"].split())
+        if h1 == h2:
+            continue
+        counted += 1
+        if w1 != w2 and (w1 > w2) != (h1 > h2):
+            disagreements += 1
+    assert length["pairs_counted"] == counted == 2  # identical responses tie the holistic
+    assert length["inconsistency"] == pytest.approx(disagreements / counted)
+    assert body["pairs"] == 3 and body["holistic_ties"] == 1
+    assert len(body["selected"]) >= 1
+    assert body["reward_definition"].startswith("sha256:")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from service.api import openrlhf, routes
+from service.api import aspects, openrlhf, routes
 from service.api.errors import install_error_handlers
 from service.api.middleware import RequestContextMiddleware
 from service.auth import Authenticator
@@ -81,6 +81,7 @@ def create_app(
     app.state.alarm = state
     app.include_router(routes.router)
     app.include_router(openrlhf.router)
+    app.include_router(aspects.router)
     install_error_handlers(app)
     app.add_middleware(
         RequestContextMiddleware,

@@ -25,7 +25,12 @@ class RequestContextMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        # A fresh dict per request: some servers share one lifespan-state dict across requests.
+        scope["state"] = {
+            **(scope.get("state") or {}),
+            "request_id": request_id,
+            "received_at": time.monotonic(),  # request deadlines count from here
+        }
         started = time.perf_counter()
         status = 500
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import WithJsonSchema
 
 from service.combine import CombineMode
 from service.config import LimitsConfig
@@ -39,6 +41,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     503: {"model": ErrorResponse, "description": "Overloaded or not ready; see Retry-After."},
 }
+DEADLINE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    504: {
+        "model": ErrorResponse,
+        "description": "The request's deadline passed before it was scored; the work was dropped.",
+    },
+}
 
 
 def state_of(request: Request) -> Any:
@@ -57,6 +65,14 @@ def engine_of(request: Request) -> RewardEngine:
 def trainer_of(request: Request) -> str:
     """The calling trainer, from its `Authorization: Bearer <key>` header (401 otherwise)."""
     return str(state_of(request).auth.trainer_for(request.headers.get("authorization")))
+
+
+def deadline_of(request: Request, deadline_ms: float | None) -> float | None:
+    """The absolute `time.monotonic()` deadline of a budget counted from the request's arrival."""
+    if deadline_ms is None:
+        return None
+    received_at = getattr(request.state, "received_at", None)
+    return (time.monotonic() if received_at is None else received_at) + deadline_ms / 1000
 
 
 def check_limits(items: Sequence[ScoreInput], limits: LimitsConfig) -> None:
@@ -98,22 +114,44 @@ def _to_result(item: RewardItem, scored: ScoredItem) -> RewardResult:
     )
 
 
-@router.post("/v1/rewards", response_model=RewardResponse, responses=ERROR_RESPONSES)
+@router.post(
+    "/v1/rewards",
+    response_model=RewardResponse,
+    responses={**ERROR_RESPONSES, **DEADLINE_RESPONSE},
+)
 async def score_rewards(
-    body: RewardRequest, request: Request, trainer: str = Depends(trainer_of)
+    body: RewardRequest,
+    request: Request,
+    deadline_header_ms: Annotated[
+        float | None,
+        # Absent means no deadline; a header cannot carry a JSON null, so don't document one.
+        WithJsonSchema({"type": "number", "exclusiveMinimum": 0}),
+        Header(
+            alias="X-Request-Deadline-Ms",
+            gt=0,
+            allow_inf_nan=False,
+            description="Same as the body's `deadline_ms`, which wins when both are sent.",
+        ),
+    ] = None,
+    trainer: str = Depends(trainer_of),
 ) -> RewardResponse:
     """Score (prompt, response) items with ALaRM hierarchical rewards.
 
     One result per item, in order. `dense` holds the per-position rewards keyed to
     character end offsets of the response (the holistic term at `end == len(response)`);
     its sum is `reward`. `reward_definition` identifies the models and parameters used.
+
+    With a deadline (`deadline_ms` or the `X-Request-Deadline-Ms` header: milliseconds
+    from when the server receives the request), work that has not reached a model in time
+    is dropped and the request fails with 504 `deadline_exceeded`.
     """
     engine = engine_of(request)
     config = state_of(request).config
     items = [ScoreInput(i.prompt, i.response) for i in body.items]
     check_limits(items, config.limits)
     mode = body.mode or config.combination.mode
-    scored = await engine.score(items, mode, trainer)
+    deadline_ms = body.deadline_ms if body.deadline_ms is not None else deadline_header_ms
+    scored = await engine.score(items, mode, trainer, deadline_of(request, deadline_ms))
     return RewardResponse(
         results=[_to_result(item, s) for item, s in zip(body.items, scored, strict=True)],
         reward_definition=engine.reward_definition(mode),

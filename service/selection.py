@@ -1,0 +1,113 @@
+"""ALaRM's aspect selection by consistency with the holistic reward (ALARM.md section 3).
+
+Pure functions over scored pairs: no torch, no HTTP. For each pair of responses to one
+prompt, the holistic preference is sign(h1 - h2); an aspect's is the sign of the difference
+of its sequence-level values (flipped for lower-is-better aspects). An aspect's
+inconsistency is the share of pairs, among those the holistic reward does not tie, in which
+the aspect prefers the other response; pairs the aspect ties count as consistent.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Direction = Literal["higher", "lower"]
+Aggregate = Literal["sum", "mean"]
+
+
+@dataclass(frozen=True)
+class ScoredPair:
+    """Sequence-level values of one pair: holistic h and each aspect's value (None = none)."""
+
+    holistic: tuple[float | None, float | None]
+    aspects: Mapping[str, tuple[float | None, float | None]]
+
+
+@dataclass(frozen=True)
+class AspectConsistency:
+    name: str
+    direction: Direction
+    inconsistency: float | None  # None when the holistic reward tied every pair
+    disagreements: int
+    pairs_counted: int  # pairs where the holistic reward is not tied
+    ties: int  # counted pairs the aspect ties (consistent by definition)
+    win_rate: float | None  # share of the aspect's untied pairs where it prefers response 1
+
+
+@dataclass(frozen=True)
+class ConsistencyReport:
+    pairs: int
+    holistic_ties: int
+    holistic_win_rate: float | None
+    aspects: tuple[AspectConsistency, ...]
+
+
+def sequence_value(raws: Sequence[float | None], aggregate: Aggregate) -> float | None:
+    """One value per response from its scored segments (unscored ones are left out)."""
+    scored = [r for r in raws if r is not None]
+    if not scored:
+        return None
+    return sum(scored) if aggregate == "sum" else statistics.fmean(scored)
+
+
+def preference(first: float | None, second: float | None, direction: Direction = "higher") -> int:
+    """+1 prefers the first response, -1 the second, 0 a tie (or a missing value)."""
+    if first is None or second is None or first == second:
+        return 0
+    better_first = first > second if direction == "higher" else first < second
+    return 1 if better_first else -1
+
+
+def _win_rate(preferences: Sequence[int]) -> float | None:
+    decided = [p for p in preferences if p != 0]
+    return sum(1 for p in decided if p > 0) / len(decided) if decided else None
+
+
+def consistency(
+    pairs: Sequence[ScoredPair], directions: Mapping[str, Direction]
+) -> ConsistencyReport:
+    holistic = [preference(*p.holistic) for p in pairs]
+    results = []
+    for name, direction in directions.items():
+        aspect = [preference(*p.aspects[name], direction) for p in pairs]
+        counted = [(h, a) for h, a in zip(holistic, aspect, strict=True) if h != 0]
+        disagreements = sum(1 for h, a in counted if a == -h)
+        results.append(
+            AspectConsistency(
+                name=name,
+                direction=direction,
+                inconsistency=disagreements / len(counted) if counted else None,
+                disagreements=disagreements,
+                pairs_counted=len(counted),
+                ties=sum(1 for _, a in counted if a == 0),
+                win_rate=_win_rate(aspect),
+            )
+        )
+    return ConsistencyReport(
+        pairs=len(pairs),
+        holistic_ties=sum(1 for h in holistic if h == 0),
+        holistic_win_rate=_win_rate(holistic),
+        aspects=tuple(results),
+    )
+
+
+def select(
+    report: ConsistencyReport, top_k: int | None = None, max_inconsistency: float | None = None
+) -> list[str]:
+    """Aspects to keep: all under `max_inconsistency`, else the best `top_k`, else the
+    lowest inconsistency (ties kept together), as the paper kept one aspect per task."""
+    ranked = sorted(
+        (a for a in report.aspects if a.inconsistency is not None),
+        key=lambda a: (a.inconsistency, a.name),
+    )
+    if max_inconsistency is not None:
+        return [a.name for a in ranked if a.inconsistency <= max_inconsistency]  # type: ignore[operator]
+    if top_k is not None:
+        return [a.name for a in ranked[:top_k]]
+    if not ranked:
+        return []
+    best = ranked[0].inconsistency
+    return [a.name for a in ranked if a.inconsistency == best]

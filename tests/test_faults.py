@@ -1,0 +1,283 @@
+"""Faults and deadlines: expired work never reaches a model, out-of-memory batches are halved."""
+
+import asyncio
+import time
+
+import httpx
+import pytest
+import yaml
+
+from service.batching import BatchLimits, BatchStats, MicroBatcher
+from service.config import RewardConfig
+from service.engine import is_out_of_memory, run_halving_on_oom
+from service.errors import DeadlineExceeded, ModelFailure
+from tests.conftest import asgi_client, tiny_config_dict, wait_ready
+from tests.server_process import running_server
+
+PROMPT = "question: Who wrote Hamlet? context: Hamlet is a tragedy by William Shakespeare."
+ANSWER = "William Shakespeare wrote Hamlet. It is a tragedy. He wrote it around 1600."
+ITEM = {"prompt": PROMPT, "response": ANSWER}
+
+
+class RecordingModel:
+    def __init__(self, delay_s: float = 0.0):
+        self.seen: list[str] = []
+        self.delay_s = delay_s
+
+    async def __call__(self, payloads):
+        self.seen.extend(payloads)
+        await asyncio.sleep(self.delay_s)
+        return [f"scored:{p}" for p in payloads]
+
+
+class OutOfMemoryError(RuntimeError):
+    """Stands in for torch.cuda.OutOfMemoryError (same name and base) without a GPU."""
+
+
+# --- the batcher drops expired and abandoned work ------------------------------------------
+
+
+async def test_expired_items_never_reach_the_model_and_fail_with_deadline_exceeded():
+    model = RecordingModel()
+    dropped: list[tuple[str, int]] = []
+    batcher = MicroBatcher(
+        model, BatchLimits(1000, 8, max_wait_s=0.05), on_dropped=lambda *d: dropped.append(d)
+    )
+    batcher.start()
+    try:
+        now = time.monotonic()
+        late = batcher.submit("late", length=1, deadline=now + 0.001)  # expires while queued
+        in_time = batcher.submit("in-time", length=1, deadline=now + 60)
+        no_deadline = batcher.submit("no-deadline", length=1)
+        gone = batcher.submit("gone", length=1)
+        gone.cancel()
+        results = await asyncio.gather(late, in_time, no_deadline, return_exceptions=True)
+    finally:
+        await batcher.stop()
+    assert isinstance(results[0], DeadlineExceeded)
+    assert results[0].http_status == 504 and results[0].error_type == "deadline_exceeded"
+    assert results[1:] == ["scored:in-time", "scored:no-deadline"]
+    assert model.seen == ["in-time", "no-deadline"]
+    assert sorted(dropped) == [("cancelled", 1), ("deadline", 1)]
+
+
+async def test_an_item_that_expires_behind_an_earlier_batch_is_dropped_before_its_own():
+    model = RecordingModel(delay_s=0.1)
+    dropped: list[tuple[str, int]] = []
+    limits = BatchLimits(1000, max_batch_size=1, max_wait_s=0.001)
+    batcher = MicroBatcher(model, limits, on_dropped=lambda *d: dropped.append(d))
+    batcher.start()
+    try:
+        first = batcher.submit("first", length=1)
+        second = batcher.submit("second", length=1, deadline=time.monotonic() + 0.03)
+        results = await asyncio.gather(first, second, return_exceptions=True)
+    finally:
+        await batcher.stop()
+    assert results[0] == "scored:first"
+    assert isinstance(results[1], DeadlineExceeded)
+    assert model.seen == ["first"]
+    assert dropped == [("deadline", 1)]
+
+
+async def test_an_exception_returned_for_one_item_fails_only_that_item():
+    stats: list[BatchStats] = []
+
+    async def fails_odd(payloads):
+        return [ValueError(p) if p % 2 else p * 10 for p in payloads]
+
+    batcher = MicroBatcher(fails_odd, BatchLimits(1000, 8, 0.01), on_batch=stats.append)
+    batcher.start()
+    try:
+        results = await asyncio.gather(
+            *(batcher.submit(i, length=1) for i in range(4)), return_exceptions=True
+        )
+    finally:
+        await batcher.stop()
+    assert results[0] == 0 and results[2] == 20
+    assert isinstance(results[1], ValueError) and isinstance(results[3], ValueError)
+    assert [(s.size, s.failed, s.failed_items) for s in stats] == [(4, False, 2)]
+
+
+# --- the engine halves batches that run out of memory --------------------------------------
+
+
+class OutOfMemoryAbove:
+    """A fake model that runs out of memory on batches larger than `max_items`."""
+
+    def __init__(self, max_items: int, error: Exception):
+        self.max_items = max_items
+        self.error = error
+        self.batches: list[list[int]] = []
+
+    def __call__(self, batch):
+        if len(batch) > self.max_items:
+            raise self.error
+        self.batches.append(list(batch))
+        return [f"scored:{item}" for item in batch]
+
+
+@pytest.mark.parametrize(
+    ("size", "splits"),
+    [(1, 0), (2, 0), (3, 1), (5, 2), (8, 3), (9, 4)],
+)
+@pytest.mark.parametrize(
+    "error",
+    [OutOfMemoryError("CUDA error: 2 GiB requested"), RuntimeError("CUDA out of memory.")],
+    ids=["OutOfMemoryError", "RuntimeError-message"],
+)
+def test_an_out_of_memory_batch_is_halved_until_every_item_is_scored_in_order(size, splits, error):
+    model = OutOfMemoryAbove(2, error)
+    counted: list[None] = []
+    results = run_halving_on_oom(model, list(range(size)), lambda: counted.append(None), "rm")
+    assert results == [f"scored:{i}" for i in range(size)]
+    assert len(counted) == splits
+    assert all(len(b) <= 2 for b in model.batches)
+
+
+def test_items_that_run_out_of_memory_alone_get_a_model_failure_each():
+    model = OutOfMemoryAbove(0, RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB"))
+    counted: list[None] = []
+    results = run_halving_on_oom(model, list(range(6)), lambda: counted.append(None), "rm")
+    assert len(results) == 6
+    assert all(isinstance(r, ModelFailure) for r in results)
+    assert "'rm' ran out of device memory" in results[0].message
+    assert len(counted) == 5  # halving 6 items down to single items takes 5 splits
+
+
+def test_other_errors_are_not_split_and_fail_the_batch():
+    model = OutOfMemoryAbove(0, RuntimeError("CUDA error: device-side assert triggered"))
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        run_halving_on_oom(model, [1, 2, 3], pytest.fail, "rm")
+
+
+def test_out_of_memory_is_recognised_by_class_name_or_message():
+    import torch
+
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory."))
+    assert is_out_of_memory(OutOfMemoryError("anything"))
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+def metric(text: str, prefix: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+async def test_a_model_out_of_memory_on_big_batches_still_scores_every_item(
+    tiny_paths, tmp_path, monkeypatch
+):
+    from service.models.segment_classifier import SegmentClassifierModel
+
+    config = RewardConfig.model_validate(tiny_config_dict(tiny_paths))
+    items = [{"prompt": PROMPT, "response": f"{ANSWER} Item {i}."} for i in range(6)]
+    async with asgi_client(config, tmp_path) as client:
+        await wait_ready(client)
+        before = await client.post("/v1/rewards", json={"items": items})
+        assert before.status_code == 200, before.text
+
+        original = SegmentClassifierModel.run
+
+        def out_of_memory_above_one(self, batch):
+            if len(batch) > 1:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            return original(self, batch)
+
+        monkeypatch.setattr(SegmentClassifierModel, "run", out_of_memory_above_one)
+        after = await client.post("/v1/rewards", json={"items": items})
+        assert after.status_code == 200, after.text
+        for old, new in zip(before.json()["results"], after.json()["results"], strict=True):
+            assert new["reward"] == pytest.approx(old["reward"], abs=1e-4)
+        text = (await client.get("/metrics")).text
+        assert metric(text, 'alarm_oom_splits_total{model="factuality"}') >= 1
+        assert metric(text, 'alarm_oom_splits_total{model="holistic"}') == 0
+
+        def always_out_of_memory(self, batch):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+        monkeypatch.setattr(SegmentClassifierModel, "run", always_out_of_memory)
+        failed = await client.post("/v1/rewards", json={"items": items[:2]})
+        assert failed.status_code == 500
+        assert failed.json()["error"]["type"] == "model_failure"
+        assert "factuality" in failed.json()["error"]["message"]
+        assert (await client.get("/readyz")).status_code == 200
+
+
+# --- deadlines over HTTP against the real server process -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_queue_server(tiny_paths, tmp_path_factory):
+    """A server whose batchers wait 200 ms for company: a 1 ms deadline expires in the queue."""
+    config = tiny_config_dict(tiny_paths, batching={"max_wait_ms": 200})
+    folder = tmp_path_factory.mktemp("faults")
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    with running_server(folder / "config.yaml", folder) as url:
+        yield url
+
+
+def dropped_for_deadline(base_url: str) -> float:
+    text = httpx.get(f"{base_url}/metrics").text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("alarm_dropped_items_total{") and 'reason="deadline"' in line
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [({"deadline_ms": 1}, {}), ({}, {"X-Request-Deadline-Ms": "1"})],
+    ids=["body", "header"],
+)
+def test_a_request_past_its_deadline_gets_504_and_the_server_keeps_serving(
+    slow_queue_server, body, headers
+):
+    dropped_before = dropped_for_deadline(slow_queue_server)
+    reply = httpx.post(
+        f"{slow_queue_server}/v1/rewards",
+        json={"items": [ITEM, ITEM], **body},
+        headers=headers,
+        timeout=30,
+    )
+    assert reply.status_code == 504, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "deadline_exceeded"
+    assert "deadline" in error["message"]
+    assert error["request_id"] == reply.headers["x-request-id"]
+    assert dropped_for_deadline(slow_queue_server) >= dropped_before + 2
+
+    normal = httpx.post(f"{slow_queue_server}/v1/rewards", json={"items": [ITEM]}, timeout=30)
+    assert normal.status_code == 200, normal.text
+    assert len(normal.json()["results"]) == 1
+
+
+def test_a_generous_deadline_scores_and_the_body_overrides_the_header(slow_queue_server):
+    reply = httpx.post(
+        f"{slow_queue_server}/v1/rewards",
+        json={"items": [ITEM], "deadline_ms": 60_000},
+        headers={"X-Request-Deadline-Ms": "1"},
+        timeout=30,
+    )
+    assert reply.status_code == 200, reply.text
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        ({"deadline_ms": 0}, {}),
+        ({"deadline_ms": -5}, {}),
+        ({}, {"X-Request-Deadline-Ms": "soon"}),
+        ({}, {"X-Request-Deadline-Ms": "nan"}),
+    ],
+    ids=["zero", "negative", "header-not-a-number", "header-nan"],
+)
+def test_an_invalid_deadline_is_refused_with_422(slow_queue_server, body, headers):
+    reply = httpx.post(
+        f"{slow_queue_server}/v1/rewards",
+        json={"items": [ITEM], **body},
+        headers=headers,
+        timeout=30,
+    )
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["error"]["type"] == "invalid_request"

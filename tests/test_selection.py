@@ -1,0 +1,151 @@
+"""The consistency metric (ALARM.md section 3) on hand-made pairs."""
+
+import pytest
+
+from service.selection import (
+    ScoredPair,
+    consistency,
+    preference,
+    select,
+    sequence_value,
+)
+
+
+def pair(h1, h2, **aspects):
+    return ScoredPair((h1, h2), {name: values for name, values in aspects.items()})
+
+
+PAIRS = [
+    # holistic prefers 1, 1, 2, 2, tie
+    pair(2.0, 1.0, agrees=(5, 1), disagrees=(1, 5), ties=(3, 3), errors=(0.1, 0.4)),
+    pair(3.0, 0.0, agrees=(2, 1), disagrees=(0, 2), ties=(1, 1), errors=(0.0, 0.2)),
+    pair(0.0, 1.0, agrees=(1, 4), disagrees=(4, 1), ties=(2, 2), errors=(0.5, 0.1)),
+    pair(-1.0, 1.0, agrees=(0, 9), disagrees=(9, 0), ties=(7, 7), errors=(0.9, 0.0)),
+    pair(1.0, 1.0, agrees=(0, 9), disagrees=(0, 9), ties=(0, 0), errors=(0.0, 0.9)),
+]
+DIRECTIONS = {"agrees": "higher", "disagrees": "higher", "ties": "higher", "errors": "lower"}
+
+
+def by_name(report):
+    return {a.name: a for a in report.aspects}
+
+
+def test_an_aspect_that_always_agrees_is_fully_consistent():
+    report = by_name(consistency(PAIRS, DIRECTIONS))
+    assert report["agrees"].inconsistency == 0.0
+    assert report["agrees"].pairs_counted == 4  # the holistic tie is not counted
+
+
+def test_an_aspect_that_always_disagrees_is_fully_inconsistent():
+    assert by_name(consistency(PAIRS, DIRECTIONS))["disagrees"].inconsistency == 1.0
+
+
+def test_aspect_ties_count_as_consistent():
+    ties = by_name(consistency(PAIRS, DIRECTIONS))["ties"]
+    assert ties.inconsistency == 0.0
+    assert ties.ties == 4
+    assert ties.win_rate is None  # it never prefers either response
+
+
+def test_lower_is_better_aspects_flip_the_preference():
+    errors = by_name(consistency(PAIRS, DIRECTIONS))["errors"]
+    assert errors.inconsistency == 0.0  # fewer errors where the holistic reward is higher
+    higher = by_name(consistency(PAIRS, {"errors": "higher"}))["errors"]
+    assert higher.inconsistency == 1.0
+
+
+def test_mixed_agreement_gives_the_share_of_disagreeing_pairs():
+    pairs = [pair(1, 0, a=(1, 0)), pair(1, 0, a=(0, 1)), pair(1, 0, a=(0, 1)), pair(0, 1, a=(0, 1))]
+    (result,) = consistency(pairs, {"a": "higher"}).aspects
+    assert result.inconsistency == pytest.approx(2 / 4)
+    assert result.disagreements == 2
+    assert result.win_rate == pytest.approx(1 / 4)
+
+
+def test_win_rates_of_response_one_and_holistic_ties():
+    report = consistency(PAIRS, DIRECTIONS)
+    assert report.pairs == 5 and report.holistic_ties == 1
+    assert report.holistic_win_rate == pytest.approx(2 / 4)
+    assert by_name(report)["agrees"].win_rate == pytest.approx(2 / 5)
+
+
+def test_missing_values_tie():
+    assert preference(None, 1.0) == 0 and preference(1.0, None) == 0
+    assert sequence_value([None, None], "mean") is None
+    assert sequence_value([0.5, None, -0.5, 0.5], "sum") == pytest.approx(0.5)
+    assert sequence_value([0.5, None, -0.5, 0.5], "mean") == pytest.approx(0.5 / 3)
+
+
+def test_selection_keeps_the_lowest_or_the_top_k_or_all_under_a_bound():
+    report = consistency(PAIRS, DIRECTIONS)
+    assert select(report) == ["agrees", "errors", "ties"]  # tied at 0.0, all kept
+    assert select(report, top_k=1) == ["agrees"]
+    assert select(report, max_inconsistency=0.5) == ["agrees", "errors", "ties"]
+    assert select(report, max_inconsistency=1.0) == ["agrees", "errors", "ties", "disagrees"]
+
+
+def test_select_aspects_cli_goes_from_pairs_to_a_selected_config(tiny_config_file, tmp_path):
+    """End to end through real (tiny) models: pairs file -> table, chart, config."""
+    import csv
+    import json
+    import subprocess
+
+    from service.config import load_reward_config
+    from tests.server_process import ALARM_SERVE
+
+    pairs = tmp_path / "pairs.jsonl"
+    lines = [
+        {
+            "prompt": "Who wrote Hamlet?",
+            "response_1": "Shakespeare wrote it. In 1600.",
+            "response_2": "Marlowe.",
+        },
+        {
+            "prompt": "Capital of France?",
+            "response_1": "Paris.",
+            "response_2": "It is Paris. A big city. On the Seine.",
+        },
+        {
+            "prompt": "Largest planet?",
+            "response_1": "Jupiter is the largest.",
+            "response_2": "Saturn, probably. Or not.",
+        },
+    ]
+    pairs.write_text("\n".join(json.dumps(line) for line in lines))
+    out = tmp_path / "selection"
+    result = subprocess.run(
+        [
+            ALARM_SERVE,
+            "select-aspects",
+            "--pairs",
+            str(pairs),
+            "--config",
+            str(tiny_config_file),
+            "--out",
+            str(out),
+            "--top-k",
+            "2",
+            "--cache-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "consistency.json").read_text())
+    assert summary["pairs"] == 3
+    assert {a["name"] for a in summary["aspects"]} == {"factuality", "completeness", "length"}
+    assert len(summary["selected"]) == 2
+    with (out / "consistency.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["name"] for row in table] == [a["name"] for a in summary["aspects"]]
+    assert all(row["why"] for row in table)
+    selected = load_reward_config(out / "selected_config.yaml")
+    assert [a.name for a in selected.aspects] == [
+        a.name
+        for a in load_reward_config(tiny_config_file).aspects
+        if a.name in summary["selected"]
+    ]
+    assert (out / "consistency.png").stat().st_size > 5_000
+    assert "kept" in result.stdout and "dropped" in result.stdout
