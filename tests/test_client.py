@@ -135,10 +135,39 @@ def test_a_slow_server_hits_the_deadline(server_url):
     ):
         client.score([(PROMPT, r) for r in RESPONSES])
     assert time.monotonic() - started < 5  # the deadline bounds the call, retries included
-    # The abandoned requests still run on the server; let them drain before the next test.
+    # The abandoned requests may still run on the server; let them drain before the next test.
     deadline = time.monotonic() + 60
     while metric(server_url, "alarm_in_flight_items") and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def test_every_attempt_carries_the_remaining_budget_as_a_deadline():
+    """So the server can drop work the caller will no longer wait for (504, not scored)."""
+    budgets = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        budgets.append(float(request.headers["x-request-deadline-ms"]))
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"limits": {"max_items_per_request": 64}})
+        if len(budgets) <= 3:  # /v1/models, then two 503s, then the answer
+            return httpx.Response(503, headers={"retry-after": "0"}, json={"error": {}})
+        items = json.loads(request.content)["items"]
+        return httpx.Response(
+            200,
+            json={"results": [good_result(i["id"]) for i in items], "reward_definition": "d"},
+        )
+
+    timeouts = Timeouts(total_s=30)
+    with RewardClient(
+        "http://reward.test",
+        timeouts=timeouts,
+        retry=FAST_RETRY,
+        transport=httpx.MockTransport(handler),
+    ) as client:
+        assert client.rewards([(PROMPT, "a")]) == [1.0]
+    assert len(budgets) == 4
+    assert all(0 < b <= 30_000 for b in budgets)
+    assert budgets == sorted(budgets, reverse=True)  # the budget only shrinks
 
 
 def test_async_client_scores_concurrent_calls_in_order(server_url, expected):

@@ -68,6 +68,11 @@ class _ClientBase:
         read = max(0.001, min(self.timeouts.read_s, plan.remaining_s()))
         return httpx.Timeout(read, connect=min(self.timeouts.connect_s, read))
 
+    @staticmethod
+    def _deadline_header(plan: CallPlan) -> dict[str, str]:
+        """The call's remaining budget, so the server drops work this call will not wait for."""
+        return {"X-Request-Deadline-Ms": f"{max(plan.remaining_s(), 0.001) * 1000:.0f}"}
+
     def _chunk_size(self) -> int:
         limit = self._server_max_items or 64
         return min(self.chunk_size or limit, limit)
@@ -142,7 +147,11 @@ class AsyncRewardClient(_ClientBase):
             url = plan.url() + path
             try:
                 response = await self._http.request(
-                    method, url, timeout=self._timeout(plan), **kwargs
+                    method,
+                    url,
+                    timeout=self._timeout(plan),
+                    headers=self._deadline_header(plan),
+                    **kwargs,
                 )
                 if sent is not None:
                     return parse_reply(response, sent)
@@ -259,7 +268,13 @@ class RewardClient(_ClientBase):
         while True:
             url = plan.url() + path
             try:
-                response = self._http.request(method, url, timeout=self._timeout(plan), **kwargs)
+                response = self._http.request(
+                    method,
+                    url,
+                    timeout=self._timeout(plan),
+                    headers=self._deadline_header(plan),
+                    **kwargs,
+                )
                 if sent is not None:
                     return parse_reply(response, sent)
                 check_status(response)
