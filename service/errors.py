@@ -11,11 +11,13 @@ class AlarmError(Exception):
 
     error_type: str = "internal_error"
     http_status: int = 500
-    retry_after_s: float | None = None
+    retry_after_s: float | None = None  # sent as Retry-After when set
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
 
 
 class InvalidRequest(AlarmError):
@@ -37,10 +39,7 @@ class Overloaded(AlarmError):
 
     error_type = "overloaded"
     http_status = 503
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+    retry_after_s = 1.0
 
 
 class Unauthorized(AlarmError):
@@ -55,10 +54,7 @@ class TooManyRequests(AlarmError):
 
     error_type = "too_many_requests"
     http_status = 429
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+    retry_after_s = 1.0
 
 
 class NotReady(AlarmError):
@@ -66,10 +62,7 @@ class NotReady(AlarmError):
 
     error_type = "not_ready"
     http_status = 503
-
-    def __init__(self, message: str, retry_after_s: float = 2.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+    retry_after_s = 2.0
 
 
 class ModelFailure(AlarmError):
