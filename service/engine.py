@@ -162,10 +162,6 @@ class RewardEngine:
 
         return run_on_device
 
-    @property
-    def in_flight_items(self) -> int:
-        return self._in_flight
-
     async def start(self) -> None:
         """Start the batchers and warm every model with one real item."""
         for batcher in self._batchers.values():
