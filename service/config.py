@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -79,6 +79,11 @@ class _HolisticNorm(_Strict):
     sigma: float = Field(1.0, gt=0)
 
 
+# sequence: one value per response; segment: one per sentence or clause; span: values for
+# arbitrary character ranges (e.g. grammar errors and the text between them).
+Granularity = Literal["sequence", "segment", "span"]
+
+
 class _AspectShaping(_Strict):
     weight: float = 1.0
     scale: float = 1.0
@@ -87,6 +92,8 @@ class _AspectShaping(_Strict):
     # For aspect selection: which way is better, and how segments make one value per response.
     direction: Literal["higher", "lower"] = "higher"
     aggregate: Literal["sum", "mean"] = "mean"
+    # What one raw value covers; fixed by the kind, so not a setting.
+    granularity: ClassVar[Granularity]
 
 
 class _ScalarInput(_Strict):
@@ -107,10 +114,12 @@ class LmLikelihoodHolistic(_TransformerSpec, _HolisticNorm):
 
 
 class SequenceScalarAspect(_TransformerSpec, _AspectShaping, _ScalarInput):
+    granularity: ClassVar[Granularity] = "sequence"
     kind: Literal["sequence_scalar"]
 
 
 class SegmentClassifierAspect(_TransformerSpec, _AspectShaping):
+    granularity: ClassVar[Granularity] = "segment"
     kind: Literal["segment_classifier"]
     split: SplitUnit = SplitUnit.sentence
     prefix_template: str = "{prompt} answer:"
@@ -126,6 +135,7 @@ class SegmentClassifierAspect(_TransformerSpec, _AspectShaping):
 
 
 class EmbeddingSimilarityAspect(_TransformerSpec, _AspectShaping):
+    granularity: ClassVar[Granularity] = "segment"
     kind: Literal["embedding_similarity"]
     split: SplitUnit = SplitUnit.sentence
 
@@ -137,6 +147,7 @@ class RuleAspect(_AspectShaping):
     counts matches of `pattern` (citations, banned phrases with a negative weight, ...).
     """
 
+    granularity: ClassVar[Granularity] = "sequence"
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     kind: Literal["rule"]
     rule: Literal["length", "regex"] = "length"
@@ -159,9 +170,84 @@ class RuleAspect(_AspectShaping):
         return self
 
 
+class _TextAspect(_AspectShaping):
+    """An aspect computed on the host from the response text alone, with no weights."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+# proselint check groups that flag errors (repeated words, misspellings, malapropisms,
+# wrong capitalisation, ...), leaving out its advice on style (clichés, hedging, typography).
+DEFAULT_PROSELINT_CHECKS = (
+    "lexical_illusions",
+    "nonwords",
+    "spelling",
+    "malapropisms",
+    "mondegreens",
+    "uncomparables",
+    "misc.capitalization",
+    "misc.false_plurals",
+    "misc.back_formations",
+    "misc.illogic",
+    "misc.preferred_forms",
+)
+
+
+class GrammarAspect(_TextAspect):
+    """Errors as character spans: raw -1 inside each error, 0 on the text between them.
+
+    No sigmoid and a `sum` aggregate by default: through a sigmoid every clean stretch would
+    earn +0.5 (so more errors, more stretches, more reward), and a mean over errors and
+    stretches means nothing; the sum is minus the number of errors.
+    """
+
+    granularity: ClassVar[Granularity] = "span"
+    kind: Literal["grammar"]
+    checker: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+        description="'package.module:callable', (text) -> [(start, end), ...] error spans; "
+        "None = the built-in proselint checks",
+    )
+    proselint_checks: tuple[str, ...] = Field(
+        DEFAULT_PROSELINT_CHECKS, min_length=1, description="proselint check paths or prefixes"
+    )
+    sigmoid: bool = False
+    aggregate: Literal["sum", "mean"] = "sum"
+
+    @model_validator(mode="after")
+    def _checks_only_for_proselint(self) -> GrammarAspect:
+        if self.checker and "proselint_checks" in self.model_fields_set:
+            raise ValueError("proselint_checks applies only without a checker")
+        return self
+
+
+class ReadabilityAspect(_TextAspect):
+    """Flesch reading ease of the whole response, z-normalised: raw = (flesch - mu) / sigma."""
+
+    granularity: ClassVar[Granularity] = "sequence"
+    kind: Literal["readability"]
+    mu: float = Field(description="mean Flesch reading ease of typical responses")
+    sigma: float = Field(gt=0, description="its standard deviation")
+
+
+class LanguageConfidenceAspect(_TextAspect):
+    """Probability that the response is written in `language` (raw in [0, 1])."""
+
+    granularity: ClassVar[Granularity] = "sequence"
+    kind: Literal["language_confidence"]
+    language: str = Field(pattern=r"^[a-z]{2,3}$", description="ISO 639 code, e.g. 'en'")
+
+
 HolisticSpec = Annotated[SequenceScalarHolistic | LmLikelihoodHolistic, Field(discriminator="kind")]
 AspectSpec = Annotated[
-    SequenceScalarAspect | SegmentClassifierAspect | EmbeddingSimilarityAspect | RuleAspect,
+    SequenceScalarAspect
+    | SegmentClassifierAspect
+    | EmbeddingSimilarityAspect
+    | RuleAspect
+    | GrammarAspect
+    | ReadabilityAspect
+    | LanguageConfidenceAspect,
     Field(discriminator="kind"),
 ]
 ModelSpec = SequenceScalarHolistic | LmLikelihoodHolistic | AspectSpec
@@ -196,6 +282,28 @@ class LimitsConfig(_Strict):
     max_items_in_flight_per_trainer: int = Field(
         2048, ge=1, description="one trainer's admitted, unanswered items; beyond: 429"
     )
+    max_requests_per_second_per_trainer: float | None = Field(
+        None,
+        gt=0,
+        description="one trainer's sustained rate on the scoring routes; beyond: 429 "
+        "(null = unlimited)",
+    )
+    request_burst_per_trainer: int | None = Field(
+        None,
+        ge=1,
+        description="requests a trainer may send at once above that rate "
+        "(null = one second's worth, at least 1)",
+    )
+
+
+class CacheConfig(_Strict):
+    """Identical items (same prompt and response) reuse each model's earlier output."""
+
+    max_items: int = Field(
+        65536,
+        ge=0,
+        description="outputs kept per model, least recently used evicted first (0 = off)",
+    )
 
 
 class OpenRLHFConfig(_Strict):
@@ -216,6 +324,7 @@ class RewardConfig(_Strict):
     combination: CombinationConfig = CombinationConfig()
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
+    cache: CacheConfig = CacheConfig()
     openrlhf: OpenRLHFConfig = OpenRLHFConfig()
 
     @model_validator(mode="after")

@@ -6,8 +6,11 @@ from pathlib import Path
 
 from service.config import (
     EmbeddingSimilarityAspect,
+    GrammarAspect,
+    LanguageConfidenceAspect,
     LmLikelihoodHolistic,
     ModelSpec,
+    ReadabilityAspect,
     RewardConfig,
     RuleAspect,
     SegmentClassifierAspect,
@@ -34,6 +37,18 @@ def _build(spec: ModelSpec, index: int, cache_dir: Path) -> RewardModel:
 
         tokenizer = spec.tokenizer_path
         return RuleModel(spec, resolve_model_path(tokenizer, cache_dir) if tokenizer else None)
+    if isinstance(spec, GrammarAspect):
+        from service.models.grammar import GrammarModel
+
+        return GrammarModel(spec)
+    if isinstance(spec, ReadabilityAspect):
+        from service.models.readability import ReadabilityModel
+
+        return ReadabilityModel(spec)
+    if isinstance(spec, LanguageConfidenceAspect):
+        from service.models.language_confidence import LanguageConfidenceModel
+
+        return LanguageConfidenceModel(spec)
     path = resolve_model_path(spec.path, cache_dir)
     device = place(spec.device, index)
     if isinstance(spec, SequenceScalarHolistic | SequenceScalarAspect):
