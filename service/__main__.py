@@ -1,4 +1,5 @@
-"""The `alarm-serve` command: `serve` starts the service, `openapi` writes its contract."""
+"""The `alarm-serve` command: `serve` starts the service (`ray`: on Ray Serve), `openapi`
+writes its contract."""
 
 from __future__ import annotations
 
@@ -106,15 +107,46 @@ def _select_aspects(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ray_command(commands: Any, server: argparse.ArgumentParser) -> None:
+    scale = commands.add_parser(
+        "ray",
+        parents=[server],
+        help="serve on Ray Serve: the same API, one replica per GPU (needs the `ray` extra)",
+    )
+    scale.add_argument("--address", help="Ray cluster to join (env RAY_ADDRESS; default: local)")
+    scale.add_argument("--replicas", type=int, help="fixed count, or initial when autoscaling")
+    scale.add_argument("--min-replicas", type=int, help="autoscaling floor (default 1)")
+    scale.add_argument("--max-replicas", type=int, help="autoscale on queue depth up to this")
+    scale.add_argument("--target-ongoing-requests", type=float, help="per replica (default 16)")
+    scale.add_argument("--max-ongoing-requests", type=int, help="per replica (default 64)")
+    scale.add_argument("--gpus-per-replica", type=float, help="default: 1 if Ray has GPUs, else 0")
+    scale.add_argument("--cpus-per-replica", type=float, help="default 1")
+
+
+def _ray(settings: ServiceSettings, args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from service.ray_app import ReplicaScale, serve_on_ray
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    given = {f.name: getattr(args, f.name) for f in fields(ReplicaScale)}
+    scale = ReplicaScale(**{name: value for name, value in given.items() if value is not None})
+    return serve_on_ray(settings, load_reward_config(settings.config), scale, args.address)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alarm-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="start the reward service")
-    serve.add_argument("--config", type=Path, help="YAML reward definition (env ALARM_CONFIG)")
-    serve.add_argument("--host", help="bind address (env ALARM_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (env ALARM_PORT, default 8000)")
-    serve.add_argument("--log-level", help="debug|info|warning|error (env ALARM_LOG_LEVEL)")
-    serve.add_argument("--cache-dir", type=Path, help="prepared-model cache (env ALARM_CACHE_DIR)")
+    server = argparse.ArgumentParser(add_help=False)  # shared by `serve` and `ray`
+    server.add_argument("--config", type=Path, help="YAML reward definition (env ALARM_CONFIG)")
+    server.add_argument("--host", help="bind address (env ALARM_HOST, default 127.0.0.1)")
+    server.add_argument("--port", type=int, help="port (env ALARM_PORT, default 8000)")
+    server.add_argument("--log-level", help="debug|info|warning|error (env ALARM_LOG_LEVEL)")
+    server.add_argument("--cache-dir", type=Path, help="prepared-model cache (env ALARM_CACHE_DIR)")
+    commands.add_parser("serve", parents=[server], help="start the reward service")
+    _add_ray_command(commands, server)
     spec = commands.add_parser("openapi", help="print or check the OpenAPI contract")
     spec.add_argument("--out", type=Path, help="write to this file instead of stdout")
     choose = commands.add_parser(
@@ -145,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             if k in ServiceSettings.model_fields and v is not None
         }
         settings = ServiceSettings(**overrides)
+        if args.command == "ray":
+            return _ray(settings, args)
         return _serve(settings)
     except (ConfigError, ValidationError) as exc:
         print(f"alarm-serve: configuration error: {exc}", file=sys.stderr)

@@ -33,6 +33,7 @@ from service.errors import (
 )
 from service.metrics import ServiceMetrics
 from service.models import AspectScore, HolisticScore, ModelOutput, Prepared, RewardModel
+from service.score_cache import ScoreCache, item_key
 
 HOST_DEVICE = "host"  # models without tensors run inline on the event loop
 log = logging.getLogger(__name__)
@@ -131,6 +132,9 @@ class RewardEngine:
             )
             for model in self._models
         }
+        self._caches: dict[str, ScoreCache[ModelOutput]] = {
+            model.name: ScoreCache(config.cache.max_items) for model in self._models
+        }
         self._in_flight = 0
         self._in_flight_by_trainer: dict[str, int] = {}
         self._accepting = False
@@ -191,6 +195,17 @@ class RewardEngine:
         return f"sha256:{digest}"
 
     def describe_models(self) -> list[dict[str, Any]]:
+        """Each model's identity and settings; aspects also say what one raw value covers
+        (granularity), which way is better (direction) and how segments make one value."""
+        declared: dict[str, dict[str, Any]] = {
+            self._config.holistic.name: {"granularity": "sequence", "direction": "higher"}
+        }
+        for aspect in self._config.aspects:
+            declared[aspect.name] = {
+                "granularity": aspect.granularity,
+                "direction": aspect.direction,
+                "aggregate": aspect.aggregate,
+            }
         return [
             {
                 "name": m.name,
@@ -198,7 +213,7 @@ class RewardEngine:
                 "kind": m.kind,
                 "device": m.device,
                 "fingerprint": m.fingerprint,
-                "details": m.describe(),
+                "details": {**declared[m.name], **m.describe()},
             }
             for m in self._models
         ]
@@ -211,16 +226,50 @@ class RewardEngine:
         model: RewardModel,
         items: Sequence[ScoreInput],
         owner: str,
-        deadline: float | None = None,
+        deadline: float | None,
+        keys: Sequence[bytes] | None,
     ) -> list[ModelOutput]:
+        """One model's outputs for `items`: from the cache where it has them, the rest
+        scored once per distinct item (`keys=None`: no cache, every item scored)."""
         if deadline is not None and time.monotonic() >= deadline:
             self._metrics.observe_dropped(model.name, "deadline", len(items))
             raise DeadlineExceeded("the request's deadline passed before scoring started")
+        if keys is None:
+            return await self._run_model(model, items, owner, deadline)
+        cache = self._caches[model.name]
+        outputs: list[ModelOutput | None] = [cache.get(key) for key in keys]
+        misses: dict[bytes, list[int]] = {}
+        for index, (key, output) in enumerate(zip(keys, outputs, strict=True)):
+            if output is None:
+                misses.setdefault(key, []).append(index)
+        lookups = self._metrics.cache_lookups
+        lookups.labels(model.name, "hit").inc(len(items) - sum(map(len, misses.values())))
+        lookups.labels(model.name, "miss").inc(sum(map(len, misses.values())))
+        if misses:
+            fresh = await self._run_model(
+                model, [items[indices[0]] for indices in misses.values()], owner, deadline
+            )
+            for (key, indices), output in zip(misses.items(), fresh, strict=True):
+                cache.put(key, output)
+                for index in indices:
+                    outputs[index] = output
+        return outputs  # type: ignore[return-value]  # every None was filled above
+
+    async def _run_model(
+        self,
+        model: RewardModel,
+        items: Sequence[ScoreInput],
+        owner: str,
+        deadline: float | None,
+    ) -> list[ModelOutput]:
         loop = asyncio.get_running_loop()
         try:
             prepared = await loop.run_in_executor(
                 self._tokenize_pool, self._prepare_all, model, items
             )
+        except asyncio.CancelledError:  # the caller left while its items were tokenised
+            self._metrics.observe_dropped(model.name, "cancelled", len(items))
+            raise
         except Exception as exc:
             log.exception("model %s failed to prepare inputs", model.name)
             raise ModelFailure(f"model {model.name!r} could not tokenise the input") from exc
@@ -277,8 +326,13 @@ class RewardEngine:
         then is dropped and the call raises `DeadlineExceeded`.
         """
         self._admit(trainer, len(items))
+        keys = (
+            [item_key(item.prompt, item.response) for item in items]
+            if self._config.cache.max_items
+            else None
+        )
         try:
-            return await self._score_admitted(items, mode, trainer, deadline)
+            return await self._score_admitted(items, mode, trainer, deadline, keys)
         finally:
             self._track(trainer, -len(items))
 
@@ -288,9 +342,10 @@ class RewardEngine:
         mode: CombineMode | None,
         owner: str,
         deadline: float | None = None,
+        keys: Sequence[bytes] | None = None,
     ) -> list[ScoredItem]:
         per_model = await asyncio.gather(
-            *(self._score_with(m, items, owner, deadline) for m in self._models),
+            *(self._score_with(m, items, owner, deadline, keys) for m in self._models),
             return_exceptions=True,
         )
         outputs_by_model: list[list[ModelOutput]] = []

@@ -79,5 +79,12 @@ class DeadlineExceeded(AlarmError):
     http_status = 504
 
 
+class ClientDisconnected(AlarmError):
+    """The client hung up before its answer; nobody reads this status (nginx's 499)."""
+
+    error_type = "client_disconnected"
+    http_status = 499
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; raised at start-up, never while serving."""

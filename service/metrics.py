@@ -108,6 +108,12 @@ class ServiceMetrics:
             ["model"],
             registry=registry,
         )
+        self.cache_lookups = Counter(
+            "alarm_cache_lookups_total",
+            "Items looked up in each model's output cache, by result (hit or miss)",
+            ["model", "result"],
+            registry=registry,
+        )
 
         self.trainer_items = Counter(
             "alarm_trainer_items_total",
@@ -119,6 +125,12 @@ class ServiceMetrics:
             "alarm_trainer_rejected_items_total",
             "Items refused, by trainer and reason",
             ["trainer", "reason"],
+            registry=registry,
+        )
+        self.trainer_rate_limited = Counter(
+            "alarm_trainer_rate_limited_requests_total",
+            "Requests refused by the per-trainer request rate limit",
+            ["trainer"],
             registry=registry,
         )
         self.trainer_in_flight = Gauge(
@@ -133,6 +145,7 @@ class ServiceMetrics:
         for trainer in trainers:
             self.trainer_items.labels(trainer)
             self.trainer_in_flight.labels(trainer)
+            self.trainer_rate_limited.labels(trainer)
 
     def observe_batch(self, model: str, stats: BatchStats) -> None:
         self.batch_size.labels(model).observe(stats.size)

@@ -211,6 +211,16 @@ async def test_models_endpoint_reports_models_devices_and_limits(client):
         ("completeness", "aspect", "cpu"),
         ("length", "aspect", "host"),
     ]
+    declared = [
+        (m["details"]["granularity"], m["details"]["direction"], m["details"].get("aggregate"))
+        for m in body["models"]
+    ]
+    assert declared == [
+        ("sequence", "higher", None),
+        ("segment", "higher", "mean"),
+        ("sequence", "higher", "mean"),
+        ("sequence", "higher", "mean"),
+    ]
     assert body["combination"]["mode"] == "hierarchical"
     assert body["limits"]["max_items_per_request"] == 512
     assert set(body["reward_definitions"]) == {

@@ -169,7 +169,8 @@ async def test_a_model_out_of_memory_on_big_batches_still_scores_every_item(
 ):
     from service.models.segment_classifier import SegmentClassifierModel
 
-    config = RewardConfig.model_validate(tiny_config_dict(tiny_paths))
+    # No output cache: the second request must run the model again.
+    config = RewardConfig.model_validate(tiny_config_dict(tiny_paths, cache={"max_items": 0}))
     items = [{"prompt": PROMPT, "response": f"{ANSWER} Item {i}."} for i in range(6)]
     async with asgi_client(config, tmp_path) as client:
         await wait_ready(client)

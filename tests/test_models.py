@@ -297,3 +297,12 @@ def test_embedding_similarity_truncates_long_rows_and_keeps_special_tokens(tiny_
     assert prompt_row[0] == tokenizer.cls_token_id and prompt_row[-1] == tokenizer.sep_token_id
     (score,) = model.run([item])
     assert len(score.segments) == 2 and score.truncated
+
+
+def test_a_rule_fingerprint_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    from service.models.loading import fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    empty = fingerprint("", {"rule": "length"})
+    (tmp_path / "weights.bin").write_bytes(b"x" * 10)
+    assert fingerprint("", {"rule": "length"}) == empty

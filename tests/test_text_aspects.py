@@ -172,7 +172,6 @@ def test_an_easy_text_reads_better_than_a_dense_one():
 def test_readability_leaves_a_text_without_words_unscored():
     assert scored(readability(), "") == [(0, 0, None)]
     assert scored(readability(), " ... ") == [(0, 5, None)]
-    assert readability().describe()["granularity"] == "sequence"
     with pytest.raises(ValueError, match="sigma"):
         aspect({"name": "r", "kind": "readability", "mu": 60, "sigma": 0})
 
@@ -198,7 +197,6 @@ def test_language_confidence_is_deterministic_and_sequence_level():
     assert first == scored(language(), PLAIN_ANSWER)
     assert [(s, e) for s, e, _ in first] == [(0, len(PLAIN_ANSWER))]
     assert scored(model, "   ") == [(0, 3, None)]
-    assert model.describe()["granularity"] == "sequence"
 
 
 def test_an_unknown_language_fails_at_start_up():

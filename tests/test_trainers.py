@@ -1,6 +1,7 @@
 """Several trainers on one server: API keys, per-trainer limits, fairness, labelled metrics."""
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -12,6 +13,14 @@ from tests.server_process import running_server
 KEYS = {"big": "key-for-big-0123456789", "small": "key-for-small-0123456789"}
 PROMPT = "question: Who wrote Hamlet? context: Hamlet is a tragedy by William Shakespeare."
 ITEM = {"prompt": PROMPT, "response": "William Shakespeare wrote it. It is a tragedy."}
+
+
+def distinct_items(count: int, tag: str) -> list[dict[str, str]]:
+    """Items the output cache has not seen, so every one of them queues for the models."""
+    return [
+        {"prompt": PROMPT, "response": f"William Shakespeare wrote it ({tag} {i})."}
+        for i in range(count)
+    ]
 
 
 def auth(trainer: str) -> dict[str, str]:
@@ -101,13 +110,21 @@ def test_a_small_trainer_is_not_starved_by_a_flooding_one(server_url):
         async with httpx.AsyncClient(base_url=server_url, timeout=300) as client:
             flood = [
                 asyncio.create_task(
-                    client.post("/v1/rewards", json={"items": [ITEM] * 64}, headers=auth("big"))
+                    client.post(
+                        "/v1/rewards",
+                        json={"items": distinct_items(64, f"flood {request}")},
+                        headers=auth("big"),
+                    )
                 )
-                for _ in range(8)
+                for request in range(8)
             ]
+            give_up = time.monotonic() + 60
             while metric(server_url, 'alarm_trainer_in_flight_items{trainer="big"}') < 512:
+                assert time.monotonic() < give_up, "big's 512 items never were in flight at once"
                 await asyncio.sleep(0.01)
-            reply = await client.post("/v1/rewards", json={"items": [ITEM]}, headers=auth("small"))
+            reply = await client.post(
+                "/v1/rewards", json={"items": distinct_items(1, "small")}, headers=auth("small")
+            )
             big_left = metric(server_url, 'alarm_trainer_in_flight_items{trainer="big"}')
             replies = await asyncio.gather(*flood)
             return reply, big_left, replies

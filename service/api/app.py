@@ -19,6 +19,7 @@ from service.config import RewardConfig, ServiceSettings
 from service.engine import RewardEngine
 from service.metrics import ServiceMetrics
 from service.models import load_models
+from service.rate_limit import RequestRateLimiter, rate_limiter_for
 
 log = logging.getLogger(__name__)
 API_VERSION = "0.1.0"
@@ -30,6 +31,7 @@ class AppState:
     config: RewardConfig
     metrics: ServiceMetrics
     auth: Authenticator
+    rate_limiter: RequestRateLimiter | None = None
     engine: RewardEngine | None = None
     load_error: str | None = None
     loader: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -54,17 +56,26 @@ def create_app(
     config: RewardConfig,
     registry: CollectorRegistry | None = None,
     on_fatal: Callable[[str], None] | None = None,
+    load_before_serving: bool = False,
 ) -> FastAPI:
     """Build the app. Models load in the background: /healthz answers at once, /readyz
-    once every model is loaded and warm. `on_fatal` is called if loading fails."""
+    once every model is loaded and warm. `on_fatal` is called if loading fails.
+
+    With `load_before_serving` the lifespan start-up itself waits for the models and raises
+    if they fail to load: for hosts such as Ray Serve, which send a replica traffic as soon
+    as its start-up has finished and restart one whose start-up failed."""
     auth = Authenticator.from_settings(settings)  # ConfigError here stops the start-up
     metrics = ServiceMetrics(registry or CollectorRegistry())
     metrics.register_trainers(auth.trainers)
-    state = AppState(settings, config, metrics, auth)
+    state = AppState(settings, config, metrics, auth, rate_limiter_for(config.limits))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.loader = asyncio.create_task(_load(state, on_fatal))
+        if load_before_serving:
+            await state.loader
+            if state.engine is None:
+                raise RuntimeError(f"model loading failed: {state.load_error}")
         try:
             yield
         finally:

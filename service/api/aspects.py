@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from service.api.routes import ERROR_RESPONSES, check_limits, engine_of, state_of, trainer_of
+from service.api.disconnect import cancel_on_disconnect
+from service.api.routes import (
+    ERROR_RESPONSES,
+    check_limits,
+    engine_of,
+    scoring_trainer_of,
+    state_of,
+)
 from service.aspect_selection import ResponsePair, measure_consistency
 from service.engine import ScoreInput
 from service.schemas import AspectConsistencyResult, ConsistencyRequest, ConsistencyResponse
@@ -17,7 +24,7 @@ router = APIRouter()
     "/v1/aspects/consistency", response_model=ConsistencyResponse, responses=ERROR_RESPONSES
 )
 async def aspect_consistency(
-    body: ConsistencyRequest, request: Request, trainer: str = Depends(trainer_of)
+    body: ConsistencyRequest, request: Request, trainer: str = Depends(scoring_trainer_of)
 ) -> ConsistencyResponse:
     """How consistent each aspect is with the holistic reward on these response pairs.
 
@@ -33,7 +40,9 @@ async def aspect_consistency(
         [ScoreInput(p.prompt, r) for p in pairs for r in (p.response_1, p.response_2)],
         config.limits,
     )
-    report = await measure_consistency(engine, config, pairs, trainer)
+    report = await cancel_on_disconnect(
+        request, measure_consistency(engine, config, pairs, trainer)
+    )
     selected = select(report, body.top_k, body.max_inconsistency)
     return ConsistencyResponse(
         pairs=report.pairs,

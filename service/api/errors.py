@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
@@ -30,7 +31,7 @@ def error_response(
     if details:
         body["details"] = details
     if retry_after_s:
-        headers = {**(headers or {}), "Retry-After": str(max(1, round(retry_after_s)))}
+        headers = {**(headers or {}), "Retry-After": str(max(1, math.ceil(retry_after_s)))}
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 

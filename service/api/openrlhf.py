@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from service.api.routes import ERROR_RESPONSES, check_limits, engine_of, state_of, trainer_of
+from service.api.disconnect import cancel_on_disconnect
+from service.api.routes import (
+    ERROR_RESPONSES,
+    check_limits,
+    engine_of,
+    scoring_trainer_of,
+    state_of,
+)
 from service.engine import ScoreInput
 from service.errors import InvalidRequest
 from service.schemas import OpenRLHFRequest, OpenRLHFResponse
@@ -40,7 +47,7 @@ def split_queries(body: OpenRLHFRequest, separator: str | None) -> list[ScoreInp
 
 @router.post("/get_reward", response_model=OpenRLHFResponse, responses=ERROR_RESPONSES)
 async def get_reward(
-    body: OpenRLHFRequest, request: Request, trainer: str = Depends(trainer_of)
+    body: OpenRLHFRequest, request: Request, trainer: str = Depends(scoring_trainer_of)
 ) -> OpenRLHFResponse:
     """OpenRLHF-compatible scoring: point `--remote_rm_url` at `http://HOST:PORT/get_reward`.
 
@@ -51,7 +58,10 @@ async def get_reward(
     config = state_of(request).config
     items = split_queries(body, config.openrlhf.response_separator)
     check_limits(items, config.limits)
-    scored = await engine.score(items, config.combination.mode, trainer) if items else []
+    scored = []
+    if items:
+        scoring = engine.score(items, config.combination.mode, trainer)
+        scored = await cancel_on_disconnect(request, scoring)
     rewards = [s.combined.reward for s in scored]
     logs: dict[str, list[float]] = {
         "holistic": [s.combined.holistic_normalized for s in scored],

@@ -10,10 +10,11 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import WithJsonSchema
 
+from service.api.disconnect import cancel_on_disconnect
 from service.combine import CombineMode
 from service.config import LimitsConfig
 from service.engine import RewardEngine, ScoredItem, ScoreInput
-from service.errors import NotReady, PayloadTooLarge
+from service.errors import NotReady, PayloadTooLarge, TooManyRequests
 from service.schemas import (
     AspectResult,
     DenseReward,
@@ -65,6 +66,22 @@ def engine_of(request: Request) -> RewardEngine:
 def trainer_of(request: Request) -> str:
     """The calling trainer, from its `Authorization: Bearer <key>` header (401 otherwise)."""
     return str(state_of(request).auth.trainer_for(request.headers.get("authorization")))
+
+
+def scoring_trainer_of(request: Request) -> str:
+    """The calling trainer, within its request-rate limit (429 + Retry-After beyond it)."""
+    trainer = trainer_of(request)
+    state = state_of(request)
+    limiter = state.rate_limiter
+    if limiter is not None:
+        wait_s = limiter.try_acquire(trainer)
+        if wait_s > 0:
+            state.metrics.trainer_rate_limited.labels(trainer).inc()
+            raise TooManyRequests(
+                f"trainer {trainer!r} is over its limit of {limiter.rate:g} requests/s",
+                retry_after_s=wait_s,
+            )
+    return trainer
 
 
 def deadline_of(request: Request, deadline_ms: float | None) -> float | None:
@@ -133,7 +150,7 @@ async def score_rewards(
             description="Same as the body's `deadline_ms`, which wins when both are sent.",
         ),
     ] = None,
-    trainer: str = Depends(trainer_of),
+    trainer: str = Depends(scoring_trainer_of),
 ) -> RewardResponse:
     """Score (prompt, response) items with ALaRM hierarchical rewards.
 
@@ -151,7 +168,9 @@ async def score_rewards(
     check_limits(items, config.limits)
     mode = body.mode or config.combination.mode
     deadline_ms = body.deadline_ms if body.deadline_ms is not None else deadline_header_ms
-    scored = await engine.score(items, mode, trainer, deadline_of(request, deadline_ms))
+    scored = await cancel_on_disconnect(
+        request, engine.score(items, mode, trainer, deadline_of(request, deadline_ms))
+    )
     return RewardResponse(
         results=[_to_result(item, s) for item, s in zip(body.items, scored, strict=True)],
         reward_definition=engine.reward_definition(mode),

@@ -77,9 +77,6 @@ class GrammarModel:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "granularity": self._spec.granularity,
-            "direction": self._spec.direction,
-            "aggregate": self._spec.aggregate,
             "checker": self._source,
             "proselint_checks": None if self._spec.checker else list(self._spec.proselint_checks),
         }

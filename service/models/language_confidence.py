@@ -57,9 +57,6 @@ class LanguageConfidenceModel:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "granularity": self._spec.granularity,
-            "direction": self._spec.direction,
-            "aggregate": self._spec.aggregate,
             "language": self._spec.language,
             "detector": self._detector,
         }

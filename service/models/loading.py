@@ -38,7 +38,7 @@ def fingerprint(resolved_path: str, extra: dict[str, Any]) -> str:
     """
     digest = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
     folder = Path(resolved_path)
-    if folder.is_dir():
+    if resolved_path and folder.is_dir():  # Path("") is the working directory: never walk it
         for file in sorted(p for p in folder.rglob("*") if p.is_file()):
             digest.update(f"{file.relative_to(folder)}:{file.stat().st_size}".encode())
         config = folder / "config.json"

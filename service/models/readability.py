@@ -19,7 +19,7 @@ from service.models.loading import fingerprint
 from service.segmentation import SplitUnit, split_spans
 
 HYPHENATION_LANGUAGE = "en_US"  # the Flesch constants are for English
-_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")  # letters or digits, inner apostrophes kept
+_WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")  # letters or digits, inner apostrophes kept
 
 
 def flesch_reading_ease(text: str, hyphenator: Any) -> float | None:
@@ -57,9 +57,6 @@ class ReadabilityModel:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "granularity": self._spec.granularity,
-            "direction": self._spec.direction,
-            "aggregate": self._spec.aggregate,
             "formula": "flesch_reading_ease",
             "syllables": self._syllables,
             "mu": self._spec.mu,

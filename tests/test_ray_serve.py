@@ -1,0 +1,162 @@
+"""Scale-out on Ray Serve: `alarm-serve ray` with two CPU replicas, scored over real HTTP.
+
+Ray is heavy on a small machine, so there is one Ray instance in this module: the CLI
+starts it locally, the test talks to the Ray proxy with httpx, then SIGTERM must stop
+Serve and Ray and leave no process of theirs behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.errors import ConfigError
+from service.ray_app import ReplicaScale
+from tests.conftest import asgi_client, wait_ready
+from tests.server_process import ALARM_SERVE, free_port
+
+pytestmark = pytest.mark.slow
+
+# No usage report, and no auth token written under the home folder.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+PROMPT = "question: Who wrote Hamlet? context: Hamlet is a tragedy by William Shakespeare."
+ITEMS = [
+    {"prompt": PROMPT, "response": "William Shakespeare wrote Hamlet. It is a tragedy."},
+    {"prompt": PROMPT, "response": "Marlowe."},
+    {"prompt": PROMPT, "response": "Shakespeare, around 1600. He also wrote Macbeth."},
+]
+
+
+def test_replica_scale_becomes_ray_deployment_options():
+    fixed = ReplicaScale(replicas=2).deployment_options(cluster_gpus=0)
+    assert fixed["num_replicas"] == 2
+    assert fixed["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.0}
+    scaled = ReplicaScale(min_replicas=1, max_replicas=4).deployment_options(cluster_gpus=8)
+    assert "num_replicas" not in scaled
+    assert scaled["ray_actor_options"]["num_gpus"] == 1.0  # one GPU per replica
+    assert scaled["autoscaling_config"] == {
+        "min_replicas": 1,
+        "initial_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 16,
+    }
+    with pytest.raises(ConfigError, match="needs max_replicas"):
+        ReplicaScale(min_replicas=2)
+    with pytest.raises(ConfigError, match="max_replicas"):
+        ReplicaScale(replicas=5, max_replicas=4)
+
+
+@contextmanager
+def ray_cli(config: Path, cache_dir: Path, log: Path, port: int) -> Iterator[subprocess.Popen]:
+    """`alarm-serve ray` in its own process group; whatever is left of the group is killed."""
+    files = ["--config", str(config), "--cache-dir", str(cache_dir)]
+    # Half a CPU each: two replicas fit even where Ray sees a single CPU.
+    scale = ["--replicas", "2", "--cpus-per-replica", "0.5"]
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [ALARM_SERVE, "ray", *files, "--port", str(port), *scale],
+            env={**os.environ, **RAY_ENV},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if group_alive(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def wait_for_proxy(process: subprocess.Popen, base_url: str, log: Path) -> None:
+    deadline = time.monotonic() + 150
+    async with httpx.AsyncClient(base_url=base_url, timeout=5) as http:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"alarm-serve ray exited early:\n{log.read_text()}"
+            try:
+                if (await http.get("/readyz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass  # the proxy is not listening yet
+            await asyncio.sleep(0.5)
+    raise AssertionError(f"no ready replica in 150 s:\n{log.read_text()}")
+
+
+@pytest.mark.timeout(300)
+async def test_two_ray_replicas_score_like_the_plain_app_and_stop_cleanly(
+    tiny_config, tiny_config_file, tmp_path
+):
+    async with asgi_client(tiny_config, tmp_path / "plain") as client:
+        await wait_ready(client)
+        expected = (await client.post("/v1/rewards", json={"items": ITEMS})).json()
+
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "alarm-serve-ray.log"
+    with ray_cli(tiny_config_file, tmp_path / "cache", log, port) as process:
+        await wait_for_proxy(process, base_url, log)
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+            replicas: set[str] = set()
+            deadline = time.monotonic() + 60
+            while len(replicas) < 2 and time.monotonic() < deadline:
+                responses = await asyncio.gather(
+                    *(http.post("/v1/rewards", json={"items": ITEMS}) for _ in range(8))
+                )
+                for response in responses:
+                    assert response.status_code == 200, response.text
+                    body = response.json()
+                    # Same models and parameters: the same definition in every process.
+                    assert body["reward_definition"] == expected["reward_definition"]
+                    assert [r["reward"] for r in body["results"]] == pytest.approx(
+                        [r["reward"] for r in expected["results"]], rel=1e-5, abs=1e-6
+                    )
+                    assert len(response.headers.get_list("x-request-id")) == 1
+                    replicas.add(response.headers["x-alarm-replica"])
+            assert len(replicas) == 2, f"answered only by {replicas}"
+
+            models = await http.get("/v1/models")
+            assert models.status_code == 200
+            assert [m["name"] for m in models.json()["models"]] == [
+                "holistic",
+                "factuality",
+                "completeness",
+                "length",
+            ]
+            metrics = await http.get("/metrics")
+            assert metrics.status_code == 200
+            assert "alarm_requests_total{" in metrics.text
+            assert "alarm_batch_size_items_bucket{" in metrics.text
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()
+        # Serve's replicas and the local Ray instance went with it.
+        for _ in range(50):
+            if not group_alive(process.pid):
+                break
+            await asyncio.sleep(0.2)
+        assert not group_alive(process.pid), "Ray processes outlived alarm-serve ray"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{base_url}/healthz", timeout=2)
