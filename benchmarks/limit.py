@@ -8,6 +8,7 @@ passes are timed; the limit is items / (sum of the models' forward times).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,12 @@ def _sorted_batches(prepared: list[Prepared], limits: BatchLimits) -> list[list[
     return [[w.payload for w in batch] for batch in form_batches(work, limits)]
 
 
+def _padded_counter(model: RewardModel) -> Callable[[list[Prepared]], int]:
+    """The model's own padding count where it lays rows out itself, as the server's is."""
+    counter: Callable[[list[Prepared]], int] | None = getattr(model, "padded_tokens", None)
+    return counter or (lambda batch: sum(len(p.rows) for p in batch) * max(p.length for p in batch))
+
+
 def measure(
     models: list[RewardModel], items: list[dict[str, str]], limits: BatchLimits
 ) -> LimitResult:
@@ -46,7 +53,7 @@ def measure(
             model.run(batch)
         seconds[model.name] = time.perf_counter() - started
         real += sum(p.tokens for p in prepared)
-        padded += sum(sum(len(p.rows) for p in b) * max(p.length for p in b) for b in batches)
+        padded += sum(map(_padded_counter(model), batches))
     total = sum(seconds.values())
     return LimitResult(
         batch_size=limits.max_batch_size,

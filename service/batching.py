@@ -110,11 +110,15 @@ class MicroBatcher(Generic[P, R]):
         limits: BatchLimits,
         on_batch: Callable[[BatchStats], None] | None = None,
         on_dropped: Callable[[DropReason, int], None] | None = None,
+        count_padded: Callable[[list[P]], int] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._limits = limits
         self._on_batch = on_batch
         self._on_dropped = on_dropped
+        # How many padded tokens `run_batch` really computes, for models that lay rows out
+        # their own way; the default is one rectangle of rows x longest row.
+        self._count_padded = count_padded
         self._pending: dict[str, deque[WorkItem[P]]] = {}
         self._pending_count = 0
         self._pending_rows = 0
@@ -269,7 +273,11 @@ class MicroBatcher(Generic[P, R]):
                     size=len(live),
                     rows=sum(i.rows for i in live),
                     real_tokens=sum(i.tokens for i in live),
-                    padded_tokens=padded_tokens(live),
+                    padded_tokens=(
+                        padded_tokens(live)
+                        if self._count_padded is None
+                        else self._count_padded([item.payload for item in live])
+                    ),
                     queue_wait_s=tuple(started - i.enqueued_at for i in live),
                     run_s=time.monotonic() - started,
                     failed=failed,

@@ -129,6 +129,7 @@ class RewardEngine:
                 limits,
                 self._observer(model.name),
                 self._drop_observer(model.name),
+                getattr(model, "padded_tokens", None),
             )
             for model in self._models
         }

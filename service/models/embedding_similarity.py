@@ -16,7 +16,9 @@ from service.combine import SegmentScore
 from service.config import EmbeddingSimilarityAspect
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.loading import (
+    chunked_padded_tokens,
     fingerprint,
+    length_sorted_chunks,
     load_pretrained,
     load_tokenizer,
     pad_right,
@@ -53,14 +55,26 @@ class EmbeddingSimilarityModel:
         truncated = any(len(k) < len(f) for k, f in zip(kept, full, strict=True))
         return Prepared(rows=tuple(map(tuple, kept)), truncated=truncated, meta=tuple(spans))
 
-    @torch.inference_mode()
-    def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
-        all_rows = [row for p in batch for row in p.rows]
-        ids, mask = pad_right(all_rows, self._pad_id, self.device)
+    def padded_tokens(self, batch: Sequence[Prepared]) -> int:
+        return chunked_padded_tokens([len(row) for p in batch for row in p.rows])
+
+    def _embed(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        ids, mask = pad_right(rows, self._pad_id, self.device)
         hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, L, H)
         weights = mask.unsqueeze(-1).to(hidden.dtype)  # (N, L, 1)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # (N, H)
-        embeddings = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
+        return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
+
+    @torch.inference_mode()
+    def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
+        # Rows, not items, are sorted by length: an item's short prompt row would otherwise
+        # be padded to its longest sentence, and every row to the batch's longest.
+        all_rows = [row for p in batch for row in p.rows]
+        chunks = length_sorted_chunks([len(row) for row in all_rows])
+        parts = [self._embed([all_rows[i] for i in chunk]) for chunk in chunks]
+        embeddings = torch.empty(len(all_rows), parts[0].shape[-1])
+        for chunk, part in zip(chunks, parts, strict=True):
+            embeddings[chunk] = part
         results: list[ModelOutput] = []
         first = 0
         for p in batch:

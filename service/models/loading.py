@@ -89,6 +89,40 @@ def pad_right(
     return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
+ROW_CHUNK_MIN_EFFICIENCY = 0.9
+
+
+def length_sorted_chunks(
+    lengths: Sequence[int], min_efficiency: float = ROW_CHUNK_MIN_EFFICIENCY
+) -> list[list[int]]:
+    """Row indices, shortest first, cut wherever the next row would bring the chunk's real
+    tokens under `min_efficiency` of its padded tokens.
+
+    For adapters whose item is several rows of unequal length (a short prompt, long
+    sentences): one rectangle over the whole batch would pad every row to the longest.
+    """
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        length = lengths[index]
+        if current and real + length < min_efficiency * (len(current) + 1) * length:
+            chunks.append(current)
+            current, real = [], 0
+        current.append(index)
+        real += length
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def chunked_padded_tokens(lengths: Sequence[int]) -> int:
+    """Padded tokens of `length_sorted_chunks(lengths)`: what the forward really computes."""
+    return sum(
+        len(chunk) * max(lengths[i] for i in chunk) for chunk in length_sorted_chunks(lengths)
+    )
+
+
 def truncate_keeping_specials(
     ids: Sequence[int], special_ids: set[int], max_length: int, side: str
 ) -> tuple[list[int], list[int]]:
