@@ -1,16 +1,20 @@
-"""One-command throughput benchmark: in-process limit vs alarm-serve vs a naive peer.
+"""One-command throughput benchmark: in-process limit vs alarm-serve vs its peers.
 
-    python -m benchmarks.bench --out benchmarks/out            (about 5 minutes on 2 CPUs)
+    python -m benchmarks.bench --out benchmarks/out     (2 CPUs: 6 min with --peers naive,
+                                                        roughly twice that with all peers)
 
-Same models (holistic + 2 aspects), same inputs, same machine, one run. Writes
+Same models (holistic + 2 aspects), same inputs, same machine, one run. The peers
+(`--peers`, all by default) are the naive one-forward-per-request FastAPI server, LitServe
+with its batching and Ray Serve with `@serve.batch`, all on the same scoring code. Writes
 results.json and throughput.png, and prints the ratios alarm-serve / limit and
-alarm-serve / peer for every load point.
+alarm-serve / each peer for every load point.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -19,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,30 +63,124 @@ def _padding_efficiency(before: str, after: str) -> float:
     return real / padded if padded else float("nan")
 
 
-def _start(command: list[str], url: str) -> subprocess.Popen:
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
-    deadline = time.monotonic() + 300
+@dataclass(frozen=True)
+class Peer:
+    system: str  # its name in results.json and on the chart
+    module: str  # run as `python -m module --config --cache-dir --port`
+
+
+PEERS = {
+    "naive": Peer("naive-fastapi", "benchmarks.naive_server"),
+    "litserve": Peer("litserve", "benchmarks.litserve_peer"),
+    "ray": Peer("ray-serve", "benchmarks.ray_serve_peer"),
+}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def peer_command(peer: Peer, config_path: Path, cache_dir: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        peer.module,
+        "--config",
+        str(config_path),
+        "--cache-dir",
+        str(cache_dir),
+    ]
+
+
+def _proc_stats() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, process group) of every live, non-zombie process (Linux /proc)."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        if fields[0] != "Z":
+            stats[int(entry.name)] = (int(fields[1]), int(fields[2]))
+    return stats
+
+
+def server_processes(leader: int) -> set[int]:
+    """The leader's process group and all its descendants, live, the leader included.
+
+    Both, because LitServe's workers stay in the group but may outlive their parent, and
+    Ray's actors are the raylet's children but each leads a process group of its own.
+    """
+    stats = _proc_stats()
+    found = {pid for pid, (_, group) in stats.items() if group == leader}
+    frontier = set(found)
+    while frontier:
+        frontier = {pid for pid, (parent, _) in stats.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _signal_all(pids: set[int], signum: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def still_running(pids: set[int]) -> set[int]:
+    return pids & set(_proc_stats())
+
+
+def _wait_gone(pids: set[int], timeout_s: float) -> set[int]:
+    deadline = time.monotonic() + timeout_s
+    while (alive := still_running(pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+def start_server(
+    command: list[str], url: str, log_path: Path, ready_timeout_s: float = 300
+) -> subprocess.Popen:
+    """Start `command` as the leader of a new process group; return once /readyz says 200."""
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=log, start_new_session=True, cwd=REPO_ROOT
+        )
+    deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            stderr = process.stderr.read().decode() if process.stderr else ""
-            raise RuntimeError(f"{command[0]} exited: {stderr[-2000:]}")
+            stop_server(process)
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{command[:3]} exited ({process.returncode}): {tail}")
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return process
         except httpx.TransportError:
             pass
         time.sleep(0.3)
-    raise RuntimeError(f"{command} not ready")
+    stop_server(process)
+    raise RuntimeError(f"{command[:3]} not ready in {ready_timeout_s} s, see {log_path}")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
+def stop_server(process: subprocess.Popen, grace_s: float = 60) -> set[int]:
+    """Stop a server and every process it started; return their pids; raise if one survives.
+
+    SIGTERM goes to the leader alone first, so that it shuts its own children down (Ray
+    needs its raylet alive for that); whatever outlives it is terminated, then killed.
+    """
+    started = server_processes(process.pid)
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
     try:
-        process.wait(timeout=60)
+        process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        process.kill()
+        process.wait()
+    leftover = (started | server_processes(process.pid)) - {process.pid}
+    _signal_all(leftover, signal.SIGTERM)
+    leftover = _wait_gone(leftover, 10)
+    _signal_all(leftover, signal.SIGKILL)
+    if leftover := _wait_gone(leftover, 10):
+        raise RuntimeError(f"server processes left running: {sorted(leftover)}")
+    return started
 
 
 def _sweep(
@@ -109,7 +207,7 @@ def _sweep(
     return rows
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def plot(results: dict[str, Any], systems: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,17 +217,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     labels = [f"C={c}\nk={k}" for c, k in points]
     xs = range(len(points))
     fig, (tput, lat) = plt.subplots(1, 2, figsize=(12, 4))
-    width = 0.38
-    for offset, system in ((-width / 2, "alarm-serve"), (width / 2, "naive-fastapi")):
-        tput.bar(
-            [x + offset for x in xs],
-            [r["items_per_s"] for r in results[system]],
-            width,
-            label=system,
-        )
-        lat.bar(
-            [x + offset for x in xs], [r["p99_ms"] for r in results[system]], width, label=system
-        )
+    width = 0.8 / len(systems)
+    for index, system in enumerate(systems):
+        offset = (index - (len(systems) - 1) / 2) * width
+        lefts = [x + offset for x in xs]
+        tput.bar(lefts, [r["items_per_s"] for r in results[system]], width, label=system)
+        lat.bar(lefts, [r["p99_ms"] for r in results[system]], width, label=system)
     tput.axhline(
         results["limit"]["best"]["items_per_s"],
         color="black",
@@ -147,12 +240,43 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _ratio(ours: float, theirs: float) -> float:
+    return ours / theirs if theirs else float("nan")  # a peer that served nothing: no ratio
+
+
+def _peer_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(PEERS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown peers {unknown}; choose from {sorted(PEERS)}")
+    return names
+
+
+def _load_points(text: str) -> list[tuple[int, int]]:
+    """`1x1,8x16`: C concurrent clients x k items per request."""
+    try:
+        return [(int(c), int(k)) for c, k in (p.split("x") for p in text.split(","))]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected CxK[,CxK...], got {text!r}") from exc
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "alarm-serve")
     parser.add_argument("--seconds", type=float, default=8.0, help="load per point")
     parser.add_argument("--full", action="store_true", help="add C=256, k=16 (slow on CPU)")
+    parser.add_argument(
+        "--points", type=_load_points, help="load points instead of the grid, e.g. 1x1,8x16"
+    )
+    parser.add_argument(
+        "--peers",
+        type=_peer_names,
+        default=list(PEERS),
+        help=f"comma-separated peers to compare against (default: {','.join(PEERS)})",
+    )
     parser.add_argument(
         "--min-padding-efficiency", type=float, default=0.0, help="batching knob under test"
     )
@@ -162,11 +286,16 @@ def main() -> int:
     write_config(args.cache_dir, config_path, min_padding_efficiency=args.min_padding_efficiency)
     config = load_reward_config(config_path)
     items = load_items(1024)
-    grid = FULL_GRID if args.full else GRID
+    grid = args.points or (FULL_GRID if args.full else GRID)
     results: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
         "grid": grid,
+        # LitServe and Ray Serve batch requests under these limits, as alarm-serve batches items.
+        "peer_batching": {
+            "max_batch_size": config.batching.max_batch_size,
+            "max_wait_ms": config.batching.max_wait_ms,
+        },
     }
 
     best, all_sizes = best_limit(config, args.cache_dir, items[:256], [1, 8, 32, 64])
@@ -177,59 +306,55 @@ def main() -> int:
         flush=True,
     )
 
-    for name, command in (
-        (
-            "alarm-serve",
-            [
-                str(Path(sys.executable).with_name("alarm-serve")),
-                "serve",
-                "--config",
-                str(config_path),
-                "--cache-dir",
-                str(args.cache_dir),
-                "--log-level",
-                "warning",
-            ],
-        ),
-        (
-            "naive-fastapi",
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.naive_server",
-                "--config",
-                str(config_path),
-                "--cache-dir",
-                str(args.cache_dir),
-            ],
-        ),
-    ):
+    alarm_serve = [
+        str(Path(sys.executable).with_name("alarm-serve")),
+        "serve",
+        "--config",
+        str(config_path),
+        "--cache-dir",
+        str(args.cache_dir),
+        "--log-level",
+        "warning",
+    ]
+    servers = [("alarm-serve", alarm_serve)] + [
+        (PEERS[name].system, peer_command(PEERS[name], config_path, args.cache_dir))
+        for name in args.peers
+    ]
+    for system, command in servers:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        process = _start([*command, "--port", str(port)], url)
+        log_path = args.out / f"{system}.log"
+        log_path.unlink(missing_ok=True)
+        process = start_server([*command, "--port", str(port)], url, log_path)
         try:
-            results[name] = _sweep(name, url, items, grid, args.seconds)
+            results[system] = _sweep(system, url, items, grid, args.seconds)
         finally:
-            _stop(process)
+            stop_server(process)
 
     limit = best.items_per_s
     results["ratios"] = [
         {
             "concurrency": ours["concurrency"],
             "items_per_request": ours["items_per_request"],
-            "alarm_over_limit": ours["items_per_s"] / limit,
-            "alarm_over_naive": ours["items_per_s"] / peer["items_per_s"],
+            "alarm_over_limit": _ratio(ours["items_per_s"], limit),
+            **{
+                f"alarm_over_{name}": _ratio(
+                    ours["items_per_s"], results[PEERS[name].system][index]["items_per_s"]
+                )
+                for name in args.peers
+            },
             "padding_efficiency": ours["padding_efficiency"],
         }
-        for ours, peer in zip(results["alarm-serve"], results["naive-fastapi"], strict=True)
+        for index, ours in enumerate(results["alarm-serve"])
     ]
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    plot(results, args.out / "throughput.png")
-    print("\nC     k    alarm/limit  alarm/naive  padding-eff")
+    plot(results, [system for system, _ in servers], args.out / "throughput.png")
+    print("\nC     k    alarm/limit" + "".join(f"  alarm/{n:9s}" for n in args.peers) + "  pad-eff")
     for r in results["ratios"]:
         print(
             f"{r['concurrency']:<5d} {r['items_per_request']:<4d} {r['alarm_over_limit']:11.2f}"
-            f"  {r['alarm_over_naive']:11.2f}  {r['padding_efficiency']:11.3f}"
+            + "".join(f"  {r[f'alarm_over_{n}']:15.2f}" for n in args.peers)
+            + f"  {r['padding_efficiency']:7.3f}"
         )
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'throughput.png'}")
     return 0

@@ -15,26 +15,12 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
-from pydantic import BaseModel
 
-from service.combine import combine_response
-from service.config import load_reward_config
-from service.models import AspectScore, HolisticScore, load_models
-
-
-class Item(BaseModel):
-    prompt: str
-    response: str
-
-
-class Request(BaseModel):
-    items: list[Item]
+from benchmarks.models import PeerRequest, PeerScorer
 
 
 def create_app(config_path: Path, cache_dir: Path) -> FastAPI:
-    config = load_reward_config(config_path)
-    models = load_models(config, cache_dir)
-    holistic_params, aspect_params = config.holistic_params(), config.aspect_params()
+    scorer = PeerScorer.load(config_path, cache_dir)
     # One forward at a time per device, as a single-worker PyTorch server would run.
     device_lock = threading.Lock()
     app = FastAPI()
@@ -44,26 +30,8 @@ def create_app(config_path: Path, cache_dir: Path) -> FastAPI:
         return {"status": "ready"}
 
     @app.post("/v1/rewards")
-    def score(body: Request) -> dict[str, list[float]]:
-        outputs = []
-        for model in models:
-            prepared = [model.prepare(i.prompt, i.response) for i in body.items]
-            with device_lock:
-                outputs.append(model.run(prepared))
-        rewards = []
-        for index, item in enumerate(body.items):
-            holistic = outputs[0][index]
-            assert isinstance(holistic, HolisticScore)
-            segments = {}
-            for model, per_model in zip(models[1:], outputs[1:], strict=True):
-                aspect = per_model[index]
-                assert isinstance(aspect, AspectScore)
-                segments[model.name] = aspect.segments
-            combined = combine_response(
-                item.response, holistic.raw, segments, holistic_params, aspect_params
-            )
-            rewards.append(combined.reward)
-        return {"rewards": rewards}
+    def score(body: PeerRequest) -> dict[str, list[float]]:
+        return {"rewards": scorer.rewards(body.items, device_lock)}
 
     return app
 
