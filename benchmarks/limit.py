@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from service.batching import BatchLimits, WorkItem, form_batches
 from service.config import RewardConfig
+from service.engine import batch_limits
 from service.models import Prepared, RewardModel, load_models
 
 
 @dataclass(frozen=True)
 class LimitResult:
     batch_size: int
-    min_padding_efficiency: float
+    forward_overhead_cut: bool  # batches cut where padding costs more than a forward
     items_per_s: float
     real_tokens_per_s: float
     padding_efficiency: float
@@ -40,11 +41,15 @@ def _padded_counter(model: RewardModel) -> Callable[[list[Prepared]], int]:
 
 
 def measure(
-    models: list[RewardModel], items: list[dict[str, str]], limits: BatchLimits
+    models: list[RewardModel],
+    items: list[dict[str, str]],
+    limits_of: Callable[[RewardModel], BatchLimits],
 ) -> LimitResult:
     seconds: dict[str, float] = {}
     real = padded = 0
+    cut = any(limits_of(model).forward_overhead_tokens is not None for model in models)
     for model in models:
+        limits = limits_of(model)
         prepared = [model.prepare(i["prompt"], i["response"]) for i in items]
         batches = _sorted_batches(prepared, limits)
         model.run(batches[0])  # warm-up
@@ -57,7 +62,7 @@ def measure(
     total = sum(seconds.values())
     return LimitResult(
         batch_size=limits.max_batch_size,
-        min_padding_efficiency=limits.min_padding_efficiency,
+        forward_overhead_cut=cut,
         items_per_s=len(items) / total,
         real_tokens_per_s=real / total,
         padding_efficiency=real / padded if padded else 1.0,
@@ -68,11 +73,20 @@ def measure(
 def best_limit(
     config: RewardConfig, cache_dir: Path, items: list[dict[str, str]], batch_sizes: list[int]
 ) -> tuple[LimitResult, list[LimitResult]]:
+    """The best of every batch size, each with the server's own batch cuts and without."""
     models = load_models(config, cache_dir)
-    b = config.batching
+
+    def limits_of(size: int, cut: bool) -> Callable[[RewardModel], BatchLimits]:
+        def limits(model: RewardModel) -> BatchLimits:
+            server = batch_limits(config, model)
+            overhead = server.forward_overhead_tokens if cut else None
+            return replace(server, max_batch_size=size, forward_overhead_tokens=overhead)
+
+        return limits
+
     results = [
-        measure(models, items, BatchLimits(b.max_batch_tokens, size, 0.0, efficiency))
+        measure(models, items, limits_of(size, cut))
         for size in batch_sizes
-        for efficiency in sorted({0.0, b.min_padding_efficiency})
+        for cut in (True, False)
     ]
     return max(results, key=lambda r: r.items_per_s), results

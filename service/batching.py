@@ -32,6 +32,9 @@ class BatchLimits:
     max_wait_s: float
     # Start a new batch rather than let real / padded tokens fall below this (0 = never).
     min_padding_efficiency: float = 0.0
+    # Start a new batch when padding the batch's rows up to the next item's length would
+    # cost more tokens than one more forward call does (None = never).
+    forward_overhead_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,14 @@ def form_batches(items: Sequence[WorkItem], limits: BatchLimits) -> list[list[Wo
         padded = (rows + item.rows) * item.length
         too_many_tokens = padded > limits.max_batch_tokens
         too_much_padding = (tokens + item.tokens) < limits.min_padding_efficiency * padded
+        overhead = limits.forward_overhead_tokens
+        growth = item.length - current[-1].length if current else 0
+        padding_beats_a_forward = overhead is not None and rows * growth > overhead
         if current and (
-            too_many_tokens or too_much_padding or len(current) >= limits.max_batch_size
+            too_many_tokens
+            or too_much_padding
+            or padding_beats_a_forward
+            or len(current) >= limits.max_batch_size
         ):
             batches.append(current)
             current, rows, tokens = [], 0, 0

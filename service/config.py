@@ -273,6 +273,12 @@ class BatchingConfig(_Strict):
         "where batching buys little, padding is what costs (0 = cut only by budget and size)",
     )
     max_queue_items: int = Field(4096, ge=1, description="admitted items not yet scored")
+    forward_overhead_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="cut a batch where padding it further would cost more padded tokens than "
+        "one more forward call; null = measured defaults (64 on CPU, 4096 on GPU)",
+    )
 
 
 class LimitsConfig(_Strict):

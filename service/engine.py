@@ -33,6 +33,7 @@ from service.errors import (
 )
 from service.metrics import ServiceMetrics
 from service.models import AspectScore, HolisticScore, ModelOutput, Prepared, RewardModel
+from service.models.loading import forward_overhead_tokens
 from service.score_cache import ScoreCache, item_key
 
 HOST_DEVICE = "host"  # models without tensors run inline on the event loop
@@ -89,6 +90,25 @@ def run_halving_on_oom(
     )
 
 
+def batch_limits(config: RewardConfig, model: RewardModel) -> BatchLimits:
+    """One model's batching limits. Batches are cut where padding costs more than a forward
+    call, except for host models (no forward) and models that lay out their own rows
+    (they cut inside `run`)."""
+    batching = config.batching
+    overhead = batching.forward_overhead_tokens
+    if model.device == HOST_DEVICE or hasattr(model, "padded_tokens"):
+        overhead = None
+    elif overhead is None:
+        overhead = forward_overhead_tokens(model.device)
+    return BatchLimits(
+        max_batch_tokens=batching.max_batch_tokens,
+        max_batch_size=batching.max_batch_size,
+        max_wait_s=batching.max_wait_ms / 1000,
+        min_padding_efficiency=batching.min_padding_efficiency,
+        forward_overhead_tokens=overhead,
+    )
+
+
 @dataclass(frozen=True)
 class ScoreInput:
     prompt: str
@@ -112,12 +132,6 @@ class RewardEngine:
         self._metrics = metrics
         self._holistic_params = config.holistic_params()
         self._aspect_params = config.aspect_params()
-        limits = BatchLimits(
-            max_batch_tokens=config.batching.max_batch_tokens,
-            max_batch_size=config.batching.max_batch_size,
-            max_wait_s=config.batching.max_wait_ms / 1000,
-            min_padding_efficiency=config.batching.min_padding_efficiency,
-        )
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._device_pools = {
             device: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{device}")
@@ -126,7 +140,7 @@ class RewardEngine:
         self._batchers: dict[str, MicroBatcher[Prepared, ModelOutput]] = {
             model.name: MicroBatcher(
                 self._runner(model),
-                limits,
+                batch_limits(config, model),
                 self._observer(model.name),
                 self._drop_observer(model.name),
                 getattr(model, "padded_tokens", None),

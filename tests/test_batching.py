@@ -173,3 +173,17 @@ async def test_a_flooding_owner_delays_another_owner_by_at_most_one_round():
     # The round already running when it arrived, then the next one: not after 1000 items.
     assert executed.index("small") < 2 * round_size
     assert done_when_small_finished <= 2 * round_size
+
+
+def test_form_batches_cuts_where_padding_costs_more_than_a_forward_call():
+    items = [make_item(n) for n in (10, 11, 12, 30, 32, 90)] + [make_item(12, rows=4)]
+    limits = BatchLimits(10_000, 64, 0, forward_overhead_tokens=40)
+    batches = form_batches(items, limits)
+    # 7 rows up to 30 would add 7 x 18 padded tokens > 40; 2 rows up to 90 add 2 x 58 > 40.
+    assert [[(i.length, i.rows) for i in b] for b in batches] == [
+        [(10, 1), (11, 1), (12, 1), (12, 4)],
+        [(30, 1), (32, 1)],
+        [(90, 1)],
+    ]
+    cheap_padding = BatchLimits(10_000, 64, 0, forward_overhead_tokens=10_000)
+    assert len(form_batches(items, cheap_padding)) == 1

@@ -308,17 +308,16 @@ def test_a_rule_fingerprint_does_not_depend_on_the_working_directory(tmp_path, m
     assert fingerprint("", {"rule": "length"}) == empty
 
 
-def test_rows_are_cut_into_length_sorted_chunks_with_little_padding():
+def test_rows_are_cut_into_length_sorted_chunks_when_padding_costs_more_than_a_forward():
     from service.models.loading import chunked_padded_tokens, length_sorted_chunks
 
     lengths = [30, 5, 31, 6, 120, 5, 29]
-    chunks = length_sorted_chunks(lengths, min_efficiency=0.9)
+    chunks = length_sorted_chunks(lengths, overhead_tokens=40)
     assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
-    # 5, 5, 6 would be 16 real of 18 padded tokens (0.89): 6 starts a chunk of its own.
-    assert [[lengths[i] for i in c] for c in chunks] == [[5, 5], [6], [29, 30, 31], [120]]
-    for chunk in chunks:
-        real = sum(lengths[i] for i in chunk)
-        assert real >= 0.9 * len(chunk) * max(lengths[i] for i in chunk)
-    assert chunked_padded_tokens(lengths) == 2 * 5 + 6 + 3 * 31 + 120
-    assert chunked_padded_tokens(lengths) < len(lengths) * max(lengths)
-    assert length_sorted_chunks([]) == []
+    # Padding 5, 5, 6 up to 29 would cost 3 x 23 tokens > 40: 29 starts a chunk; 120 too.
+    assert [[lengths[i] for i in c] for c in chunks] == [[5, 5, 6], [29, 30, 31], [120]]
+    assert chunked_padded_tokens(lengths, 40) == 3 * 6 + 3 * 31 + 120
+    assert chunked_padded_tokens(lengths, 40) < len(lengths) * max(lengths)
+    # When a forward costs more than any padding, everything is one rectangle.
+    assert length_sorted_chunks(lengths, overhead_tokens=10_000) == [[1, 5, 3, 6, 0, 2, 4]]
+    assert length_sorted_chunks([], 40) == []

@@ -68,7 +68,13 @@ def trainer_of(request: Request) -> str:
     return str(state_of(request).auth.trainer_for(request.headers.get("authorization")))
 
 
-def scoring_trainer_of(request: Request) -> str:
+# Dependencies are coroutines: FastAPI runs a plain `def` dependency in a thread pool,
+# one thread hop per request for a dictionary lookup.
+async def authenticated_trainer(request: Request) -> str:
+    return trainer_of(request)
+
+
+async def scoring_trainer_of(request: Request) -> str:
     """The calling trainer, within its request-rate limit (429 + Retry-After beyond it)."""
     trainer = trainer_of(request)
     state = state_of(request)
@@ -182,7 +188,7 @@ async def score_rewards(
     response_model=ModelsResponse,
     responses={401: ERROR_RESPONSES[401], 503: ERROR_RESPONSES[503]},
 )
-async def list_models(request: Request, _: str = Depends(trainer_of)) -> ModelsResponse:
+async def list_models(request: Request, _: str = Depends(authenticated_trainer)) -> ModelsResponse:
     """The loaded models, their devices, the combination parameters and request limits."""
     engine = engine_of(request)
     config = state_of(request).config

@@ -18,6 +18,7 @@ from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.loading import (
     chunked_padded_tokens,
     fingerprint,
+    forward_overhead_tokens,
     length_sorted_chunks,
     load_pretrained,
     load_tokenizer,
@@ -40,6 +41,7 @@ class EmbeddingSimilarityModel:
         self._special_ids = set(self._tokenizer.all_special_ids)
         self._model = load_pretrained(AutoModel, resolved_path, spec.dtype, device)
         self._pad_id = int(self._tokenizer.pad_token_id or 0)
+        self._overhead_tokens = forward_overhead_tokens(device)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude={"device"}))
 
     def prepare(self, prompt: str, response: str) -> Prepared:
@@ -56,7 +58,8 @@ class EmbeddingSimilarityModel:
         return Prepared(rows=tuple(map(tuple, kept)), truncated=truncated, meta=tuple(spans))
 
     def padded_tokens(self, batch: Sequence[Prepared]) -> int:
-        return chunked_padded_tokens([len(row) for p in batch for row in p.rows])
+        lengths = [len(row) for p in batch for row in p.rows]
+        return chunked_padded_tokens(lengths, self._overhead_tokens)
 
     def _embed(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         ids, mask = pad_right(rows, self._pad_id, self.device)
@@ -70,7 +73,7 @@ class EmbeddingSimilarityModel:
         # Rows, not items, are sorted by length: an item's short prompt row would otherwise
         # be padded to its longest sentence, and every row to the batch's longest.
         all_rows = [row for p in batch for row in p.rows]
-        chunks = length_sorted_chunks([len(row) for row in all_rows])
+        chunks = length_sorted_chunks([len(row) for row in all_rows], self._overhead_tokens)
         parts = [self._embed([all_rows[i] for i in chunk]) for chunk in chunks]
         embeddings = torch.empty(len(all_rows), parts[0].shape[-1])
         for chunk, part in zip(chunks, parts, strict=True):
