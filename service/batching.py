@@ -109,6 +109,11 @@ class MicroBatcher(Generic[P, R]):
 
     `run_batch` may return an exception in place of an item's result: it fails only that
     item. Dropped items (deadline passed, caller gone) are reported to `on_dropped`.
+
+    With `announced_arrivals`, callers `announce` items before preparing them (tokenising
+    takes a while) and the batcher holds a batch back for up to `max_wait_s` only while
+    announced items are still on their way: a lone request is not kept waiting for
+    company that nobody has sent. Without it, every batch waits up to `max_wait_s`.
     """
 
     ROUND_BATCHES = 4
@@ -120,6 +125,7 @@ class MicroBatcher(Generic[P, R]):
         on_batch: Callable[[BatchStats], None] | None = None,
         on_dropped: Callable[[DropReason, int], None] | None = None,
         count_padded: Callable[[list[P]], int] | None = None,
+        announced_arrivals: bool = False,
     ) -> None:
         self._run_batch = run_batch
         self._limits = limits
@@ -128,6 +134,8 @@ class MicroBatcher(Generic[P, R]):
         # How many padded tokens `run_batch` really computes, for models that lay rows out
         # their own way; the default is one rectangle of rows x longest row.
         self._count_padded = count_padded
+        self._announced_arrivals = announced_arrivals
+        self._announced = 0  # announced, not yet submitted
         self._pending: dict[str, deque[WorkItem[P]]] = {}
         self._pending_count = 0
         self._pending_rows = 0
@@ -157,6 +165,15 @@ class MicroBatcher(Generic[P, R]):
         self._pending.clear()
         self._pending_count = 0
 
+    def announce(self, count: int) -> None:
+        """`count` items will be submitted soon (or `withdraw`n)."""
+        self._announced += count
+
+    def withdraw(self, count: int) -> None:
+        """Announced items that will not come after all (their caller failed or left)."""
+        self._announced = max(0, self._announced - count)
+        self._arrived.set()  # a batch held back for them can go now
+
     def submit(
         self,
         payload: P,
@@ -171,6 +188,7 @@ class MicroBatcher(Generic[P, R]):
         real_tokens = length * rows if tokens is None else tokens
         item = WorkItem(payload, length, rows, real_tokens, future, time.monotonic(), deadline)
         self._pending.setdefault(owner, deque()).append(item)
+        self._announced = max(0, self._announced - 1)
         self._pending_count += 1
         self._pending_rows += rows
         self._pending_max_length = max(self._pending_max_length, length)
@@ -191,7 +209,7 @@ class MicroBatcher(Generic[P, R]):
             self._arrived.clear()
             await self._arrived.wait()
         deadline = self._oldest_enqueued_at() + self._limits.max_wait_s
-        while not self._full():
+        while not self._full() and (self._announced > 0 or not self._announced_arrivals):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return

@@ -144,6 +144,7 @@ class RewardEngine:
                 self._observer(model.name),
                 self._drop_observer(model.name),
                 getattr(model, "padded_tokens", None),
+                announced_arrivals=True,
             )
             for model in self._models
         }
@@ -278,17 +279,20 @@ class RewardEngine:
         deadline: float | None,
     ) -> list[ModelOutput]:
         loop = asyncio.get_running_loop()
+        batcher = self._batchers[model.name]
+        batcher.announce(len(items))  # so that a batch forming now waits for these
         try:
             prepared = await loop.run_in_executor(
                 self._tokenize_pool, self._prepare_all, model, items
             )
         except asyncio.CancelledError:  # the caller left while its items were tokenised
+            batcher.withdraw(len(items))
             self._metrics.observe_dropped(model.name, "cancelled", len(items))
             raise
         except Exception as exc:
+            batcher.withdraw(len(items))
             log.exception("model %s failed to prepare inputs", model.name)
             raise ModelFailure(f"model {model.name!r} could not tokenise the input") from exc
-        batcher = self._batchers[model.name]
         futures = [
             batcher.submit(p, p.length, len(p.rows), p.tokens, owner, deadline) for p in prepared
         ]

@@ -187,3 +187,30 @@ def test_form_batches_cuts_where_padding_costs_more_than_a_forward_call():
     ]
     cheap_padding = BatchLimits(10_000, 64, 0, forward_overhead_tokens=10_000)
     assert len(form_batches(items, cheap_padding)) == 1
+
+
+async def test_with_announcements_a_batch_waits_only_for_items_on_their_way():
+    model = RecordingModel()
+    slow_wait = BatchLimits(max_batch_tokens=10_000, max_batch_size=8, max_wait_s=5.0)
+    batcher = MicroBatcher(model, slow_wait, announced_arrivals=True)
+    batcher.start()
+    try:
+        # Nothing announced: a lone item goes at once, not after the 5 s wait.
+        assert await asyncio.wait_for(batcher.submit(("solo", 3), length=3), 1) == "scored:solo"
+        # Two announced, one submitted: the batch holds for the second, then both go together.
+        batcher.announce(2)
+        first = batcher.submit(("a", 3), length=3)
+        await asyncio.sleep(0.05)
+        assert not first.done()
+        second = batcher.submit(("b", 3), length=3)
+        assert await asyncio.wait_for(asyncio.gather(first, second), 1) == ["scored:a", "scored:b"]
+        assert model.batches[-1] == [("a", 3), ("b", 3)]
+        # An announced item whose caller gave up releases the batch held for it.
+        batcher.announce(2)
+        third = batcher.submit(("c", 3), length=3)
+        await asyncio.sleep(0.05)
+        assert not third.done()
+        batcher.withdraw(1)
+        assert await asyncio.wait_for(third, 1) == "scored:c"
+    finally:
+        await batcher.stop()
