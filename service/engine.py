@@ -9,6 +9,7 @@ batch that runs out of device memory is halved and retried (`run_halving_on_oom`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ from service.errors import (
     Overloaded,
     TooManyRequests,
 )
+from service.memory import release_free_heap
 from service.metrics import ServiceMetrics
 from service.models import AspectScore, HolisticScore, ModelOutput, Prepared, RewardModel
 from service.models.loading import forward_overhead_tokens
@@ -124,6 +126,8 @@ class ScoredItem:
 class RewardEngine:
     """Owns the models' batchers and threads; `score` is safe to call concurrently."""
 
+    HEAP_TRIM_INTERVAL_S = 10.0  # see service.memory: keeps resident memory flat
+
     def __init__(
         self, models: Sequence[RewardModel], config: RewardConfig, metrics: ServiceMetrics
     ) -> None:
@@ -154,6 +158,7 @@ class RewardEngine:
         self._in_flight = 0
         self._in_flight_by_trainer: dict[str, int] = {}
         self._accepting = False
+        self._heap_trimmer: asyncio.Task[None] | None = None
 
     def _observer(self, name: str) -> Callable[[BatchStats], None]:
         return lambda stats: self._metrics.observe_batch(name, stats)
@@ -187,13 +192,26 @@ class RewardEngine:
         for batcher in self._batchers.values():
             batcher.start()
         self._accepting = True
+        self._heap_trimmer = asyncio.create_task(self._trim_heap_periodically())
         # Not a trainer's request: bypasses admission, so trainer metrics stay clean.
         await self._score_admitted(
             [ScoreInput("Warm-up question?", "A warm-up answer.")], None, "warm-up"
         )
 
+    async def _trim_heap_periodically(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.HEAP_TRIM_INTERVAL_S)
+            # In a worker thread: the event loop keeps answering while glibc walks its heap.
+            if not await loop.run_in_executor(self._tokenize_pool, release_free_heap):
+                return  # not glibc: nothing to do, ever
+
     async def stop(self) -> None:
         self._accepting = False
+        if self._heap_trimmer is not None:
+            self._heap_trimmer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heap_trimmer
         for batcher in self._batchers.values():
             await batcher.stop()
         for pool in (*self._device_pools.values(), self._tokenize_pool):

@@ -282,3 +282,23 @@ def test_an_invalid_deadline_is_refused_with_422(slow_queue_server, body, header
     )
     assert reply.status_code == 422, reply.text
     assert reply.json()["error"]["type"] == "invalid_request"
+
+
+async def test_the_engine_gives_free_heap_pages_back_periodically(
+    tiny_paths, tmp_path, monkeypatch
+):
+    import service.engine as engine_module
+    from service.memory import release_free_heap
+
+    calls: list[int] = []
+    monkeypatch.setattr(engine_module.RewardEngine, "HEAP_TRIM_INTERVAL_S", 0.05)
+    monkeypatch.setattr(engine_module, "release_free_heap", lambda: calls.append(1) or True)
+    config = RewardConfig.model_validate(tiny_config_dict(tiny_paths))
+    async with asgi_client(config, tmp_path) as client:
+        await wait_ready(client)
+        await asyncio.sleep(0.5)
+        assert len(calls) >= 2
+    stopped_at = len(calls)
+    await asyncio.sleep(0.2)
+    assert len(calls) == stopped_at  # the trimmer stops with the engine
+    assert release_free_heap()  # glibc (Linux): the real call works here
