@@ -32,11 +32,13 @@ PATIENT_RETRY = RetryPolicy(max_attempts=50, backoff_initial_s=0.01, backoff_max
 
 @pytest.fixture(scope="module")
 def server_url(tiny_paths, tmp_path_factory):
-    """A server that accepts at most 4 items per request and 8 in flight."""
+    """A server that accepts at most 4 items per request and 8 in flight, and runs the
+    models for every item (no output cache), so that repeated items still load it."""
     config = tiny_config_dict(
         tiny_paths,
         limits={"max_items_per_request": 4},
         batching={"max_queue_items": 8, "max_wait_ms": 20},
+        cache={"max_items": 0},
     )
     folder = tmp_path_factory.mktemp("client-server")
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
