@@ -209,8 +209,9 @@ async def test_a_model_out_of_memory_on_big_batches_still_scores_every_item(
 
 @pytest.fixture(scope="module")
 def slow_queue_server(tiny_paths, tmp_path_factory):
-    """A server whose batchers wait 200 ms for company: a 1 ms deadline expires in the queue."""
-    config = tiny_config_dict(tiny_paths, batching={"max_wait_ms": 200})
+    """A server where a 1 ms deadline expires before the items reach a model: tokenising
+    and queueing take longer. No output cache, or a repeated item would skip both."""
+    config = tiny_config_dict(tiny_paths, batching={"max_wait_ms": 200}, cache={"max_items": 0})
     folder = tmp_path_factory.mktemp("faults")
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     with running_server(folder / "config.yaml", folder) as url:
