@@ -14,12 +14,11 @@ group too (`benchmarks.bench.stop_server` does).
 
 # No `from __future__ import annotations`: LitServe reads decode_request's annotation as
 # the endpoint's body type, and FastAPI cannot resolve it as a string in LitServe's module.
-import argparse
 from pathlib import Path
 
 import litserve as ls
 
-from benchmarks.models import PeerItem, PeerRequest, PeerScorer
+from benchmarks.models import PeerItem, PeerRequest, PeerScorer, peer_arguments
 from service.config import load_reward_config
 
 
@@ -66,11 +65,7 @@ class RewardsAPI(ls.LitAPI):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--cache-dir", type=Path, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
+    args = peer_arguments()
     import torch
 
     batching = load_reward_config(args.config).batching

@@ -10,6 +10,7 @@ so that peers differ only in how they schedule forwards, never in what they comp
 
 from __future__ import annotations
 
+import argparse
 import itertools
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -147,3 +148,12 @@ class PeerScorer:
         return [
             rewards[end - len(request) : end] for request, end in zip(requests, ends, strict=True)
         ]
+
+
+def peer_arguments() -> argparse.Namespace:
+    """The command line of every peer server: `benchmarks.bench` starts them all alike."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--cache-dir", type=Path, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    return parser.parse_args()

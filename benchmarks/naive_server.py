@@ -9,14 +9,13 @@ code as alarm-serve, so the difference measured is the scheduling.
 
 from __future__ import annotations
 
-import argparse
 import threading
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
 
-from benchmarks.models import PeerRequest, PeerScorer
+from benchmarks.models import PeerRequest, PeerScorer, peer_arguments
 
 
 def create_app(config_path: Path, cache_dir: Path) -> FastAPI:
@@ -37,11 +36,7 @@ def create_app(config_path: Path, cache_dir: Path) -> FastAPI:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--cache-dir", type=Path, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
+    args = peer_arguments()
     app = create_app(args.config, args.cache_dir)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 

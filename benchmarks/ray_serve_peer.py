@@ -13,7 +13,6 @@ SIGTERM or SIGINT, then shuts Serve and Ray down.
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations in the
 # replica, where this module's globals may not be there to resolve strings against.
-import argparse
 import asyncio
 import os
 import signal
@@ -25,7 +24,7 @@ import ray
 from fastapi import FastAPI
 from ray import serve
 
-from benchmarks.models import PeerItem, PeerRequest, PeerScorer
+from benchmarks.models import PeerItem, PeerRequest, PeerScorer, peer_arguments
 from service.config import load_reward_config
 
 app = FastAPI()
@@ -68,11 +67,7 @@ class RewardsDeployment:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--cache-dir", type=Path, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
+    args = peer_arguments()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import torch
