@@ -137,12 +137,23 @@ def _wait_gone(pids: set[int], timeout_s: float) -> set[int]:
 
 
 def start_server(
-    command: list[str], url: str, log_path: Path, ready_timeout_s: float = 300
+    command: list[str],
+    url: str,
+    log_path: Path,
+    ready_timeout_s: float = 300,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
-    """Start `command` as the leader of a new process group; return once /readyz says 200."""
+    """Start `command` as the leader of a new process group; return once /readyz says 200.
+
+    `env` adds variables to the server's environment only, never to this process's."""
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=log, start_new_session=True, cwd=REPO_ROOT
+            command,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            cwd=REPO_ROOT,
+            env={**os.environ, **(env or {})},
         )
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:

@@ -161,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     keys = {f"trainer-{i}": f"load-key-{i}-{os.urandom(8).hex()}" for i in range(args.trainers)}
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    os.environ["ALARM_API_KEYS"] = ",".join(f"{name}:{key}" for name, key in keys.items())
+    api_keys = ",".join(f"{name}:{key}" for name, key in keys.items())
     command = [ALARM_SERVE, "serve", "--config", str(config_path), "--port", str(port)]
     server = start_server(
-        [*command, "--cache-dir", str(cache_dir)], base_url, args.out / "server.log"
+        [*command, "--cache-dir", str(cache_dir)],
+        base_url,
+        args.out / "server.log",
+        env={"ALARM_API_KEYS": api_keys},
     )
     rounds = []
     try:

@@ -277,7 +277,7 @@ class BatchingConfig(_Strict):
         None,
         ge=0,
         description="cut a batch where padding it further would cost more padded tokens than "
-        "one more forward call; null = measured defaults (64 on CPU, 4096 on GPU)",
+        "one more forward call; null = 64 on CPU (measured), 4096 on GPU (not yet measured)",
     )
 
 

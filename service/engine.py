@@ -276,9 +276,9 @@ class RewardEngine:
         for index, (key, output) in enumerate(zip(keys, outputs, strict=True)):
             if output is None:
                 misses.setdefault(key, []).append(index)
-        lookups = self._metrics.cache_lookups
-        lookups.labels(model.name, "hit").inc(len(items) - sum(map(len, misses.values())))
-        lookups.labels(model.name, "miss").inc(sum(map(len, misses.values())))
+        missed = sum(map(len, misses.values()))
+        self._metrics.cache_lookups.labels(model.name, "hit").inc(len(items) - missed)
+        self._metrics.cache_lookups.labels(model.name, "miss").inc(missed)
         if misses:
             fresh = await self._run_model(
                 model, [items[indices[0]] for indices in misses.values()], owner, deadline

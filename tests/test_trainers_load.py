@@ -1,6 +1,7 @@
 """The multi-trainer load test, run briefly on tiny models: it must account for every request."""
 
 import json
+import os
 
 import yaml
 
@@ -14,6 +15,7 @@ def test_the_load_test_reports_every_trainer_round_and_memory(tiny_paths, tmp_pa
     out = tmp_path / "out"
     argv = ["--out", str(out), "--config", str(config), "--trainers", "2", "--seconds", "2"]
     assert trainers_load.main([*argv, "--rounds", "2", "--items-per-request", "4"]) == 0
+    assert "ALARM_API_KEYS" not in os.environ  # the keys went to the server process only
 
     report = json.loads((out / "trainers_load.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2]

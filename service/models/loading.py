@@ -91,8 +91,8 @@ def pad_right(
 
 def forward_overhead_tokens(device: str) -> int:
     """What one extra forward call costs, in padded tokens of compute. Measured on MiniLM
-    on a 2-core CPU: about 13 ms per call against 0.27 ms per token, so ~50 tokens; on a
-    GPU, kernel launches dwarf the compute of small batches."""
+    on a 2-core CPU: about 13 ms per call against 0.27 ms per token, so ~50 tokens. The GPU
+    figure is not measured yet: kernel launches should dwarf small batches' compute."""
     return 64 if device == "cpu" else 4096
 
 
