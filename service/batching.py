@@ -2,8 +2,11 @@
 
 It knows nothing about models: items carry an opaque payload, a length (tokens of their
 longest row) and a row count. Pending items are flushed when the oldest has waited
-`max_wait_s`, or when they would fill a batch; a flush sorts them by length and cuts them
-into batches whose padded size (rows x longest length) stays under `max_batch_tokens`.
+`max_wait_s`, or when they would fill a batch. Each forward is chosen afresh from
+everything pending: the pending items are sorted by length and cut into batches whose
+padded size (rows x longest length) stays under `max_batch_tokens`, and the batch holding
+the next item in fair order runs; the rest wait for the next choice, where items that
+arrived meanwhile join them (a wider choice of lengths, so less padding).
 Items whose caller went away (cancelled future) or whose deadline passed are dropped before
 they reach `run_batch`; the latter fail with `DeadlineExceeded`.
 """
@@ -12,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
+from service.device_turns import DeviceTurns
 from service.errors import DeadlineExceeded
+from service.padding_cuts import cheapest_cuts
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -32,8 +38,8 @@ class BatchLimits:
     max_wait_s: float
     # Start a new batch rather than let real / padded tokens fall below this (0 = never).
     min_padding_efficiency: float = 0.0
-    # Start a new batch when padding the batch's rows up to the next item's length would
-    # cost more tokens than one more forward call does (None = never).
+    # What one forward call costs beyond its padded tokens, in tokens: batches are cut
+    # where padded tokens + this per call is least (None = never cut to save padding).
     forward_overhead_tokens: int | None = None
 
 
@@ -46,6 +52,7 @@ class WorkItem(Generic[P]):
     future: asyncio.Future = field(compare=False)
     enqueued_at: float = field(compare=False)
     deadline: float | None = field(default=None, compare=False)  # time.monotonic(); None: never
+    owner: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -71,23 +78,33 @@ def padded_tokens(items: Sequence[WorkItem]) -> int:
 
 
 def form_batches(items: Sequence[WorkItem], limits: BatchLimits) -> list[list[WorkItem]]:
-    """Length-sorted greedy cut: similar lengths share a batch, so little padding is wasted."""
+    """Length-sorted batches: similar lengths share a batch, so little padding is wasted.
+
+    With `forward_overhead_tokens`, the sorted items are cut where it costs least time
+    (`cheapest_cuts`); without, each batch is filled up to the limits.
+    """
+    ordered = sorted(items, key=lambda i: i.length)
+    if limits.forward_overhead_tokens is not None:
+        cuts = cheapest_cuts(
+            [i.length for i in ordered],
+            [i.rows for i in ordered],
+            [i.tokens for i in ordered],
+            limits.forward_overhead_tokens,
+            limits.max_batch_size,
+            limits.max_batch_tokens,
+            limits.min_padding_efficiency,
+        )
+        return [ordered[start:end] for start, end in cuts]
     batches: list[list[WorkItem]] = []
     current: list[WorkItem] = []
     rows = tokens = 0
-    for item in sorted(items, key=lambda i: i.length):
+    for item in ordered:
         # Sorted ascending, so `item.length` is the new batch's longest row.
         padded = (rows + item.rows) * item.length
         too_many_tokens = padded > limits.max_batch_tokens
         too_much_padding = (tokens + item.tokens) < limits.min_padding_efficiency * padded
-        overhead = limits.forward_overhead_tokens
-        growth = item.length - current[-1].length if current else 0
-        padding_beats_a_forward = overhead is not None and rows * growth > overhead
         if current and (
-            too_many_tokens
-            or too_much_padding
-            or padding_beats_a_forward
-            or len(current) >= limits.max_batch_size
+            too_many_tokens or too_much_padding or len(current) >= limits.max_batch_size
         ):
             batches.append(current)
             current, rows, tokens = [], 0, 0
@@ -102,10 +119,12 @@ def form_batches(items: Sequence[WorkItem], limits: BatchLimits) -> list[list[Wo
 class MicroBatcher(Generic[P, R]):
     """Merges items submitted by many concurrent callers into batches for `run_batch`.
 
-    Items are queued per owner (a trainer). Each flush takes a round of at most
-    `ROUND_BATCHES` batches' worth of items, one item per owner in turn, oldest first within
-    an owner; so an owner that floods the queue delays another owner's item by at most one
-    round, never by its whole backlog.
+    Items are queued per owner (a trainer). Before each forward, a window of at most
+    `ROUND_BATCHES` batches' worth of pending items is taken, one item per owner in turn,
+    oldest first within an owner; the window is cut into length-sorted batches and the one
+    holding the window's first item (the oldest item of the owner whose turn it is) runs.
+    Owners take turns at being first, so an owner that floods the queue delays another
+    owner's item by at most one forward per owner, never by its whole backlog.
 
     `run_batch` may return an exception in place of an item's result: it fails only that
     item. Dropped items (deadline passed, caller gone) are reported to `on_dropped`.
@@ -126,6 +145,7 @@ class MicroBatcher(Generic[P, R]):
         on_dropped: Callable[[DropReason, int], None] | None = None,
         count_padded: Callable[[list[P]], int] | None = None,
         announced_arrivals: bool = False,
+        device_turns: DeviceTurns | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._limits = limits
@@ -135,6 +155,10 @@ class MicroBatcher(Generic[P, R]):
         # their own way; the default is one rectangle of rows x longest row.
         self._count_padded = count_padded
         self._announced_arrivals = announced_arrivals
+        # Shared by the batchers of models on one device: a batch is chosen only once the
+        # device is free, so items that arrive while another model's forward runs join it
+        # (a batch chosen earlier would wait in the device's queue with its items fixed).
+        self._device_turns = device_turns or DeviceTurns()
         self._announced = 0  # announced, not yet submitted
         self._pending: dict[str, deque[WorkItem[P]]] = {}
         self._pending_count = 0
@@ -186,7 +210,9 @@ class MicroBatcher(Generic[P, R]):
         """Queue one item; `deadline` is on the `time.monotonic()` clock (None: no deadline)."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         real_tokens = length * rows if tokens is None else tokens
-        item = WorkItem(payload, length, rows, real_tokens, future, time.monotonic(), deadline)
+        item = WorkItem(
+            payload, length, rows, real_tokens, future, time.monotonic(), deadline, owner
+        )
         self._pending.setdefault(owner, deque()).append(item)
         self._announced = max(0, self._announced - 1)
         self._pending_count += 1
@@ -204,6 +230,9 @@ class MicroBatcher(Generic[P, R]):
     def _oldest_enqueued_at(self) -> float:
         return min(queue[0].enqueued_at for queue in self._pending.values())
 
+    def _oldest_pending(self) -> float:
+        return self._oldest_enqueued_at() if self._pending else math.inf
+
     async def _wait_for_batch(self) -> None:
         while not self._pending:
             self._arrived.clear()
@@ -217,23 +246,54 @@ class MicroBatcher(Generic[P, R]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
-    def _take_round(self) -> list[WorkItem[P]]:
-        """One item per owner in turn until the round is full or nothing is pending."""
+    def _window(self) -> list[WorkItem[P]]:
+        """Pending items in fair order, without removing them: one per owner in turn."""
         limit = self.ROUND_BATCHES * self._limits.max_batch_size
-        taken: list[WorkItem[P]] = []
-        while self._pending and len(taken) < limit:
-            for owner in list(self._pending):
-                queue = self._pending[owner]
-                taken.append(queue.popleft())
-                if not queue:
-                    del self._pending[owner]
-                if len(taken) >= limit:
+        queues = [iter(queue) for queue in self._pending.values()]
+        window: list[WorkItem[P]] = []
+        while queues and len(window) < limit:
+            for queue in list(queues):
+                item = next(queue, None)
+                if item is None:
+                    queues.remove(queue)
+                    continue
+                window.append(item)
+                if len(window) >= limit:
                     break
+        return window
+
+    def _remove(self, items: Sequence[WorkItem[P]]) -> None:
+        """Take `items` out of the pending queues, keeping every other item's place."""
+        gone = {id(item) for item in items}
+        for owner in {item.owner for item in items}:
+            kept = deque(item for item in self._pending[owner] if id(item) not in gone)
+            if kept:
+                self._pending[owner] = kept
+            else:
+                del self._pending[owner]
         remaining = [item for queue in self._pending.values() for item in queue]
         self._pending_count = len(remaining)
         self._pending_rows = sum(item.rows for item in remaining)
         self._pending_max_length = max((item.length for item in remaining), default=0)
-        return taken
+
+    def _next_batch(self) -> list[WorkItem[P]]:
+        """The batch to run now: the one holding the window's first item.
+
+        The first item's owner then goes to the back of the line, so owners take turns.
+        """
+        window = self._window()
+        live = self._drop_dead(window)
+        if len(live) < len(window):
+            kept = {id(item) for item in live}
+            self._remove([item for item in window if id(item) not in kept])
+        if not live:
+            return []
+        first = live[0]
+        chosen = next(b for b in form_batches(live, self._limits) if any(i is first for i in b))
+        self._remove(chosen)
+        if first.owner in self._pending:  # to the back of the line
+            self._pending[first.owner] = self._pending.pop(first.owner)
+        return chosen
 
     def _drop_dead(self, items: list[WorkItem[P]]) -> list[WorkItem[P]]:
         """The items still worth a forward; the others are dropped and reported."""
@@ -265,28 +325,28 @@ class MicroBatcher(Generic[P, R]):
     async def _loop(self) -> None:
         while True:
             await self._wait_for_batch()
-            for batch in form_batches(self._drop_dead(self._take_round()), self._limits):
-                await self._execute(batch)
+            async with self._device_turns.turn(self._oldest_pending):
+                # Keep the device while this batcher holds the oldest work waiting for it.
+                while batch := self._next_batch():
+                    await self._execute(batch)
+                    if self._device_turns.older_work_waits(self._oldest_pending()):
+                        break
 
     async def _execute(self, batch: list[WorkItem[P]]) -> None:
-        # Checked again here: earlier batches of the round may have taken a while.
-        live = self._drop_dead(batch)
-        if not live:
-            return
         started = time.monotonic()
         failed = False
         failed_items = 0
         try:
-            results = await self._run_batch([item.payload for item in live])
-            if len(results) != len(live):
-                raise BatchSizeMismatch(f"batch of {len(live)} items returned {len(results)}")
+            results = await self._run_batch([item.payload for item in batch])
+            if len(results) != len(batch):
+                raise BatchSizeMismatch(f"batch of {len(batch)} items returned {len(results)}")
         except Exception as exc:
             failed = True
-            for item in live:
+            for item in batch:
                 if not item.future.done():
                     item.future.set_exception(exc)
         else:
-            for item, result in zip(live, results, strict=True):
+            for item, result in zip(batch, results, strict=True):
                 if item.future.done():
                     continue
                 if isinstance(result, BaseException):
@@ -297,15 +357,15 @@ class MicroBatcher(Generic[P, R]):
         if self._on_batch is not None:
             self._on_batch(
                 BatchStats(
-                    size=len(live),
-                    rows=sum(i.rows for i in live),
-                    real_tokens=sum(i.tokens for i in live),
+                    size=len(batch),
+                    rows=sum(i.rows for i in batch),
+                    real_tokens=sum(i.tokens for i in batch),
                     padded_tokens=(
-                        padded_tokens(live)
+                        padded_tokens(batch)
                         if self._count_padded is None
-                        else self._count_padded([item.payload for item in live])
+                        else self._count_padded([item.payload for item in batch])
                     ),
-                    queue_wait_s=tuple(started - i.enqueued_at for i in live),
+                    queue_wait_s=tuple(started - i.enqueued_at for i in batch),
                     run_s=time.monotonic() - started,
                     failed=failed,
                     failed_items=failed_items,

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from service.batching import BatchLimits, BatchStats, DropReason, MicroBatcher
 from service.combine import CombinedReward, CombineMode, combine_response
 from service.config import RewardConfig
+from service.device_turns import DeviceTurns
 from service.errors import (
     AlarmError,
     DeadlineExceeded,
@@ -141,6 +142,7 @@ class RewardEngine:
             device: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{device}")
             for device in sorted({m.device for m in self._models} - {HOST_DEVICE})
         }
+        turns = {device: DeviceTurns() for device in self._device_pools}
         self._batchers: dict[str, MicroBatcher[Prepared, ModelOutput]] = {
             model.name: MicroBatcher(
                 self._runner(model),
@@ -149,6 +151,7 @@ class RewardEngine:
                 self._drop_observer(model.name),
                 getattr(model, "padded_tokens", None),
                 announced_arrivals=True,
+                device_turns=turns.get(model.device),
             )
             for model in self._models
         }

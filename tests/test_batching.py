@@ -6,6 +6,7 @@ import random
 import pytest
 
 from service.batching import BatchLimits, BatchSizeMismatch, MicroBatcher, WorkItem, form_batches
+from service.device_turns import DeviceTurns
 
 LIMITS = BatchLimits(max_batch_tokens=256, max_batch_size=8, max_wait_s=0.005)
 
@@ -214,3 +215,66 @@ async def test_with_announcements_a_batch_waits_only_for_items_on_their_way():
         assert await asyncio.wait_for(third, 1) == "scored:c"
     finally:
         await batcher.stop()
+
+
+async def test_items_that_arrive_during_a_forward_join_the_leftovers_of_the_last_choice():
+    batches: list[list[str]] = []
+    forward_started = asyncio.Event()
+
+    async def slow_model(payloads):
+        batches.append(list(payloads))
+        forward_started.set()
+        await asyncio.sleep(0.05)
+        return payloads
+
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=2, max_wait_s=0.001)
+    batcher = MicroBatcher(slow_model, limits)
+    batcher.start()
+    try:
+        futures = [batcher.submit("a", length=4)]
+        await forward_started.wait()
+        forward_started.clear()
+        futures += [batcher.submit(key, length=4) for key in "bcd"]  # while "a" runs
+        await forward_started.wait()  # "b", "c" run; "d" is left over
+        futures.append(batcher.submit("e", length=4))
+        await asyncio.gather(*futures)
+    finally:
+        await batcher.stop()
+    # Each batch is chosen when the model is free, from everything pending by then.
+    assert batches == [["a"], ["b", "c"], ["d", "e"]]
+
+
+async def test_batchers_sharing_a_device_never_run_at_once_and_the_oldest_work_goes_first():
+    turns = DeviceTurns()
+    running = 0
+    overlapped = False
+    order: list[str] = []
+
+    def model(name):
+        async def run(payloads):
+            nonlocal running, overlapped
+            running += 1
+            overlapped |= running > 1
+            order.extend(f"{name}:{p}" for p in payloads)
+            await asyncio.sleep(0.02)
+            running -= 1
+            return payloads
+
+        return run
+
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=1, max_wait_s=0.001)
+    first = MicroBatcher(model("first"), limits, device_turns=turns)
+    second = MicroBatcher(model("second"), limits, device_turns=turns)
+    first.start()
+    second.start()
+    try:
+        older = [first.submit(i, length=1) for i in range(3)]
+        await asyncio.sleep(0.005)
+        younger = second.submit(0, length=1)
+        await asyncio.gather(*older, younger)
+    finally:
+        await first.stop()
+        await second.stop()
+    assert not overlapped
+    # The second model's item arrived after all of the first model's: it waits for them.
+    assert order == ["first:0", "first:1", "first:2", "second:0"]

@@ -6,10 +6,10 @@ request borders; the naive peer's app runs in process.
 """
 
 import asyncio
+import json
 import subprocess
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from fastapi.testclient import TestClient
@@ -22,6 +22,7 @@ from benchmarks.bench import (
     still_running,
     stop_server,
 )
+from benchmarks.load import HttpConnection
 from benchmarks.models import PeerItem, PeerScorer
 from benchmarks.naive_server import create_app as create_naive_app
 from tests.conftest import tiny_config_dict
@@ -51,15 +52,21 @@ def peer_config(tiny_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFa
 
 
 def _score_concurrently(url: str) -> list[list[float]]:
-    async def send_all() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            return await asyncio.gather(
-                *(client.post("/v1/rewards", json={"items": items}) for items in REQUESTS)
-            )
+    """Through the load generator's own HTTP client, so that it is checked on each peer."""
+
+    async def send(items: list[dict[str, str]]) -> tuple[int, bytes]:
+        connection = HttpConnection(url)
+        try:
+            return await asyncio.wait_for(connection.post_json("/v1/rewards", {"items": items}), 60)
+        finally:
+            await connection.close()
+
+    async def send_all() -> list[tuple[int, bytes]]:
+        return await asyncio.gather(*(send(items) for items in REQUESTS))
 
     replies = asyncio.run(send_all())
-    assert [r.status_code for r in replies] == [200] * len(REQUESTS), [r.text for r in replies]
-    return [r.json()["rewards"] for r in replies]
+    assert [status for status, _ in replies] == [200] * len(REQUESTS), replies
+    return [json.loads(body)["rewards"] for _, body in replies]
 
 
 def _start_peer(name: str, config: Path, work_dir: Path) -> tuple[subprocess.Popen, str]:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from service.errors import ConfigError
+from service.padding_cuts import cheapest_cuts
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -99,24 +100,26 @@ def forward_overhead_tokens(device: str) -> int:
 def length_sorted_chunks(lengths: Sequence[int], overhead_tokens: int) -> list[list[int]]:
     """Row indices, shortest first, cut into chunks run as separate forwards.
 
-    A row joins the current chunk unless padding the chunk's rows up to it would cost more
-    than a forward call (`overhead_tokens`). For adapters whose item is several rows of
-    unequal length (a short prompt, long sentences), where one rectangle over the batch
-    would pad every row to the longest.
+    Cut where padded tokens + `overhead_tokens` per forward call is least
+    (`cheapest_cuts`). For adapters whose item is several rows of unequal length (a short
+    prompt, long sentences), where one rectangle over the batch would pad every row to the
+    longest.
     """
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
+    by_length: dict[int, list[int]] = {}
     for index in sorted(range(len(lengths)), key=lengths.__getitem__):
-        length = lengths[index]
-        if current and len(current) * (length - longest) > overhead_tokens:
-            chunks.append(current)
-            current = []
-        current.append(index)
-        longest = length
-    if current:
-        chunks.append(current)
-    return chunks
+        by_length.setdefault(lengths[index], []).append(index)
+    distinct = list(by_length)  # ascending: filled in sorted order
+    counts = [len(by_length[length]) for length in distinct]
+    cuts = cheapest_cuts(
+        distinct,
+        counts,
+        [n * length for n, length in zip(counts, distinct, strict=True)],
+        overhead_tokens,
+    )
+    return [
+        [index for length in distinct[start:end] for index in by_length[length]]
+        for start, end in cuts
+    ]
 
 
 def chunked_padded_tokens(lengths: Sequence[int], overhead_tokens: int) -> int:

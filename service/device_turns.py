@@ -1,0 +1,59 @@
+"""Whose turn it is on a device shared by several models' batchers.
+
+Every request needs every model, so a request is answered only when its slowest model is
+done. When the device frees up, the turn goes to the batcher whose oldest pending item
+has waited longest (not to whoever asked first): a model that has just run a small batch
+lets the others catch up, and its own pending items pile up into a larger batch meanwhile.
+A waiting batcher's oldest item only gets older, so every batcher gets its turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+
+class DeviceTurns:
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: list[tuple[Callable[[], float], asyncio.Future[None]]] = []
+
+    @contextlib.asynccontextmanager
+    async def turn(self, oldest_enqueued_at: Callable[[], float]) -> AsyncIterator[None]:
+        """Hold the device; `oldest_enqueued_at` ranks this batcher while it waits."""
+        await self._acquire(oldest_enqueued_at)
+        try:
+            yield
+        finally:
+            self._release()
+
+    def older_work_waits(self, oldest_enqueued_at: float) -> bool:
+        """Whether a waiting batcher holds an item older than `oldest_enqueued_at`: the
+        holder of the turn asks before running another batch of its own."""
+        return any(oldest() < oldest_enqueued_at for oldest, _ in self._waiting)
+
+    async def _acquire(self, oldest_enqueued_at: Callable[[], float]) -> None:
+        if not self._busy:
+            self._busy = True
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (oldest_enqueued_at, granted)
+        self._waiting.append(entry)
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if entry in self._waiting:
+                self._waiting.remove(entry)
+            elif granted.done() and not granted.cancelled():
+                self._release()  # granted just as it was cancelled: pass the turn on
+            raise
+
+    def _release(self) -> None:
+        while self._waiting:
+            entry = min(self._waiting, key=lambda waiter: waiter[0]())
+            self._waiting.remove(entry)
+            if not entry[1].done():
+                entry[1].set_result(None)  # the device stays busy, now for this waiter
+                return
+        self._busy = False

@@ -1,0 +1,49 @@
+"""Models sharing a device take turns: the one whose oldest pending item waited longest."""
+
+import asyncio
+
+from service.device_turns import DeviceTurns
+
+
+async def test_the_turn_goes_to_the_waiter_with_the_oldest_item_not_the_first_to_ask():
+    turns = DeviceTurns()
+    order: list[str] = []
+    holder_may_leave = asyncio.Event()
+
+    async def use(name: str, oldest: float, hold: asyncio.Event | None = None) -> None:
+        async with turns.turn(lambda: oldest):
+            order.append(name)
+            if hold is not None:
+                await hold.wait()
+
+    holder = asyncio.create_task(use("holder", 0.0, holder_may_leave))
+    await asyncio.sleep(0)
+    young = asyncio.create_task(use("young", 5.0))  # asks first, but its item is younger
+    await asyncio.sleep(0)
+    old = asyncio.create_task(use("old", 1.0))
+    await asyncio.sleep(0)
+    holder_may_leave.set()
+    await asyncio.gather(holder, young, old)
+    assert order == ["holder", "old", "young"]
+
+
+async def test_a_waiter_cancelled_while_waiting_does_not_keep_the_device():
+    turns = DeviceTurns()
+    release = asyncio.Event()
+    ran: list[str] = []
+
+    async def use(name: str, hold: asyncio.Event | None = None) -> None:
+        async with turns.turn(lambda: 0.0):
+            ran.append(name)
+            if hold is not None:
+                await hold.wait()
+
+    holder = asyncio.create_task(use("holder", release))
+    await asyncio.sleep(0)
+    quitter = asyncio.create_task(use("quitter"))
+    await asyncio.sleep(0)
+    quitter.cancel()
+    release.set()
+    await holder
+    await asyncio.wait_for(use("later"), 1)  # the device is free again
+    assert ran == ["holder", "later"]
