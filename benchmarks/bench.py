@@ -29,14 +29,15 @@ from typing import Any
 
 import httpx
 
-from benchmarks.limit import LimitResult, best_limit
+from benchmarks.limit import best_limit, in_flight_limits
 from benchmarks.load import LoadResult, run_load
 from benchmarks.models import write_config
 from benchmarks.workload import load_items
-from service.config import load_reward_config
+from service.config import RewardConfig, load_reward_config
 
 GRID = [(1, 1), (8, 1), (64, 1), (256, 1), (1, 16), (8, 16), (64, 16)]
 FULL_GRID = [*GRID, (256, 16)]
+LIMIT_ITEMS = 256  # workload items the in-process limits are measured on
 
 
 def free_port() -> int:
@@ -252,24 +253,36 @@ def plot(results: dict[str, Any], systems: list[str], path: Path) -> None:
 
 
 def _low_load_latency(
-    results: dict[str, Any], limits: list[LimitResult], items: int, max_wait_ms: float
+    results: dict[str, Any],
+    config: RewardConfig,
+    cache_dir: Path,
+    items: list[dict[str, str]],
 ) -> dict[str, float] | None:
-    """One client, one item: the mean latency (closed loop: 1 / throughput) against the mean
-    single-item forward time of every model in process, plus the batching wait."""
+    """One client, one item: the mean latency (closed loop: 1 / throughput) against the
+    mean single-item forward of every model in process over the very items that run sent
+    (the load generator sends the workload in order), plus the batching wait."""
     one = [
         r for r in results["alarm-serve"] if (r["concurrency"], r["items_per_request"]) == (1, 1)
     ]
     if not one:
         return None
-    single = min(sum(r.seconds_by_model.values()) for r in limits if r.batch_size == 1)
-    forward_ms = 1000 * single / items
+    sent = items[: max(1, one[0]["requests"])]
+    single = in_flight_limits(config, cache_dir, sent, [1])[1]
+    forward_ms = 1000 / single.items_per_s
     mean_ms = 1000 / one[0]["items_per_s"]
+    max_wait_ms = config.batching.max_wait_ms
     return {
+        "items": len(sent),
         "single_item_forward_ms": forward_ms,
         "max_wait_ms": max_wait_ms,
         "alarm_mean_ms": mean_ms,
         "alarm_overhead_ms": mean_ms - forward_ms - max_wait_ms,
     }
+
+
+def _in_flight(row: dict[str, Any]) -> int:
+    """Items a load point keeps in flight (C x k), as far as the limit's workload goes."""
+    return min(row["concurrency"] * row["items_per_request"], LIMIT_ITEMS)
 
 
 def _ratio(ours: float, theirs: float) -> float:
@@ -330,11 +343,19 @@ def main() -> int:
         },
     }
 
-    best, all_sizes = best_limit(config, args.cache_dir, items[:256], [1, 8, 32, 64])
+    measured = items[:LIMIT_ITEMS]
+    best, all_sizes = best_limit(config, args.cache_dir, measured, [1, 8, 32, 64])
     results["limit"] = {"best": asdict(best), "by_batch_size": [asdict(r) for r in all_sizes]}
     print(
         f"limit: {best.items_per_s:.1f} items/s at batch {best.batch_size} "
         f"(padding efficiency {best.padding_efficiency:.3f})",
+        flush=True,
+    )
+    windows = sorted({min(c * k, LIMIT_ITEMS) for c, k in grid})
+    windows_before = in_flight_limits(config, args.cache_dir, measured, windows)
+    print(
+        "in-flight limits: "
+        + ", ".join(f"{w} items {r.items_per_s:.1f}/s" for w, r in windows_before.items()),
         flush=True,
     )
 
@@ -365,7 +386,7 @@ def main() -> int:
 
     # This VM's speed drifts within a run: measure the limit again after the servers, at
     # the best batch size, and compare every server with the mean of the two.
-    after, _ = best_limit(config, args.cache_dir, items[:256], [best.batch_size])
+    after, _ = best_limit(config, args.cache_dir, measured, [best.batch_size])
     results["limit"]["after"] = asdict(after)
     limit = (best.items_per_s + after.items_per_s) / 2
     results["limit"]["mean_items_per_s"] = limit
@@ -374,11 +395,26 @@ def main() -> int:
         f"(before {best.items_per_s:.1f}; ratios use the mean {limit:.1f})",
         flush=True,
     )
+    windows_after = in_flight_limits(config, args.cache_dir, measured, windows)
+    in_flight = {
+        w: (windows_before[w].items_per_s + windows_after[w].items_per_s) / 2 for w in windows
+    }
+    results["limit"]["in_flight"] = [
+        {
+            "window": w,
+            "before": asdict(windows_before[w]),
+            "after": asdict(windows_after[w]),
+            "mean_items_per_s": in_flight[w],
+        }
+        for w in windows
+    ]
     results["ratios"] = [
         {
             "concurrency": ours["concurrency"],
             "items_per_request": ours["items_per_request"],
             "alarm_over_limit": _ratio(ours["items_per_s"], limit),
+            "in_flight_limit": in_flight[_in_flight(ours)],
+            "alarm_over_in_flight_limit": _ratio(ours["items_per_s"], in_flight[_in_flight(ours)]),
             **{
                 f"alarm_over_{name}": _ratio(
                     ours["items_per_s"], results[PEERS[name].system][index]["items_per_s"]
@@ -389,22 +425,28 @@ def main() -> int:
         }
         for index, ours in enumerate(results["alarm-serve"])
     ]
-    low_load = _low_load_latency(results, all_sizes, 256, config.batching.max_wait_ms)
+    low_load = _low_load_latency(results, config, args.cache_dir, items)
     if low_load is not None:
         results["low_load"] = low_load
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, [system for system, _ in servers], args.out / "throughput.png")
-    print("\nC     k    alarm/limit" + "".join(f"  alarm/{n:9s}" for n in args.peers) + "  pad-eff")
+    print(
+        "\nC     k    alarm/limit  alarm/in-flight"
+        + "".join(f"  alarm/{n:9s}" for n in args.peers)
+        + "  pad-eff"
+    )
     for r in results["ratios"]:
         print(
             f"{r['concurrency']:<5d} {r['items_per_request']:<4d} {r['alarm_over_limit']:11.2f}"
+            f"  {r['alarm_over_in_flight_limit']:15.2f}"
             + "".join(f"  {r[f'alarm_over_{n}']:15.2f}" for n in args.peers)
             + f"  {r['padding_efficiency']:7.3f}"
         )
     if low_load is not None:
         print(
             f"\nC=1 k=1: mean latency {low_load['alarm_mean_ms']:.1f} ms = single-item "
-            f"forward {low_load['single_item_forward_ms']:.1f} ms + max wait "
+            f"forward {low_load['single_item_forward_ms']:.1f} ms (the same "
+            f"{low_load['items']:g} items, in process) + max wait "
             f"{low_load['max_wait_ms']:g} ms + {low_load['alarm_overhead_ms']:.1f} ms"
         )
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'throughput.png'}")

@@ -3,6 +3,12 @@
 Every item of the workload is tokenised up front (not timed), sorted by length and cut
 into batches under the same padded-token budget as the server, then each model's forward
 passes are timed; the limit is items / (sum of the models' forward times).
+
+`in_flight_limits` bounds a server at one load: C clients sending k items each keep at
+most C x k items in flight, so no server can sort more than that many at once; the same
+measurement, with the workload sorted and cut one window of C x k items at a time, is the
+most any server can do at that load point (with one item in flight: a single-item forward
+per item).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from service.models import Prepared, RewardModel, load_models
 
 @dataclass(frozen=True)
 class LimitResult:
+    window: int  # items sorted together (the whole workload, or those in flight)
     batch_size: int
     forward_overhead_cut: bool  # batches cut where padding costs more than a forward
     items_per_s: float
@@ -44,14 +51,21 @@ def measure(
     models: list[RewardModel],
     items: list[dict[str, str]],
     limits_of: Callable[[RewardModel], BatchLimits],
+    window: int | None = None,
 ) -> LimitResult:
+    """Items/s over `items`, sorted and cut `window` items at a time (None: all at once)."""
+    window = window or len(items)
     seconds: dict[str, float] = {}
     real = padded = 0
     cut = any(limits_of(model).forward_overhead_tokens is not None for model in models)
     for model in models:
         limits = limits_of(model)
         prepared = [model.prepare(i["prompt"], i["response"]) for i in items]
-        batches = _sorted_batches(prepared, limits)
+        batches = [
+            batch
+            for start in range(0, len(prepared), window)
+            for batch in _sorted_batches(prepared[start : start + window], limits)
+        ]
         model.run(batches[0])  # warm-up
         started = time.perf_counter()
         for batch in batches:
@@ -61,6 +75,7 @@ def measure(
         padded += sum(map(_padded_counter(model), batches))
     total = sum(seconds.values())
     return LimitResult(
+        window=window,
         batch_size=limits.max_batch_size,
         forward_overhead_cut=cut,
         items_per_s=len(items) / total,
@@ -90,3 +105,15 @@ def best_limit(
         for cut in (True, False)
     ]
     return max(results, key=lambda r: r.items_per_s), results
+
+
+def in_flight_limits(
+    config: RewardConfig, cache_dir: Path, items: list[dict[str, str]], windows: list[int]
+) -> dict[int, LimitResult]:
+    """The limit when only `window` items are in flight, for each window, with the
+    server's own batch limits and cuts."""
+    models = load_models(config, cache_dir)
+    return {
+        window: measure(models, items, lambda model: batch_limits(config, model), window)
+        for window in windows
+    }

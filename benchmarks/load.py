@@ -1,15 +1,22 @@
-"""A light asyncio load generator (one process): C clients, each sending k-item requests."""
+"""A light asyncio load generator (one process): C clients, each sending k-item requests.
+
+It shares the machine's cores with the server it measures, so it speaks HTTP/1.1 itself
+over one keep-alive connection per client (a request is a few bytes written and a
+response header parsed): a general-purpose client such as httpx costs several times more
+CPU per request, which the server under test would lose.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 import resource
 import statistics
 import time
 from dataclasses import dataclass
-
-import httpx
+from urllib.parse import urlsplit
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,67 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class HttpConnection:
+    """One keep-alive HTTP/1.1 connection that POSTs JSON and reads whole responses."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or 80
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post_json(self, path: str, payload: object) -> tuple[int, bytes]:
+        """(status, body). Reconnects when the server closed the connection."""
+        body = json.dumps(payload).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        if self._streams is None:
+            self._streams = await asyncio.open_connection(self._host, self._port)
+        reader, writer = self._streams
+        try:
+            writer.write(head + body)
+            status, headers = self._parse_head(await reader.readuntil(b"\r\n\r\n"))
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                content = await self._read_chunked(reader)
+            else:
+                content = await reader.readexactly(int(headers.get("content-length", "0")))
+        except BaseException:
+            await self.close()
+            raise
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, content
+
+    @staticmethod
+    def _parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
+        status_line, *lines = raw.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        return int(status_line.split()[1]), headers
+
+    @staticmethod
+    async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+        parts = []
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        await reader.readuntil(b"\r\n")  # the empty trailer
+        return b"".join(parts)
+
+    async def close(self) -> None:
+        if self._streams is not None:
+            writer = self._streams[1]
+            self._streams = None
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
 async def run_load(
     url: str,
     path: str,
@@ -37,35 +105,38 @@ async def run_load(
     concurrency: int,
     items_per_request: int,
     duration_s: float,
-    payload_key: str = "items",
+    timeout_s: float = 300.0,
 ) -> LoadResult:
     """Closed loop for `duration_s`: each client sends its next request when one returns."""
     cursor = itertools.count()
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        stop_at = time.perf_counter() + duration_s
+    stop_at = time.perf_counter() + duration_s
 
-        async def one_client() -> None:
+    async def one_client() -> None:
+        connection = HttpConnection(url)
+        try:
             while time.perf_counter() < stop_at:
                 start = next(cursor) * items_per_request
                 chunk = [items[(start + i) % len(items)] for i in range(items_per_request)]
                 sent = time.perf_counter()
                 try:
-                    reply = await client.post(path, json={payload_key: chunk})
-                    if reply.status_code == 200:
+                    async with asyncio.timeout(timeout_s):
+                        status, _ = await connection.post_json(path, {"items": chunk})
+                    if status == 200:
                         latencies.append(time.perf_counter() - sent)
                         continue
-                    key = f"http_{reply.status_code}"
-                except httpx.HTTPError as exc:
+                    key = f"http_{status}"
+                except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
                     key = type(exc).__name__
                 errors[key] = errors.get(key, 0) + 1
+        finally:
+            await connection.close()
 
-        cpu_before, started = _cpu_s(), time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-        cpu = _cpu_s() - cpu_before
+    cpu_before, started = _cpu_s(), time.perf_counter()
+    await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    cpu = _cpu_s() - cpu_before
     ordered = sorted(latencies) or [float("nan")]
     return LoadResult(
         concurrency=concurrency,
