@@ -276,8 +276,9 @@ class BatchingConfig(_Strict):
     forward_overhead_tokens: int | None = Field(
         None,
         ge=0,
-        description="cut a batch where padding it further would cost more padded tokens than "
-        "one more forward call; null = 64 on CPU (measured), 4096 on GPU (not yet measured)",
+        description="what one forward call costs beyond its padded tokens, in tokens: "
+        "length-sorted batches are cut where padded tokens + this per call is least; "
+        "null = 64 on CPU (measured), 4096 on GPU (not yet measured)",
     )
 
 
