@@ -1,13 +1,15 @@
 """One-command throughput benchmark: in-process limit vs alarm-serve vs its peers.
 
-    python -m benchmarks.bench --out benchmarks/out     (2 CPUs: 6 min with --peers naive,
-                                                        roughly twice that with all peers)
+    python -m benchmarks.bench --out benchmarks/out     (2 CPUs: about 25 minutes)
 
 Same models (holistic + 2 aspects), same inputs, same machine, one run. The peers
 (`--peers`, all by default) are the naive one-forward-per-request FastAPI server, LitServe
-with its batching and Ray Serve with `@serve.batch`, all on the same scoring code. Writes
-results.json and throughput.png, and prints the ratios alarm-serve / limit and
-alarm-serve / each peer for every load point.
+with its batching and Ray Serve with `@serve.batch`, all on the same scoring code. Every
+server stays up for the whole run; at each load point the servers and the in-process
+limits (all items sorted together, and only the C x k items in flight) are measured in
+`--rounds` rounds close together, and each figure is the median of its rounds. Writes
+results.json and throughput.png, and prints the ratios alarm-serve / limit,
+alarm-serve / in-flight limit and alarm-serve / each peer for every load point.
 """
 
 from __future__ import annotations
@@ -20,20 +22,24 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from benchmarks.limit import best_limit, in_flight_limits
+from benchmarks.limit import LimitResult, best_limit, measure
 from benchmarks.load import LoadResult, run_load
 from benchmarks.models import write_config
 from benchmarks.workload import load_items
-from service.config import RewardConfig, load_reward_config
+from service.config import load_reward_config
+from service.engine import batch_limits
+from service.models import load_models
 
 GRID = [(1, 1), (8, 1), (64, 1), (256, 1), (1, 16), (8, 16), (64, 16)]
 FULL_GRID = [*GRID, (256, 16)]
@@ -195,28 +201,74 @@ def stop_server(process: subprocess.Popen, grace_s: float = 60) -> set[int]:
     return started
 
 
-def _sweep(
-    name: str, url: str, items: list[dict[str, str]], grid: list[tuple[int, int]], seconds: float
-) -> list[dict[str, Any]]:
-    rows = []
-    asyncio.run(run_load(url, "/v1/rewards", items, 4, 4, 2.0))  # warm-up
-    for concurrency, per_request in grid:
-        before = httpx.get(f"{url}/metrics").text if name == "alarm-serve" else ""
-        result: LoadResult = asyncio.run(
-            run_load(url, "/v1/rewards", items, concurrency, per_request, seconds)
-        )
-        row = {"system": name, **asdict(result)}
-        if name == "alarm-serve":
-            row["padding_efficiency"] = _padding_efficiency(
-                before, httpx.get(f"{url}/metrics").text
-            )
+def _load_once(
+    name: str, url: str, items: list[dict[str, str]], point: tuple[int, int], seconds: float
+) -> dict[str, Any]:
+    concurrency, per_request = point
+    before = httpx.get(f"{url}/metrics").text if name == "alarm-serve" else ""
+    result: LoadResult = asyncio.run(
+        run_load(url, "/v1/rewards", items, concurrency, per_request, seconds)
+    )
+    row = {"system": name, **asdict(result)}
+    if name == "alarm-serve":
+        row["padding_efficiency"] = _padding_efficiency(before, httpx.get(f"{url}/metrics").text)
+    print(
+        f"  {name:13s} {result.items_per_s:8.1f} items/s  p50 {result.p50_ms:8.1f} ms"
+        f"  p99 {result.p99_ms:8.1f} ms  errors {result.errors}",
+        flush=True,
+    )
+    return row
+
+
+def _median_round(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median throughput (its latencies with it), every round beside it."""
+    median = dict(sorted(rows, key=lambda row: row["items_per_s"])[len(rows) // 2])
+    median["rounds_items_per_s"] = [row["items_per_s"] for row in rows]
+    return median
+
+
+def _measure_point(
+    servers: dict[str, str],
+    limit_of: Callable[[int, list[dict[str, str]]], LimitResult],
+    items: list[dict[str, str]],
+    point: tuple[int, int],
+    seconds: float,
+    rounds: int,
+) -> dict[str, Any]:
+    """Every server and the in-process limits at one load point, in rounds close together.
+
+    This VM's speed drifts by tens of per cent within minutes, so the systems and limits
+    compared at a point are measured in turns, each round starting with a different
+    server, and each figure is the median of its rounds.
+    """
+    window = _in_flight(*point)
+    names = list(servers)
+    by_system: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    limits: dict[str, list[LimitResult]] = {"in_flight": [], "full": []}
+    for round_index in range(rounds):
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
+        for name in order:
+            by_system[name].append(_load_once(name, servers[name], items, point, seconds))
+        sent = round(by_system["alarm-serve"][-1]["requests"] * point[1])
+        # One item in flight: single-item forwards of the very items alarm-serve was sent
+        # (the load sends the workload in order), for the latency breakdown.
+        limits["in_flight"].append(limit_of(window, items[: max(1, sent)] if window == 1 else []))
+        limits["full"].append(limit_of(LIMIT_ITEMS, []))
         print(
-            f"{name:12s} C={concurrency:<4d} k={per_request:<3d} {result.items_per_s:8.1f} items/s"
-            f"  p50 {result.p50_ms:8.1f} ms  p99 {result.p99_ms:8.1f} ms  errors {result.errors}",
+            f"  in-process: {limits['in_flight'][-1].items_per_s:.1f} items/s with "
+            f"{window} in flight, {limits['full'][-1].items_per_s:.1f} with all {LIMIT_ITEMS}",
             flush=True,
         )
-        rows.append(row)
-    return rows
+    return {
+        "systems": {name: _median_round(rows) for name, rows in by_system.items()},
+        "limits": {
+            key: {
+                "median_items_per_s": statistics.median(r.items_per_s for r in results),
+                "rounds": [asdict(r) for r in results],
+            }
+            for key, results in limits.items()
+        },
+    }
 
 
 def plot(results: dict[str, Any], systems: list[str], path: Path) -> None:
@@ -235,13 +287,23 @@ def plot(results: dict[str, Any], systems: list[str], path: Path) -> None:
         lefts = [x + offset for x in xs]
         tput.bar(lefts, [r["items_per_s"] for r in results[system]], width, label=system)
         lat.bar(lefts, [r["p99_ms"] for r in results[system]], width, label=system)
-    tput.axhline(
-        results["limit"]["mean_items_per_s"],
-        color="black",
-        linestyle="--",
-        label="in-process limit (mean of before and after)",
-    )
+    span = 0.9  # a limit marker spans its point's group of bars
+    for key, style, label in (
+        ("limit", "-", "in-process limit (all items sorted together)"),
+        ("in_flight_limit", ":", "in-process limit (C x k items in flight)"),
+    ):
+        for x, ratio in zip(xs, results["ratios"], strict=True):
+            tput.hlines(
+                ratio[key],
+                x - span / 2,
+                x + span / 2,
+                colors="black",
+                linestyles=style,
+                label=label if x == 0 else None,
+            )
+    highest = max(r["limit"] for r in results["ratios"])
     tput.set(title="throughput (items/s)", xticks=list(xs), xticklabels=labels)
+    tput.set_ylim(0, 1.45 * highest)  # room for the legend above the limits
     lat.set(title="p99 latency (ms, log)", xticks=list(xs), xticklabels=labels, yscale="log")
     for ax in (tput, lat):
         ax.legend(fontsize=8)
@@ -252,37 +314,26 @@ def plot(results: dict[str, Any], systems: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def _low_load_latency(
-    results: dict[str, Any],
-    config: RewardConfig,
-    cache_dir: Path,
-    items: list[dict[str, str]],
-) -> dict[str, float] | None:
-    """One client, one item: the mean latency (closed loop: 1 / throughput) against the
-    mean single-item forward of every model in process over the very items that run sent
-    (the load generator sends the workload in order), plus the batching wait."""
-    one = [
-        r for r in results["alarm-serve"] if (r["concurrency"], r["items_per_request"]) == (1, 1)
-    ]
-    if not one:
-        return None
-    sent = items[: max(1, one[0]["requests"])]
-    single = in_flight_limits(config, cache_dir, sent, [1])[1]
-    forward_ms = 1000 / single.items_per_s
-    mean_ms = 1000 / one[0]["items_per_s"]
-    max_wait_ms = config.batching.max_wait_ms
-    return {
-        "items": len(sent),
-        "single_item_forward_ms": forward_ms,
-        "max_wait_ms": max_wait_ms,
-        "alarm_mean_ms": mean_ms,
-        "alarm_overhead_ms": mean_ms - forward_ms - max_wait_ms,
-    }
+def _low_load_latency(results: dict[str, Any], max_wait_ms: float) -> dict[str, float] | None:
+    """One client, one item: the mean latency (closed loop: 1 / throughput) against the mean
+    single-item forward of every model in process over the very items that run sent,
+    plus the batching wait."""
+    for ours, ratio in zip(results["alarm-serve"], results["ratios"], strict=True):
+        if (ours["concurrency"], ours["items_per_request"]) == (1, 1):
+            forward_ms = 1000 / ratio["in_flight_limit"]
+            mean_ms = 1000 / ours["items_per_s"]
+            return {
+                "single_item_forward_ms": forward_ms,
+                "max_wait_ms": max_wait_ms,
+                "alarm_mean_ms": mean_ms,
+                "alarm_overhead_ms": mean_ms - forward_ms - max_wait_ms,
+            }
+    return None
 
 
-def _in_flight(row: dict[str, Any]) -> int:
+def _in_flight(concurrency: int, items_per_request: int) -> int:
     """Items a load point keeps in flight (C x k), as far as the limit's workload goes."""
-    return min(row["concurrency"] * row["items_per_request"], LIMIT_ITEMS)
+    return min(concurrency * items_per_request, LIMIT_ITEMS)
 
 
 def _ratio(ours: float, theirs: float) -> float:
@@ -311,7 +362,12 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "alarm-serve")
-    parser.add_argument("--seconds", type=float, default=8.0, help="load per point")
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="load per server, point and round"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds per point (figures are their medians)"
+    )
     parser.add_argument("--full", action="store_true", help="add C=256, k=16 (slow on CPU)")
     parser.add_argument(
         "--points", type=_load_points, help="load points instead of the grid, e.g. 1x1,8x16"
@@ -348,16 +404,15 @@ def main() -> int:
     results["limit"] = {"best": asdict(best), "by_batch_size": [asdict(r) for r in all_sizes]}
     print(
         f"limit: {best.items_per_s:.1f} items/s at batch {best.batch_size} "
-        f"(padding efficiency {best.padding_efficiency:.3f})",
+        f"(padding efficiency {best.padding_efficiency:.3f}); per point below: the server's "
+        "own batch limits, measured beside the servers",
         flush=True,
     )
-    windows = sorted({min(c * k, LIMIT_ITEMS) for c, k in grid})
-    windows_before = in_flight_limits(config, args.cache_dir, measured, windows)
-    print(
-        "in-flight limits: "
-        + ", ".join(f"{w} items {r.items_per_s:.1f}/s" for w, r in windows_before.items()),
-        flush=True,
-    )
+    models = load_models(config, args.cache_dir)
+
+    def limit_of(window: int, sample: list[dict[str, str]]) -> LimitResult:
+        """In process, `window` items sorted at a time, on `sample` (or the workload)."""
+        return measure(models, sample or measured, lambda m: batch_limits(config, m), window)
 
     alarm_serve = [
         str(Path(sys.executable).with_name("alarm-serve")),
@@ -369,67 +424,66 @@ def main() -> int:
         "--log-level",
         "warning",
     ]
-    servers = [("alarm-serve", alarm_serve)] + [
+    commands = [("alarm-serve", alarm_serve)] + [
         (PEERS[name].system, peer_command(PEERS[name], config_path, args.cache_dir))
         for name in args.peers
     ]
-    for system, command in servers:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log_path = args.out / f"{system}.log"
-        log_path.unlink(missing_ok=True)
-        process = start_server([*command, "--port", str(port)], url, log_path)
-        try:
-            results[system] = _sweep(system, url, items, grid, args.seconds)
-        finally:
+    # All servers stay up, idle but for the one under load, so that a load point's figures
+    # are measured minutes apart at most (see _measure_point).
+    processes: list[subprocess.Popen] = []
+    servers: dict[str, str] = {}
+    try:
+        for system, command in commands:
+            port = free_port()
+            servers[system] = f"http://127.0.0.1:{port}"
+            log_path = args.out / f"{system}.log"
+            log_path.unlink(missing_ok=True)
+            processes.append(
+                start_server([*command, "--port", str(port)], servers[system], log_path)
+            )
+            asyncio.run(run_load(servers[system], "/v1/rewards", measured, 4, 4, 2.0))  # warm-up
+        by_point = {}
+        for point in grid:
+            print(f"C={point[0]} k={point[1]}", flush=True)
+            by_point[point] = _measure_point(
+                servers, limit_of, measured, point, args.seconds, args.rounds
+            )
+    finally:
+        for process in processes:
             stop_server(process)
-
-    # This VM's speed drifts within a run: measure the limit again after the servers, at
-    # the best batch size, and compare every server with the mean of the two.
-    after, _ = best_limit(config, args.cache_dir, measured, [best.batch_size])
-    results["limit"]["after"] = asdict(after)
-    limit = (best.items_per_s + after.items_per_s) / 2
-    results["limit"]["mean_items_per_s"] = limit
-    print(
-        f"limit after the servers: {after.items_per_s:.1f} items/s "
-        f"(before {best.items_per_s:.1f}; ratios use the mean {limit:.1f})",
-        flush=True,
-    )
-    windows_after = in_flight_limits(config, args.cache_dir, measured, windows)
-    in_flight = {
-        w: (windows_before[w].items_per_s + windows_after[w].items_per_s) / 2 for w in windows
-    }
-    results["limit"]["in_flight"] = [
-        {
-            "window": w,
-            "before": asdict(windows_before[w]),
-            "after": asdict(windows_after[w]),
-            "mean_items_per_s": in_flight[w],
-        }
-        for w in windows
+    for system in servers:
+        results[system] = [by_point[point]["systems"][system] for point in grid]
+    results["limit"]["by_point"] = [
+        {"concurrency": c, "items_per_request": k, **by_point[(c, k)]["limits"]} for c, k in grid
     ]
-    results["ratios"] = [
-        {
-            "concurrency": ours["concurrency"],
-            "items_per_request": ours["items_per_request"],
-            "alarm_over_limit": _ratio(ours["items_per_s"], limit),
-            "in_flight_limit": in_flight[_in_flight(ours)],
-            "alarm_over_in_flight_limit": _ratio(ours["items_per_s"], in_flight[_in_flight(ours)]),
-            **{
-                f"alarm_over_{name}": _ratio(
-                    ours["items_per_s"], results[PEERS[name].system][index]["items_per_s"]
-                )
-                for name in args.peers
-            },
-            "padding_efficiency": ours["padding_efficiency"],
-        }
-        for index, ours in enumerate(results["alarm-serve"])
-    ]
-    low_load = _low_load_latency(results, config, args.cache_dir, items)
+    results["ratios"] = []
+    for point, ours in zip(grid, results["alarm-serve"], strict=True):
+        limits = by_point[point]["limits"]
+        full = limits["full"]["median_items_per_s"]
+        in_flight = limits["in_flight"]["median_items_per_s"]
+        results["ratios"].append(
+            {
+                "concurrency": point[0],
+                "items_per_request": point[1],
+                "limit": full,
+                "in_flight_limit": in_flight,
+                "alarm_over_limit": _ratio(ours["items_per_s"], full),
+                "alarm_over_in_flight_limit": _ratio(ours["items_per_s"], in_flight),
+                **{
+                    f"alarm_over_{name}": _ratio(
+                        ours["items_per_s"],
+                        by_point[point]["systems"][PEERS[name].system]["items_per_s"],
+                    )
+                    for name in args.peers
+                },
+                "padding_efficiency": ours["padding_efficiency"],
+            }
+        )
+    low_load = _low_load_latency(results, config.batching.max_wait_ms)
     if low_load is not None:
         results["low_load"] = low_load
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    plot(results, [system for system, _ in servers], args.out / "throughput.png")
+    plot(results, list(servers), args.out / "throughput.png")
     print(
         "\nC     k    alarm/limit  alarm/in-flight"
         + "".join(f"  alarm/{n:9s}" for n in args.peers)
@@ -445,8 +499,8 @@ def main() -> int:
     if low_load is not None:
         print(
             f"\nC=1 k=1: mean latency {low_load['alarm_mean_ms']:.1f} ms = single-item "
-            f"forward {low_load['single_item_forward_ms']:.1f} ms (the same "
-            f"{low_load['items']:g} items, in process) + max wait "
+            f"forward {low_load['single_item_forward_ms']:.1f} ms (the same items, in "
+            "process) + max wait "
             f"{low_load['max_wait_ms']:g} ms + {low_load['alarm_overhead_ms']:.1f} ms"
         )
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'throughput.png'}")

@@ -4,11 +4,11 @@ Every item of the workload is tokenised up front (not timed), sorted by length a
 into batches under the same padded-token budget as the server, then each model's forward
 passes are timed; the limit is items / (sum of the models' forward times).
 
-`in_flight_limits` bounds a server at one load: C clients sending k items each keep at
-most C x k items in flight, so no server can sort more than that many at once; the same
-measurement, with the workload sorted and cut one window of C x k items at a time, is the
-most any server can do at that load point (with one item in flight: a single-item forward
-per item).
+`measure(..., window=C x k)` bounds a server at one load: C clients sending k items each
+keep at most C x k items in flight, so no server can sort more than that many at once; the
+same measurement, with the workload sorted and cut one window of C x k items at a time, is
+the most any server can do at that load point (with one item in flight: a single-item
+forward per item).
 """
 
 from __future__ import annotations
@@ -105,15 +105,3 @@ def best_limit(
         for cut in (True, False)
     ]
     return max(results, key=lambda r: r.items_per_s), results
-
-
-def in_flight_limits(
-    config: RewardConfig, cache_dir: Path, items: list[dict[str, str]], windows: list[int]
-) -> dict[int, LimitResult]:
-    """The limit when only `window` items are in flight, for each window, with the
-    server's own batch limits and cuts."""
-    models = load_models(config, cache_dir)
-    return {
-        window: measure(models, items, lambda model: batch_limits(config, model), window)
-        for window in windows
-    }
