@@ -305,8 +305,9 @@ def plot(results: dict[str, Any], systems: list[str], path: Path) -> None:
     tput.set(title="throughput (items/s)", xticks=list(xs), xticklabels=labels)
     tput.set_ylim(0, 1.45 * highest)  # room for the legend above the limits
     lat.set(title="p99 latency (ms, log)", xticks=list(xs), xticklabels=labels, yscale="log")
+    tput.legend(fontsize=8, loc="upper left", ncol=3)
+    lat.legend(fontsize=8)
     for ax in (tput, lat):
-        ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(results["machine"], fontsize=9)
     fig.tight_layout()
@@ -315,9 +316,9 @@ def plot(results: dict[str, Any], systems: list[str], path: Path) -> None:
 
 
 def _low_load_latency(results: dict[str, Any], max_wait_ms: float) -> dict[str, float] | None:
-    """One client, one item: the mean latency (closed loop: 1 / throughput) against the mean
-    single-item forward of every model in process over the very items that run sent,
-    plus the batching wait."""
+    """One client, one item: the mean latency (closed loop: 1 / throughput) beyond the mean
+    single-item forward of every model in process over the very items that run sent; the
+    target allows 10 ms beyond the forward plus the batching wait."""
     for ours, ratio in zip(results["alarm-serve"], results["ratios"], strict=True):
         if (ours["concurrency"], ours["items_per_request"]) == (1, 1):
             forward_ms = 1000 / ratio["in_flight_limit"]
@@ -326,7 +327,7 @@ def _low_load_latency(results: dict[str, Any], max_wait_ms: float) -> dict[str, 
                 "single_item_forward_ms": forward_ms,
                 "max_wait_ms": max_wait_ms,
                 "alarm_mean_ms": mean_ms,
-                "alarm_overhead_ms": mean_ms - forward_ms - max_wait_ms,
+                "alarm_beyond_forward_ms": mean_ms - forward_ms,
             }
     return None
 
@@ -500,8 +501,8 @@ def main() -> int:
         print(
             f"\nC=1 k=1: mean latency {low_load['alarm_mean_ms']:.1f} ms = single-item "
             f"forward {low_load['single_item_forward_ms']:.1f} ms (the same items, in "
-            "process) + max wait "
-            f"{low_load['max_wait_ms']:g} ms + {low_load['alarm_overhead_ms']:.1f} ms"
+            f"process) + {low_load['alarm_beyond_forward_ms']:.1f} ms (the target allows "
+            f"10 ms + the {low_load['max_wait_ms']:g} ms max wait)"
         )
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'throughput.png'}")
     return 0
