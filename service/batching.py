@@ -120,7 +120,7 @@ class MicroBatcher(Generic[P, R]):
     """Merges items submitted by many concurrent callers into batches for `run_batch`.
 
     Items are queued per owner (a trainer). Before each forward, a window of at most
-    `ROUND_BATCHES` batches' worth of pending items is taken, one item per owner in turn,
+    `WINDOW_BATCHES` batches' worth of pending items is taken, one item per owner in turn,
     oldest first within an owner; the window is cut into length-sorted batches and the one
     holding the window's first item (the oldest item of the owner whose turn it is) runs.
     Owners take turns at being first, so an owner that floods the queue delays another
@@ -135,7 +135,7 @@ class MicroBatcher(Generic[P, R]):
     company that nobody has sent. Without it, every batch waits up to `max_wait_s`.
     """
 
-    ROUND_BATCHES = 4
+    WINDOW_BATCHES = 4
 
     def __init__(
         self,
@@ -248,7 +248,7 @@ class MicroBatcher(Generic[P, R]):
 
     def _window(self) -> list[WorkItem[P]]:
         """Pending items in fair order, without removing them: one per owner in turn."""
-        limit = self.ROUND_BATCHES * self._limits.max_batch_size
+        limit = self.WINDOW_BATCHES * self._limits.max_batch_size
         queues = [iter(queue) for queue in self._pending.values()]
         window: list[WorkItem[P]] = []
         while queues and len(window) < limit:
