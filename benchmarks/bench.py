@@ -1,6 +1,6 @@
 """One-command throughput benchmark: in-process limit vs alarm-serve vs its peers.
 
-    python -m benchmarks.bench --out benchmarks/out     (2 CPUs: about 25 minutes)
+    python -m benchmarks.bench --out benchmarks/out     (2 CPUs: about 30 minutes)
 
 Same models (holistic + 2 aspects), same inputs, same machine, one run. The peers
 (`--peers`, all by default) are the naive one-forward-per-request FastAPI server, LitServe
