@@ -229,7 +229,7 @@ def _median_round(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _measure_point(
     servers: dict[str, str],
-    limit_of: Callable[[int, list[dict[str, str]]], LimitResult],
+    limit_of: Callable[[int, list[dict[str, str]] | None], LimitResult],
     items: list[dict[str, str]],
     point: tuple[int, int],
     seconds: float,
@@ -252,8 +252,8 @@ def _measure_point(
         sent = round(by_system["alarm-serve"][-1]["requests"] * point[1])
         # One item in flight: single-item forwards of the very items alarm-serve was sent
         # (the load sends the workload in order), for the latency breakdown.
-        limits["in_flight"].append(limit_of(window, items[: max(1, sent)] if window == 1 else []))
-        limits["full"].append(limit_of(LIMIT_ITEMS, []))
+        limits["in_flight"].append(limit_of(window, items[: max(1, sent)] if window == 1 else None))
+        limits["full"].append(limit_of(LIMIT_ITEMS, None))
         print(
             f"  in-process: {limits['in_flight'][-1].items_per_s:.1f} items/s with "
             f"{window} in flight, {limits['full'][-1].items_per_s:.1f} with all {LIMIT_ITEMS}",
@@ -411,9 +411,10 @@ def main() -> int:
     )
     models = load_models(config, args.cache_dir)
 
-    def limit_of(window: int, sample: list[dict[str, str]]) -> LimitResult:
-        """In process, `window` items sorted at a time, on `sample` (or the workload)."""
-        return measure(models, sample or measured, lambda m: batch_limits(config, m), window)
+    def limit_of(window: int, sample: list[dict[str, str]] | None) -> LimitResult:
+        """In process, `window` items sorted at a time, on `sample` (None: the workload)."""
+        on = measured if sample is None else sample
+        return measure(models, on, lambda m: batch_limits(config, m), window)
 
     alarm_serve = [
         str(Path(sys.executable).with_name("alarm-serve")),

@@ -283,14 +283,14 @@ class MicroBatcher(Generic[P, R]):
         """
         window = self._window()
         live = self._drop_dead(window)
-        if len(live) < len(window):
-            kept = {id(item) for item in live}
-            self._remove([item for item in window if id(item) not in kept])
+        kept = {id(item) for item in live}
+        dead = [item for item in window if id(item) not in kept]
         if not live:
+            self._remove(dead)
             return []
         first = live[0]
         chosen = next(b for b in form_batches(live, self._limits) if any(i is first for i in b))
-        self._remove(chosen)
+        self._remove(dead + chosen)  # one pass over the queues per forward
         if first.owner in self._pending:  # to the back of the line
             self._pending[first.owner] = self._pending.pop(first.owner)
         return chosen

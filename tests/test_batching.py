@@ -12,15 +12,24 @@ LIMITS = BatchLimits(max_batch_tokens=256, max_batch_size=8, max_wait_s=0.005)
 
 
 class RecordingModel:
-    """Returns (payload, batch number) so every result can be traced to its item."""
+    """Records each batch of (key, length) payloads and returns "scored:<key>" per item, so
+    every result can be traced to its item; `started` is set when a forward begins."""
 
-    def __init__(self, fail_on=None):
+    def __init__(self, fail_on=None, forward_s=0.0):
         self.batches: list[list[tuple[str, int]]] = []
         self.fail_on = fail_on
+        self.forward_s = forward_s
+        self.started = asyncio.Event()
+
+    @property
+    def keys(self) -> list[str]:
+        """Every item's key, in the order the forwards ran them."""
+        return [key for batch in self.batches for key, _ in batch]
 
     async def __call__(self, payloads):
         self.batches.append(list(payloads))
-        await asyncio.sleep(0)  # let other submitters interleave
+        self.started.set()
+        await asyncio.sleep(self.forward_s)  # at 0: let other submitters interleave
         if self.fail_on is not None and any(p[0] == self.fail_on for p in payloads):
             raise RuntimeError("model exploded")
         return [f"scored:{key}" for key, _ in payloads]
@@ -108,7 +117,7 @@ async def test_cancelled_items_never_reach_the_model():
         assert await kept == "scored:kept"
     finally:
         await batcher.stop()
-    assert [key for batch in model.batches for key, _ in batch] == ["kept"]
+    assert model.keys == ["kept"]
 
 
 def make_item(length, rows=1):
@@ -154,20 +163,14 @@ def test_form_batches_cuts_before_padding_efficiency_drops_below_the_floor():
 async def test_a_flooding_owner_delays_another_owner_by_about_one_forward_per_owner(
     small_length,
 ):
-    executed: list[str] = []
-
-    async def slow_model(payloads):
-        executed.extend(payloads)
-        await asyncio.sleep(0.001)
-        return payloads
-
+    model = RecordingModel(forward_s=0.001)
     limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=8, max_wait_s=0.001)
-    batcher = MicroBatcher(slow_model, limits)
+    batcher = MicroBatcher(model, limits)
     batcher.start()
     try:
-        flood = [batcher.submit("big", length=4, owner="big") for _ in range(1000)]
+        flood = [batcher.submit(("big", 4), length=4, owner="big") for _ in range(1000)]
         await asyncio.sleep(0)  # the flood is queued first
-        small = batcher.submit("small", length=small_length, owner="small")
+        small = batcher.submit(("small", small_length), length=small_length, owner="small")
         await small
         done_when_small_finished = sum(f.done() for f in flood)
         await asyncio.gather(*flood)
@@ -175,7 +178,7 @@ async def test_a_flooding_owner_delays_another_owner_by_about_one_forward_per_ow
         await batcher.stop()
     # The forward already running when it arrived, then at most one per owner (a length of
     # its own puts it in a batch of its own, after one of the flood's): not after 1000.
-    assert executed.index("small") <= 3 * limits.max_batch_size
+    assert model.keys.index("small") <= 3 * limits.max_batch_size
     assert done_when_small_finished <= 3 * limits.max_batch_size
 
 
@@ -221,30 +224,26 @@ async def test_with_announcements_a_batch_waits_only_for_items_on_their_way():
 
 
 async def test_items_that_arrive_during_a_forward_join_the_leftovers_of_the_last_choice():
-    batches: list[list[str]] = []
-    forward_started = asyncio.Event()
-
-    async def slow_model(payloads):
-        batches.append(list(payloads))
-        forward_started.set()
-        await asyncio.sleep(0.05)
-        return payloads
-
+    model = RecordingModel(forward_s=0.05)
     limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=2, max_wait_s=0.001)
-    batcher = MicroBatcher(slow_model, limits)
+    batcher = MicroBatcher(model, limits)
     batcher.start()
     try:
-        futures = [batcher.submit("a", length=4)]
-        await forward_started.wait()
-        forward_started.clear()
-        futures += [batcher.submit(key, length=4) for key in "bcd"]  # while "a" runs
-        await forward_started.wait()  # "b", "c" run; "d" is left over
-        futures.append(batcher.submit("e", length=4))
+        futures = [batcher.submit(("a", 4), length=4)]
+        await model.started.wait()
+        model.started.clear()
+        futures += [batcher.submit((key, 4), length=4) for key in "bcd"]  # while "a" runs
+        await model.started.wait()  # "b", "c" run; "d" is left over
+        futures.append(batcher.submit(("e", 4), length=4))
         await asyncio.gather(*futures)
     finally:
         await batcher.stop()
     # Each batch is chosen when the model is free, from everything pending by then.
-    assert batches == [["a"], ["b", "c"], ["d", "e"]]
+    assert [[key for key, _ in batch] for batch in model.batches] == [
+        ["a"],
+        ["b", "c"],
+        ["d", "e"],
+    ]
 
 
 async def test_batchers_sharing_a_device_never_run_at_once_and_the_oldest_work_goes_first():

@@ -103,8 +103,9 @@ def test_a_trainer_over_its_limit_gets_429_while_another_is_served(server_url):
 
 
 def test_a_small_trainer_is_not_starved_by_a_flooding_one(server_url):
-    """While `big` has 512 items queued, `small`'s item is answered within a round or two,
-    long before `big`'s backlog drains."""
+    """While `big` has 512 items queued, `small`'s item is answered long before `big`'s
+    backlog drains (owners take turns per forward; `small`'s tokenising may still queue
+    behind `big`'s, so the bound here is loose)."""
 
     async def run():
         async with httpx.AsyncClient(base_url=server_url, timeout=300) as client:
