@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +32,7 @@ import httpx
 from benchmarks.limit import LimitResult, best_limit, measure
 from benchmarks.load import LoadResult, run_load
 from benchmarks.models import write_config
+from benchmarks.servers import free_port, idle_cpu_share, paused, start_server, stop_server
 from benchmarks.workload import load_items
 from service.config import load_reward_config
 from service.engine import batch_limits
@@ -44,12 +41,6 @@ from service.models import load_models
 GRID = [(1, 1), (8, 1), (64, 1), (256, 1), (1, 16), (8, 16), (64, 16)]
 FULL_GRID = [*GRID, (256, 16)]
 LIMIT_ITEMS = 256  # workload items the in-process limits are measured on
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _counter_sum(metrics_text: str, name: str) -> float:
@@ -81,7 +72,6 @@ PEERS = {
     "litserve": Peer("litserve", "benchmarks.litserve_peer"),
     "ray": Peer("ray-serve", "benchmarks.ray_serve_peer"),
 }
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def peer_command(peer: Peer, config_path: Path, cache_dir: Path) -> list[str]:
@@ -94,111 +84,6 @@ def peer_command(peer: Peer, config_path: Path, cache_dir: Path) -> list[str]:
         "--cache-dir",
         str(cache_dir),
     ]
-
-
-def _proc_stats() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, process group) of every live, non-zombie process (Linux /proc)."""
-    stats = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited while we looked
-        if fields[0] != "Z":
-            stats[int(entry.name)] = (int(fields[1]), int(fields[2]))
-    return stats
-
-
-def server_processes(leader: int) -> set[int]:
-    """The leader's process group and all its descendants, live, the leader included.
-
-    Both, because LitServe's workers stay in the group but may outlive their parent, and
-    Ray's actors are the raylet's children but each leads a process group of its own.
-    """
-    stats = _proc_stats()
-    found = {pid for pid, (_, group) in stats.items() if group == leader}
-    frontier = set(found)
-    while frontier:
-        frontier = {pid for pid, (parent, _) in stats.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _signal_all(pids: set[int], signum: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
-
-
-def still_running(pids: set[int]) -> set[int]:
-    return pids & set(_proc_stats())
-
-
-def _wait_gone(pids: set[int], timeout_s: float) -> set[int]:
-    deadline = time.monotonic() + timeout_s
-    while (alive := still_running(pids)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return alive
-
-
-def start_server(
-    command: list[str],
-    url: str,
-    log_path: Path,
-    ready_timeout_s: float = 300,
-    env: dict[str, str] | None = None,
-) -> subprocess.Popen:
-    """Start `command` as the leader of a new process group; return once /readyz says 200.
-
-    `env` adds variables to the server's environment only, never to this process's."""
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            cwd=REPO_ROOT,
-            env={**os.environ, **(env or {})},
-        )
-    deadline = time.monotonic() + ready_timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            stop_server(process)
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{command[:3]} exited ({process.returncode}): {tail}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    stop_server(process)
-    raise RuntimeError(f"{command[:3]} not ready in {ready_timeout_s} s, see {log_path}")
-
-
-def stop_server(process: subprocess.Popen, grace_s: float = 60) -> set[int]:
-    """Stop a server and every process it started; return their pids; raise if one survives.
-
-    SIGTERM goes to the leader alone first, so that it shuts its own children down (Ray
-    needs its raylet alive for that); whatever outlives it is terminated, then killed.
-    """
-    started = server_processes(process.pid)
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    leftover = (started | server_processes(process.pid)) - {process.pid}
-    _signal_all(leftover, signal.SIGTERM)
-    leftover = _wait_gone(leftover, 10)
-    _signal_all(leftover, signal.SIGKILL)
-    if leftover := _wait_gone(leftover, 10):
-        raise RuntimeError(f"server processes left running: {sorted(leftover)}")
-    return started
 
 
 def _load_once(
@@ -229,6 +114,7 @@ def _median_round(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _measure_point(
     servers: dict[str, str],
+    leaders: dict[str, int],
     limit_of: Callable[[int, list[dict[str, str]] | None], LimitResult],
     items: list[dict[str, str]],
     point: tuple[int, int],
@@ -239,7 +125,9 @@ def _measure_point(
 
     This VM's speed drifts by tens of per cent within minutes, so the systems and limits
     compared at a point are measured in turns, each round starting with a different
-    server, and each figure is the median of its rounds.
+    server, and each figure is the median of its rounds. Whatever is not being measured is
+    paused (`leaders`: each server's process-group leader), so that no idle server's
+    background work takes CPU from the one under load or from the in-process limits.
     """
     window = _in_flight(*point)
     names = list(servers)
@@ -248,12 +136,16 @@ def _measure_point(
     for round_index in range(rounds):
         order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
-            by_system[name].append(_load_once(name, servers[name], items, point, seconds))
+            with paused([leader for other, leader in leaders.items() if other != name]):
+                by_system[name].append(_load_once(name, servers[name], items, point, seconds))
         sent = round(by_system["alarm-serve"][-1]["requests"] * point[1])
         # One item in flight: single-item forwards of the very items alarm-serve was sent
         # (the load sends the workload in order), for the latency breakdown.
-        limits["in_flight"].append(limit_of(window, items[: max(1, sent)] if window == 1 else None))
-        limits["full"].append(limit_of(LIMIT_ITEMS, None))
+        with paused(list(leaders.values())):
+            limits["in_flight"].append(
+                limit_of(window, items[: max(1, sent)] if window == 1 else None)
+            )
+            limits["full"].append(limit_of(LIMIT_ITEMS, None))
         print(
             f"  in-process: {limits['in_flight'][-1].items_per_s:.1f} items/s with "
             f"{window} in flight, {limits['full'][-1].items_per_s:.1f} with all {LIMIT_ITEMS}",
@@ -430,10 +322,11 @@ def main() -> int:
         (PEERS[name].system, peer_command(PEERS[name], config_path, args.cache_dir))
         for name in args.peers
     ]
-    # All servers stay up, idle but for the one under load, so that a load point's figures
-    # are measured minutes apart at most (see _measure_point).
+    # All servers stay up, paused but for the one under load, so that a load point's
+    # figures are measured minutes apart at most (see _measure_point).
     processes: list[subprocess.Popen] = []
     servers: dict[str, str] = {}
+    leaders: dict[str, int] = {}
     try:
         for system, command in commands:
             port = free_port()
@@ -443,12 +336,18 @@ def main() -> int:
             processes.append(
                 start_server([*command, "--port", str(port)], servers[system], log_path)
             )
+            leaders[system] = processes[-1].pid
             asyncio.run(run_load(servers[system], "/v1/rewards", measured, 4, 4, 2.0))  # warm-up
+        # What pausing the idle servers saves: each one's CPU use while nobody calls it.
+        results["idle_cpu_share"] = {
+            system: idle_cpu_share(leader, 5.0) for system, leader in leaders.items()
+        }
+        print(f"idle CPU-seconds per second: {results['idle_cpu_share']}", flush=True)
         by_point = {}
         for point in grid:
             print(f"C={point[0]} k={point[1]}", flush=True)
             by_point[point] = _measure_point(
-                servers, limit_of, measured, point, args.seconds, args.rounds
+                servers, leaders, limit_of, measured, point, args.seconds, args.rounds
             )
     finally:
         for process in processes:

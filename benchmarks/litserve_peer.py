@@ -9,7 +9,7 @@ config as alarm-serve's, so both batch under the same limits.
 
 LitServe runs an API server process and an inference worker process beside this one, and
 stopping only this process orphans them: start it in its own process group and stop the
-group too (`benchmarks.bench.stop_server` does).
+group too (`benchmarks.servers.stop_server` does).
 """
 
 # No `from __future__ import annotations`: LitServe reads decode_request's annotation as

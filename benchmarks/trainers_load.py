@@ -25,8 +25,8 @@ from typing import Any
 
 import httpx
 
-from benchmarks.bench import free_port, start_server, stop_server
 from benchmarks.models import write_config
+from benchmarks.servers import free_port, start_server, stop_server
 from benchmarks.workload import load_items
 
 ALARM_SERVE = str(Path(sys.executable).with_name("alarm-serve"))

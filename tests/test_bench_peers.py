@@ -14,17 +14,19 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from benchmarks.bench import (
-    PEERS,
+from benchmarks.bench import PEERS, peer_command
+from benchmarks.load import HttpConnection
+from benchmarks.models import PeerItem, PeerScorer
+from benchmarks.naive_server import create_app as create_naive_app
+from benchmarks.servers import (
+    cpu_seconds,
     free_port,
-    peer_command,
+    paused,
+    server_processes,
     start_server,
     still_running,
     stop_server,
 )
-from benchmarks.load import HttpConnection
-from benchmarks.models import PeerItem, PeerScorer
-from benchmarks.naive_server import create_app as create_naive_app
 from tests.conftest import tiny_config_dict
 
 # Three requests of 3 + 2 + 1 items: when they form one batch, forwards capped at 4 items
@@ -76,6 +78,46 @@ def _start_peer(name: str, config: Path, work_dir: Path) -> tuple[subprocess.Pop
     return start_server(command, url, work_dir / f"{name}.log", ready_timeout_s=120), url
 
 
+def _process_states(pids: set[int]) -> set[str]:
+    states = set()
+    for pid in pids:
+        try:
+            states.add(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            continue  # exited
+    return states
+
+
+def _assert_pausing_stops_and_resumes(leader: int, url: str) -> None:
+    """What the benchmark relies on: a paused server takes no CPU and answers nothing,
+    and after the pause it answers again on the same connection."""
+
+    async def ask(connection: HttpConnection) -> int:
+        status, _ = await connection.post_json("/v1/rewards", {"items": REQUESTS[2]})
+        return status
+
+    async def paused_then_resumed() -> tuple[bool, set[str], float, int]:
+        connection = HttpConnection(url)
+        try:
+            assert await asyncio.wait_for(ask(connection), 60) == 200  # connected, warm
+            pids = server_processes(leader)
+            with paused([leader]):
+                states = _process_states(pids)
+                spent = cpu_seconds(pids)
+                pending = asyncio.ensure_future(ask(connection))
+                done, _ = await asyncio.wait([pending], timeout=1.5)
+                spent = cpu_seconds(pids) - spent
+            return bool(done), states, spent, await asyncio.wait_for(pending, 60)
+        finally:
+            await connection.close()
+
+    answered_while_paused, states, spent, status = asyncio.run(paused_then_resumed())
+    assert not answered_while_paused
+    assert states == {"T"}  # every process of the server stopped
+    assert spent == 0
+    assert status == 200
+
+
 @pytest.fixture(scope="module")
 def naive_rewards(peer_config: Path, tmp_path_factory: pytest.TempPathFactory) -> list[list[float]]:
     """The naive peer's app, in process: one process start fewer, the same route code."""
@@ -104,6 +146,7 @@ def test_batching_peer_returns_the_naive_peers_rewards_and_leaves_no_process(
 ) -> None:
     process, url = _start_peer(name, peer_config, tmp_path)
     try:
+        _assert_pausing_stops_and_resumes(process.pid, url)
         rewards = _score_concurrently(url)
     finally:
         stopped = stop_server(process)
