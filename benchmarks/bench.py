@@ -7,7 +7,8 @@ Same models (holistic + 2 aspects), same inputs, same machine, one run. The peer
 with its batching and Ray Serve with `@serve.batch`, all on the same scoring code. Every
 server stays up for the whole run; at each load point the servers and the in-process
 limits (all items sorted together, and only the C x k items in flight) are measured in
-`--rounds` rounds close together, and each figure is the median of its rounds. Writes
+`--rounds` rounds close together (servers not under load paused), and each figure is
+the median of its rounds; each ratio is the median of its rounds' ratios. Writes
 results.json and throughput.png, and prints the ratios alarm-serve / limit,
 alarm-serve / in-flight limit and alarm-serve / each peer for every load point.
 """
@@ -125,7 +126,8 @@ def _measure_point(
 
     This VM's speed drifts by tens of per cent within minutes, so the systems and limits
     compared at a point are measured in turns, each round starting with a different
-    server, and each figure is the median of its rounds. Whatever is not being measured is
+    server, the limits right after alarm-serve, and each figure is the median of its
+    rounds. Whatever is not being measured is
     paused (`leaders`: each server's process-group leader), so that no idle server's
     background work takes CPU from the one under load or from the in-process limits.
     """
@@ -138,24 +140,30 @@ def _measure_point(
         for name in order:
             with paused([leader for other, leader in leaders.items() if other != name]):
                 by_system[name].append(_load_once(name, servers[name], items, point, seconds))
-        sent = round(by_system["alarm-serve"][-1]["requests"] * point[1])
-        # One item in flight: single-item forwards of the very items alarm-serve was sent
-        # (the load sends the workload in order), for the latency breakdown.
-        with paused(list(leaders.values())):
-            limits["in_flight"].append(
-                limit_of(window, items[: max(1, sent)] if window == 1 else None)
+            if name != "alarm-serve":
+                continue
+            # The limits right after alarm-serve, so that each round's ratio compares
+            # figures taken seconds apart. One item in flight: single-item forwards of the
+            # very items alarm-serve was sent (the load sends the workload in order), for
+            # the latency breakdown.
+            sent = round(by_system[name][-1]["requests"] * point[1])
+            with paused(list(leaders.values())):
+                limits["in_flight"].append(
+                    limit_of(window, items[: max(1, sent)] if window == 1 else None)
+                )
+                limits["full"].append(limit_of(LIMIT_ITEMS, None))
+            print(
+                f"  in-process: {limits['in_flight'][-1].items_per_s:.1f} items/s with "
+                f"{window} in flight, {limits['full'][-1].items_per_s:.1f} with all "
+                f"{LIMIT_ITEMS}",
+                flush=True,
             )
-            limits["full"].append(limit_of(LIMIT_ITEMS, None))
-        print(
-            f"  in-process: {limits['in_flight'][-1].items_per_s:.1f} items/s with "
-            f"{window} in flight, {limits['full'][-1].items_per_s:.1f} with all {LIMIT_ITEMS}",
-            flush=True,
-        )
     return {
         "systems": {name: _median_round(rows) for name, rows in by_system.items()},
         "limits": {
             key: {
                 "median_items_per_s": statistics.median(r.items_per_s for r in results),
+                "rounds_items_per_s": [r.items_per_s for r in results],
                 "rounds": [asdict(r) for r in results],
             }
             for key, results in limits.items()
@@ -229,8 +237,12 @@ def _in_flight(concurrency: int, items_per_request: int) -> int:
     return min(concurrency * items_per_request, LIMIT_ITEMS)
 
 
-def _ratio(ours: float, theirs: float) -> float:
-    return ours / theirs if theirs else float("nan")  # a peer that served nothing: no ratio
+def _paired_ratio(ours: list[float], theirs: list[float]) -> float:
+    """The median over rounds of ours / theirs, each round's pair measured close together:
+    the VM's drift between rounds cancels out of each pair."""
+    if not all(theirs):
+        return float("nan")  # a peer that served nothing in a round: no ratio
+    return statistics.median(o / t for o, t in zip(ours, theirs, strict=True))
 
 
 def _peer_names(text: str) -> list[str]:
@@ -256,10 +268,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "alarm-serve")
     parser.add_argument(
-        "--seconds", type=float, default=5.0, help="load per server, point and round"
+        "--seconds", type=float, default=4.0, help="load per server, point and round"
     )
     parser.add_argument(
-        "--rounds", type=int, default=3, help="rounds per point (figures are their medians)"
+        "--rounds", type=int, default=4, help="rounds per point (figures are their medians)"
     )
     parser.add_argument("--full", action="store_true", help="add C=256, k=16 (slow on CPU)")
     parser.add_argument(
@@ -360,20 +372,23 @@ def main() -> int:
     results["ratios"] = []
     for point, ours in zip(grid, results["alarm-serve"], strict=True):
         limits = by_point[point]["limits"]
-        full = limits["full"]["median_items_per_s"]
-        in_flight = limits["in_flight"]["median_items_per_s"]
+        ours_rounds = ours["rounds_items_per_s"]
         results["ratios"].append(
             {
                 "concurrency": point[0],
                 "items_per_request": point[1],
-                "limit": full,
-                "in_flight_limit": in_flight,
-                "alarm_over_limit": _ratio(ours["items_per_s"], full),
-                "alarm_over_in_flight_limit": _ratio(ours["items_per_s"], in_flight),
+                "limit": limits["full"]["median_items_per_s"],
+                "in_flight_limit": limits["in_flight"]["median_items_per_s"],
+                "alarm_over_limit": _paired_ratio(
+                    ours_rounds, limits["full"]["rounds_items_per_s"]
+                ),
+                "alarm_over_in_flight_limit": _paired_ratio(
+                    ours_rounds, limits["in_flight"]["rounds_items_per_s"]
+                ),
                 **{
-                    f"alarm_over_{name}": _ratio(
-                        ours["items_per_s"],
-                        by_point[point]["systems"][PEERS[name].system]["items_per_s"],
+                    f"alarm_over_{name}": _paired_ratio(
+                        ours_rounds,
+                        by_point[point]["systems"][PEERS[name].system]["rounds_items_per_s"],
                     )
                     for name in args.peers
                 },
