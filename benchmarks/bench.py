@@ -127,9 +127,9 @@ def _measure_point(
     This VM's speed drifts by tens of per cent within minutes, so the systems and limits
     compared at a point are measured in turns, each round starting with a different
     server, the limits right after alarm-serve, and each figure is the median of its
-    rounds. Whatever is not being measured is
-    paused (`leaders`: each server's process-group leader), so that no idle server's
-    background work takes CPU from the one under load or from the in-process limits.
+    rounds. Whatever is not being measured is paused (`leaders`: each server's
+    process-group leader), so that no idle server's background work takes CPU from the
+    one under load or from the in-process limits.
     """
     window = _in_flight(*point)
     names = list(servers)

@@ -28,17 +28,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat after the command name (state first), or None once it has exited."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _proc_stats() -> dict[int, tuple[int, int]]:
     """pid -> (parent pid, process group) of every live, non-zombie process (Linux /proc)."""
     stats = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited while we looked
-        if fields[0] != "Z":
+        fields = _stat_fields(entry.name)
+        if fields is not None and fields[0] != "Z":
             stats[int(entry.name)] = (int(fields[1]), int(fields[2]))
     return stats
 
@@ -138,11 +143,8 @@ def cpu_seconds(pids: set[int]) -> float:
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited
-        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if (fields := _stat_fields(pid)) is not None:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / ticks
 
 
