@@ -1,9 +1,9 @@
 """The benchmark's server processes: started, paused while another is measured, stopped.
 
 A server is a process group plus its descendants (LitServe's workers, Ray's raylet and
-actors). Idle servers are not idle on the CPU: LitServe's worker polls its queues (about
-0.2 CPU-seconds per second on the 2-core VM), so every server not under load is stopped
-(SIGSTOP) while another one, or the in-process limit, is measured.
+actors). Idle servers are not idle on the CPU (LitServe's processes used about 0.2
+CPU-seconds per second on the 2-core VM, Ray's about 0.1), so every server not under
+load is stopped (SIGSTOP) while another one, or the in-process limit, is measured.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def paused(leaders: list[int]) -> Iterator[None]:
     Their sockets stay open, so a paused server keeps its connections and state; it just
     takes no CPU from the one under measurement.
     """
-    pids = set().union(*(server_processes(leader) for leader in leaders)) if leaders else set()
+    pids: set[int] = set().union(*(server_processes(leader) for leader in leaders))
     _signal_all(pids, signal.SIGSTOP)
     try:
         yield
