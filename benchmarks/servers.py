@@ -156,6 +156,23 @@ def idle_cpu_share(leader: int, seconds: float) -> float:
     return (cpu_seconds(pids) - before) / seconds
 
 
+def _wait_stopped(pids: set[int], timeout_s: float) -> None:
+    """Return once every live process of `pids` is stopped: SIGSTOP lands asynchronously,
+    and a process still running for a moment would take CPU from the measurement."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = [
+            pid
+            for pid in pids
+            if (fields := _stat_fields(pid)) is not None and fields[0] not in ("T", "Z")
+        ]
+        if not running:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes not stopped by SIGSTOP: {sorted(running)}")
+        time.sleep(0.01)
+
+
 @contextlib.contextmanager
 def paused(leaders: list[int]) -> Iterator[None]:
     """Stop every process of these servers (SIGSTOP) for the block, then let them go on.
@@ -166,6 +183,7 @@ def paused(leaders: list[int]) -> Iterator[None]:
     pids: set[int] = set().union(*(server_processes(leader) for leader in leaders))
     _signal_all(pids, signal.SIGSTOP)
     try:
+        _wait_stopped(pids, timeout_s=10)
         yield
     finally:
         _signal_all(pids, signal.SIGCONT)
