@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,10 +23,42 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# Ray's worker processes take ports 10002-19999 by default; nothing here binds above them
+# and below the kernel's ephemeral range on its own.
+_FIXED_PORTS_FROM = 20000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_ports_from() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port below the kernel's ephemeral range, not handed out before in this process.
+
+    A port the kernel picks for `bind(0)` is one it may pick again for any process that
+    binds port 0 or opens a connection before the server binds it, and Ray starts dozens of
+    those (a CI run lost its proxy's port that way); ports below the range are only ever
+    taken on request.
+    """
+    candidates = list(
+        range(_FIXED_PORTS_FROM, max(_ephemeral_ports_from(), _FIXED_PORTS_FROM + 1000))
+    )
+    random.shuffle(candidates)
+    for port in candidates:
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def _stat_fields(pid: int | str) -> list[str] | None:
