@@ -70,6 +70,11 @@ class _TransformerSpec(_Strict):
     path: str = Field(description="local folder, hub id, or packaged:<name>")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (dynamic shapes) at load; for GPUs: on a "
+        "2-core CPU it took ~54 s and gained nothing on MiniLM",
+    )
     max_length: int = Field(512, ge=8)
     truncation_side: Literal["left", "right"] = "right"
 

@@ -321,3 +321,25 @@ def test_rows_are_cut_into_length_sorted_chunks_when_padding_costs_more_than_a_f
     # When a forward costs more than any padding, everything is one rectangle.
     assert length_sorted_chunks(lengths, overhead_tokens=10_000) == [[1, 5, 3, 6, 0, 2, 4]]
     assert length_sorted_chunks([], 40) == []
+
+
+def test_a_compiled_model_scores_like_the_eager_one_and_keeps_its_definition(tiny_paths, tmp_path):
+    """torch.compile (dynamic shapes, compiled at load for one row and for several) on the
+    decoder RM, whose head reads the pad token the compiled graph must see."""
+    eager = load_holistic(llama_holistic(tiny_paths), tmp_path)
+    fast = load_holistic({**llama_holistic(tiny_paths), "compile": True}, tmp_path)
+    prepared = [eager.prepare(PROMPT, r) for r in RESPONSES]
+    for ours, reference in zip(fast.run(prepared), eager.run(prepared), strict=True):
+        assert ours.raw == pytest.approx(reference.raw, abs=1e-4)
+    assert_batch_invariant(fast, PROMPT, RESPONSES)
+    assert fast.fingerprint == eager.fingerprint  # compiling does not change the reward
+    assert fast.describe()["compiled"] and not eager.describe()["compiled"]
+
+
+def test_rows_are_right_padded_with_a_mask_of_the_real_tokens():
+    from service.models.loading import pad_right
+
+    ids, mask = pad_right([(5, 6, 7), (8,), (9, 10)], pad_id=0, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert ids.dtype == mask.dtype == torch.long

@@ -16,13 +16,16 @@ from service.combine import SegmentScore
 from service.config import EmbeddingSimilarityAspect
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.loading import (
+    PLACEMENT_FIELDS,
     chunked_padded_tokens,
+    compiled,
     fingerprint,
     forward_overhead_tokens,
     length_sorted_chunks,
     load_pretrained,
     load_tokenizer,
     pad_right,
+    runtime_details,
     truncate_keeping_specials,
 )
 from service.segmentation import split_spans
@@ -41,8 +44,10 @@ class EmbeddingSimilarityModel:
         self._special_ids = set(self._tokenizer.all_special_ids)
         self._model = load_pretrained(AutoModel, resolved_path, spec.dtype, device)
         self._pad_id = int(self._tokenizer.pad_token_id or 0)
+        if spec.compile:
+            self._model = compiled(self._model, resolved_path, device)
         self._overhead_tokens = forward_overhead_tokens(device)
-        self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude={"device"}))
+        self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
     def prepare(self, prompt: str, response: str) -> Prepared:
         spans = split_spans(response, self._spec.split)
@@ -91,4 +96,7 @@ class EmbeddingSimilarityModel:
         return results
 
     def describe(self) -> dict[str, Any]:
-        return {"architecture": self._model.config.architectures, "split": self._spec.split.value}
+        return {
+            **runtime_details(self._model.config, self._spec.compile),
+            "split": self._spec.split.value,
+        }

@@ -15,11 +15,14 @@ from service.config import LmLikelihoodHolistic
 from service.errors import ConfigError
 from service.models.base import HolisticScore, ModelOutput, Prepared, Role
 from service.models.loading import (
+    PLACEMENT_FIELDS,
+    compiled,
     ensure_pad_token,
     fingerprint,
     load_pretrained,
     load_tokenizer,
     pad_right,
+    runtime_details,
 )
 
 
@@ -37,7 +40,11 @@ class LmLikelihoodModel:
         if spec.prompt_template is None and not self._tokenizer.chat_template:
             raise ConfigError(f"{spec.name}: tokenizer has no chat template; set prompt_template")
         self._pad_id = ensure_pad_token(self._tokenizer, self._model)
-        self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude={"device"}))
+        # Only the backbone runs on every token; the head runs on the response's positions.
+        self._backbone = self._model.base_model
+        if spec.compile:
+            self._backbone = compiled(self._backbone, resolved_path, device)
+        self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         if self._spec.prompt_template is not None:
@@ -68,7 +75,7 @@ class LmLikelihoodModel:
     @torch.inference_mode()
     def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
         ids, mask = pad_right([p.rows[0] for p in batch], self._pad_id, self.device)
-        hidden = self._model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = self._backbone(input_ids=ids, attention_mask=mask).last_hidden_state
         # hidden: (B, L, H)
         # Position t predicts token t + 1: gather the states that predict response tokens.
         row_index: list[int] = []
@@ -94,4 +101,7 @@ class LmLikelihoodModel:
         return results
 
     def describe(self) -> dict[str, Any]:
-        return {"architecture": self._model.config.architectures, "pad_token_id": self._pad_id}
+        return {
+            **runtime_details(self._model.config, self._spec.compile),
+            "pad_token_id": self._pad_id,
+        }

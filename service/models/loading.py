@@ -59,12 +59,46 @@ def load_tokenizer(resolved_path: str, **kwargs: Any) -> Any:
         raise ConfigError(f"cannot load tokenizer from {resolved_path!r}: {exc}") from exc
 
 
+# Spec fields that change where and how fast a model runs, not what it scores: left out of
+# the fingerprint, so moving a model to another GPU or compiling it keeps its definition.
+PLACEMENT_FIELDS: set[str] = {"device", "compile"}
+
+
 def load_pretrained(auto_class: Any, resolved_path: str, dtype: str, device: str) -> Any:
     try:
         model = auto_class.from_pretrained(resolved_path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model from {resolved_path!r}: {exc}") from exc
     return model.to(device).eval()
+
+
+def compiled(model: Any, resolved_path: str, device: str) -> Any:
+    """`torch.compile` with dynamic shapes (every batch is a new batch x length), compiled
+    here at load so that no trainer's request waits for it. Call it once the model's config
+    is final (pad token set): the compiled graph reads it.
+
+    Dynamo specialises sizes 0 and 1, so single-row batches get a graph of their own: both
+    are compiled, on one and on two rows. The compiled module forwards attribute reads
+    (`config`, ...) to the model.
+    """
+    fast = torch.compile(model, dynamic=True)
+    try:
+        with torch.inference_mode():
+            for rows in (1, 2):
+                ids = torch.zeros((rows, 8), dtype=torch.long, device=device)
+                fast(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except Exception as exc:  # inductor's errors have no common base (compiler, codegen, ...)
+        raise ConfigError(f"cannot compile model from {resolved_path!r}: {exc}") from exc
+    return fast
+
+
+def runtime_details(model_config: Any, compile: bool) -> dict[str, Any]:
+    """What /v1/models reports of how a transformers model runs (SDPA or eager attention)."""
+    return {
+        "architecture": model_config.architectures,
+        "attention": getattr(model_config, "_attn_implementation", None),
+        "compiled": compile,
+    }
 
 
 def ensure_pad_token(tokenizer: Any, model: Any) -> int:
@@ -80,13 +114,16 @@ def ensure_pad_token(tokenizer: Any, model: Any) -> int:
 def pad_right(
     rows: Sequence[Sequence[int]], pad_id: int, device: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad rows to one (B, L) id tensor and its attention mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
+    """Right-pad rows to one (B, L) id tensor and its attention mask, on `device`.
+
+    For a GPU both are built in pinned host memory, so their copies are asynchronous.
+    """
+    lengths = [len(r) for r in rows]
+    width = max(lengths)
+    ids = torch.tensor([[*r, *[pad_id] * (width - len(r))] for r in rows], dtype=torch.long)
+    mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+    if device.startswith("cuda"):
+        ids, mask = ids.pin_memory(), mask.pin_memory()
     return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 

@@ -18,11 +18,14 @@ from service.config import SegmentClassifierAspect
 from service.errors import ConfigError
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.loading import (
+    PLACEMENT_FIELDS,
+    compiled,
     ensure_pad_token,
     fingerprint,
     load_pretrained,
     load_tokenizer,
     pad_right,
+    runtime_details,
     truncate_keeping_specials,
 )
 from service.segmentation import split_spans
@@ -52,8 +55,10 @@ class SegmentClassifierModel:
         self._labels = torch.tensor(sorted(spec.label_values))
         self._label_values = [spec.label_values[int(i)] for i in self._labels]
         self._pad_id = ensure_pad_token(self._tokenizer, self._model)
+        if spec.compile:
+            self._model = compiled(self._model, resolved_path, device)
         self._special_ids = set(self._tokenizer.all_special_ids)
-        self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude={"device"}))
+        self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
     def prepare(self, prompt: str, response: str) -> Prepared:
         spans = split_spans(response, self._spec.split)
@@ -106,7 +111,7 @@ class SegmentClassifierModel:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "architecture": self._model.config.architectures,
+            **runtime_details(self._model.config, self._spec.compile),
             "separator": self._separator,
             "label_values": self._spec.label_values,
             "split": self._spec.split.value,

@@ -16,11 +16,14 @@ from service.config import SequenceScalarAspect, SequenceScalarHolistic
 from service.errors import ConfigError
 from service.models.base import AspectScore, HolisticScore, ModelOutput, Prepared, Role
 from service.models.loading import (
+    PLACEMENT_FIELDS,
+    compiled,
     ensure_pad_token,
     fingerprint,
     load_pretrained,
     load_tokenizer,
     pad_right,
+    runtime_details,
     truncate_keeping_specials,
 )
 
@@ -48,8 +51,10 @@ class SequenceScalarModel:
         if spec.use_chat_template and not self._tokenizer.chat_template:
             raise ConfigError(f"{spec.name}: use_chat_template set but tokenizer has none")
         self._pad_id = ensure_pad_token(self._tokenizer, self._model)
+        if spec.compile:
+            self._model = compiled(self._model, resolved_path, device)
         self._special_ids = set(self._tokenizer.all_special_ids)
-        self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude={"device"}))
+        self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
     def _text(self, prompt: str, response: str) -> tuple[str, bool]:
         if self._spec.use_chat_template:
@@ -81,4 +86,7 @@ class SequenceScalarModel:
         ]
 
     def describe(self) -> dict[str, Any]:
-        return {"architecture": self._model.config.architectures, "pad_token_id": self._pad_id}
+        return {
+            **runtime_details(self._model.config, self._spec.compile),
+            "pad_token_id": self._pad_id,
+        }
