@@ -30,9 +30,10 @@ from typing import Any
 
 import httpx
 
+from benchmarks.gpu_utilisation import GpuUtilisation
 from benchmarks.limit import LimitResult, best_limit, measure
 from benchmarks.load import LoadResult, run_load
-from benchmarks.models import write_config
+from benchmarks.models import HOLISTIC_SIZES, RELEVANCE_PATH, write_config
 from benchmarks.servers import free_port, idle_cpu_share, paused, start_server, stop_server
 from benchmarks.workload import load_items
 from service.config import load_reward_config
@@ -92,15 +93,17 @@ def _load_once(
 ) -> dict[str, Any]:
     concurrency, per_request = point
     before = httpx.get(f"{url}/metrics").text if name == "alarm-serve" else ""
-    result: LoadResult = asyncio.run(
-        run_load(url, "/v1/rewards", items, concurrency, per_request, seconds)
-    )
-    row = {"system": name, **asdict(result)}
+    with GpuUtilisation() as gpu:
+        result: LoadResult = asyncio.run(
+            run_load(url, "/v1/rewards", items, concurrency, per_request, seconds)
+        )
+    row = {"system": name, **asdict(result), "gpu_utilisation_percent": gpu.mean_percent}
     if name == "alarm-serve":
         row["padding_efficiency"] = _padding_efficiency(before, httpx.get(f"{url}/metrics").text)
     print(
         f"  {name:13s} {result.items_per_s:8.1f} items/s  p50 {result.p50_ms:8.1f} ms"
-        f"  p99 {result.p99_ms:8.1f} ms  errors {result.errors}",
+        f"  p99 {result.p99_ms:8.1f} ms  errors {result.errors}"
+        + (f"  GPU {gpu.mean_percent:.0f}%" if gpu.mean_percent is not None else ""),
         flush=True,
     )
     return row
@@ -253,6 +256,12 @@ def _peer_names(text: str) -> list[str]:
     return names
 
 
+def _gpu_name() -> str:
+    import torch
+
+    return f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+
+
 def _load_points(text: str) -> list[tuple[int, int]]:
     """`1x1,8x16`: C concurrent clients x k items per request."""
     try:
@@ -286,16 +295,43 @@ def main() -> int:
     parser.add_argument(
         "--min-padding-efficiency", type=float, default=0.0, help="batching knob under test"
     )
+    parser.add_argument(
+        "--holistic",
+        choices=["minilm", *HOLISTIC_SIZES],
+        default="minilm",
+        help="holistic RM: MiniLM with a scalar head, or a random-weight RM of a real size",
+    )
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument(
+        "--relevance-path",
+        default=RELEVANCE_PATH,
+        help="the relevance aspect's embedding model (a MiniLM-style folder)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     config_path = args.out / "config.yaml"
-    write_config(args.cache_dir, config_path, min_padding_efficiency=args.min_padding_efficiency)
+    write_config(
+        args.cache_dir,
+        config_path,
+        min_padding_efficiency=args.min_padding_efficiency,
+        holistic=args.holistic,
+        dtype=args.dtype,
+        compile=args.compile,
+        relevance_path=args.relevance_path,
+    )
     config = load_reward_config(config_path)
     items = load_items(1024)
     grid = args.points or (FULL_GRID if args.full else GRID)
     results: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}{_gpu_name()}",
+        "models": {
+            "holistic": args.holistic,
+            "relevance": args.relevance_path,
+            "dtype": args.dtype,
+            "compile": args.compile,
+        },
         "grid": grid,
         # LitServe and Ray Serve batch requests under these limits, as alarm-serve batches items.
         "peer_batching": {
@@ -321,7 +357,9 @@ def main() -> int:
         return measure(models, on, lambda m: batch_limits(config, m), window)
 
     alarm_serve = [
-        str(Path(sys.executable).with_name("alarm-serve")),
+        sys.executable,  # `python -m service` is the `alarm-serve` script, installed or not
+        "-m",
+        "service",
         "serve",
         "--config",
         str(config_path),

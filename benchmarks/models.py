@@ -1,8 +1,10 @@
-"""The benchmarked reward definition: holistic + 2 aspects on real-size MiniLM encoders.
+"""The benchmarked reward definition: holistic + 2 aspects on real-size models.
 
 No packaged reward model exists, so the holistic RM is all-MiniLM-L6-v2's encoder with a
 freshly initialised scalar head (random head, real backbone: right for speed, meaningless
-as a reward). The relevance aspect is the real MiniLM embedding similarity.
+as a reward), or, for GPUs (`--holistic`), a random-weight RM built from a config at the
+size of DeBERTa-v3-large or of a Llama-2-7B RM. The relevance aspect is the real MiniLM
+embedding similarity.
 
 `PeerScorer` is the one scoring path every peer server runs (naive, LitServe, Ray Serve),
 so that peers differ only in how they schedule forwards, never in what they compute.
@@ -44,15 +46,105 @@ def prepare_holistic(cache_dir: Path) -> Path:
     return target
 
 
+# Random-weight holistic RMs at real sizes, for speed only: the dimensions of
+# DeBERTa-v3-large (OpenAssistant's RM, 24 x 1024) and of a Llama-2-7B RM (32 x 4096).
+# Both read MiniLM's tokenizer (vocabulary 30,522), the only one on hand offline.
+HOLISTIC_SIZES: dict[str, dict[str, Any]] = {
+    "deberta-large": {
+        "model_type": "deberta-v2",
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+        "max_position_embeddings": 512,
+        "relative_attention": True,
+        "position_buckets": 256,
+        "pos_att_type": ["p2c", "c2p"],
+        "norm_rel_ebd": "layer_norm",
+        "share_att_key": True,
+        "position_biased_input": False,
+    },
+    "llama-7b": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "intermediate_size": 11008,
+        "max_position_embeddings": 4096,
+    },
+}
+
+
+def random_holistic_config(dimensions: dict[str, Any], tokenizer: Any) -> Any:
+    """A one-output sequence-classification config of `dimensions` for `tokenizer`."""
+    from transformers import AutoConfig
+
+    settings = dict(dimensions)
+    return AutoConfig.for_model(
+        settings.pop("model_type"),
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=1,
+        **settings,
+    )
+
+
+def prepare_random_holistic(
+    cache_dir: Path, name: str, dimensions: dict[str, Any], dtype: str
+) -> Path:
+    """A seeded random-weight RM folder of `dimensions`, saved in `dtype` (built once).
+
+    Built on the GPU where there is one: a 7B model's initialisation takes minutes on a CPU.
+    """
+    target = cache_dir / f"random-{name}-rm-{dtype}"
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from service.models.loading import DTYPES
+    from service.models.packaged import MINILM, PACKAGED_PREFIX, resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(PACKAGED_PREFIX + MINILM, cache_dir)
+    )
+    config = random_holistic_config(dimensions, tokenizer)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForSequenceClassification.from_config(config, dtype=DTYPES[dtype])
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+RELEVANCE_PATH = "packaged:all-minilm-l6-v2"
+
+
 def write_config(
-    cache_dir: Path, path: Path, max_wait_ms: float = 5.0, min_padding_efficiency: float = 0.0
+    cache_dir: Path,
+    path: Path,
+    max_wait_ms: float = 5.0,
+    min_padding_efficiency: float = 0.0,
+    holistic: str = "minilm",
+    dtype: str = "float32",
+    compile: bool = False,
+    relevance_path: str = RELEVANCE_PATH,
 ) -> dict[str, Any]:
+    """The benchmark's config: `holistic` is `minilm` or a key of HOLISTIC_SIZES; `dtype`
+    and `compile` apply to both transformer models."""
+    holistic_path = (
+        prepare_holistic(cache_dir)
+        if holistic == "minilm"
+        else prepare_random_holistic(cache_dir, holistic, HOLISTIC_SIZES[holistic], dtype)
+    )
+    runtime = {"device": "auto", "dtype": dtype, "compile": compile}
     config = {
         "holistic": {
             "name": "holistic",
             "kind": "sequence_scalar",
-            "path": str(prepare_holistic(cache_dir)),
-            "device": "auto",
+            "path": str(holistic_path),
+            **runtime,
             "max_length": 256,
             "template": "{prompt} [SEP] {response}",
         },
@@ -60,8 +152,8 @@ def write_config(
             {
                 "name": "relevance",
                 "kind": "embedding_similarity",
-                "path": "packaged:all-minilm-l6-v2",
-                "device": "auto",
+                "path": relevance_path,
+                **runtime,
                 "max_length": 128,
             },
             {"name": "length", "kind": "rule", "unit": "words", "mean": 60},
