@@ -37,7 +37,7 @@ from benchmarks.models import HOLISTIC_SIZES, RELEVANCE_PATH, write_config
 from benchmarks.servers import free_port, idle_cpu_share, paused, start_server, stop_server
 from benchmarks.workload import load_items
 from service.config import load_reward_config
-from service.engine import batch_limits
+from service.engine import HOST_DEVICE, batch_limits, device_slots
 from service.models import load_models
 
 GRID = [(1, 1), (8, 1), (64, 1), (256, 1), (1, 16), (8, 16), (64, 16)]
@@ -341,20 +341,25 @@ def main() -> int:
     }
 
     measured = items[:LIMIT_ITEMS]
-    best, all_sizes = best_limit(config, args.cache_dir, measured, [1, 8, 32, 64])
+    models = load_models(config, args.cache_dir)
+    # Forwards at once, as the server runs them: `cpu_workers` on a CPU, one on a GPU.
+    workers = max(device_slots(m.device, config) for m in models if m.device != HOST_DEVICE)
+    best, all_sizes = best_limit(
+        config, args.cache_dir, measured, [1, 8, 32, 64], sorted({1, workers})
+    )
     results["limit"] = {"best": asdict(best), "by_batch_size": [asdict(r) for r in all_sizes]}
     print(
-        f"limit: {best.items_per_s:.1f} items/s at batch {best.batch_size} "
-        f"(padding efficiency {best.padding_efficiency:.3f}); per point below: the server's "
-        "own batch limits, measured beside the servers",
+        f"limit: {best.items_per_s:.1f} items/s at batch {best.batch_size}, "
+        f"{best.workers} forward(s) at once (padding efficiency "
+        f"{best.padding_efficiency:.3f}); per point below: the server's own batch limits "
+        f"and {workers} forward(s) at once, measured beside the servers",
         flush=True,
     )
-    models = load_models(config, args.cache_dir)
 
     def limit_of(window: int, sample: list[dict[str, str]] | None) -> LimitResult:
         """In process, `window` items sorted at a time, on `sample` (None: the workload)."""
         on = measured if sample is None else sample
-        return measure(models, on, lambda m: batch_limits(config, m), window)
+        return measure(models, on, lambda m: batch_limits(config, m), window, workers)
 
     alarm_serve = [
         sys.executable,  # `python -m service` is the `alarm-serve` script, installed or not

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from service.batching import BatchLimits, WorkItem, form_batches
 from service.config import RewardConfig
 from service.engine import batch_limits
 from service.models import Prepared, RewardModel, load_models
+from service.models.loading import intra_op_threads, set_intra_op_threads
 
 
 @dataclass(frozen=True)
@@ -29,10 +31,11 @@ class LimitResult:
     window: int  # items sorted together (the whole workload, or those in flight)
     batch_size: int
     forward_overhead_cut: bool  # batches cut where padding costs more than a forward
+    workers: int  # forwards run at once
     items_per_s: float
     real_tokens_per_s: float
     padding_efficiency: float
-    seconds_by_model: dict[str, float]
+    seconds_by_model: dict[str, float]  # forward time per model (overlapping with workers)
 
 
 def _sorted_batches(prepared: list[Prepared], limits: BatchLimits) -> list[list[Prepared]]:
@@ -52,43 +55,70 @@ def measure(
     items: list[dict[str, str]],
     limits_of: Callable[[RewardModel], BatchLimits],
     window: int | None = None,
+    workers: int = 1,
 ) -> LimitResult:
-    """Items/s over `items`, sorted and cut `window` items at a time (None: all at once)."""
+    """Items/s over `items`, sorted and cut `window` items at a time (None: all at once).
+
+    `workers` forwards run at once, each on its share of torch's threads, as the server
+    runs them (`cpu_workers`); all models' batches of a window share the workers, and a
+    window starts once the last one's forwards are done (its items were all in flight).
+    """
     window = window or len(items)
-    seconds: dict[str, float] = {}
     real = padded = 0
     cut = any(limits_of(model).forward_overhead_tokens is not None for model in models)
+    windows: list[list[tuple[RewardModel, list[Prepared]]]] = [
+        [] for _ in range(0, len(items), window)
+    ]
     for model in models:
         limits = limits_of(model)
         prepared = [model.prepare(i["prompt"], i["response"]) for i in items]
-        batches = [
-            batch
-            for start in range(0, len(prepared), window)
-            for batch in _sorted_batches(prepared[start : start + window], limits)
-        ]
-        model.run(batches[0])  # warm-up
-        started = time.perf_counter()
-        for batch in batches:
-            model.run(batch)
-        seconds[model.name] = time.perf_counter() - started
+        for index, start in enumerate(range(0, len(prepared), window)):
+            batches = _sorted_batches(prepared[start : start + window], limits)
+            windows[index] += [(model, batch) for batch in batches]
+            padded += sum(map(_padded_counter(model), batches))
         real += sum(p.tokens for p in prepared)
-        padded += sum(map(_padded_counter(model), batches))
-    total = sum(seconds.values())
+    durations: list[tuple[str, float]] = []  # appended from the workers
+
+    def forward(job: tuple[RewardModel, list[Prepared]]) -> None:
+        started = time.perf_counter()
+        job[0].run(job[1])
+        durations.append((job[0].name, time.perf_counter() - started))
+
+    def cost(job: tuple[RewardModel, list[Prepared]]) -> int:
+        return -_padded_counter(job[0])(job[1])
+
+    with ThreadPoolExecutor(
+        workers, initializer=set_intra_op_threads, initargs=(intra_op_threads(workers),)
+    ) as pool:
+        list(pool.map(forward, windows[0]))  # warm-up
+        durations.clear()
+        started = time.perf_counter()
+        for jobs in windows:  # the largest forwards first, so the workers finish together
+            list(pool.map(forward, sorted(jobs, key=cost)))
+        total = time.perf_counter() - started
     return LimitResult(
         window=window,
         batch_size=limits.max_batch_size,
         forward_overhead_cut=cut,
+        workers=workers,
         items_per_s=len(items) / total,
         real_tokens_per_s=real / total,
         padding_efficiency=real / padded if padded else 1.0,
-        seconds_by_model=seconds,
+        seconds_by_model={
+            model.name: sum(s for name, s in durations if name == model.name) for model in models
+        },
     )
 
 
 def best_limit(
-    config: RewardConfig, cache_dir: Path, items: list[dict[str, str]], batch_sizes: list[int]
+    config: RewardConfig,
+    cache_dir: Path,
+    items: list[dict[str, str]],
+    batch_sizes: list[int],
+    workers: list[int],
 ) -> tuple[LimitResult, list[LimitResult]]:
-    """The best of every batch size, each with the server's own batch cuts and without."""
+    """The best of every batch size and number of forwards at once, each with the server's
+    own batch cuts and without."""
     models = load_models(config, cache_dir)
 
     def limits_of(size: int, cut: bool) -> Callable[[RewardModel], BatchLimits]:
@@ -100,7 +130,8 @@ def best_limit(
         return limits
 
     results = [
-        measure(models, items, limits_of(size, cut))
+        measure(models, items, limits_of(size, cut), workers=count)
+        for count in workers
         for size in batch_sizes
         for cut in (True, False)
     ]

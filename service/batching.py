@@ -146,6 +146,7 @@ class MicroBatcher(Generic[P, R]):
         count_padded: Callable[[list[P]], int] | None = None,
         announced_arrivals: bool = False,
         device_turns: DeviceTurns | None = None,
+        concurrent_batches: int = 1,
     ) -> None:
         self._run_batch = run_batch
         self._limits = limits
@@ -159,29 +160,36 @@ class MicroBatcher(Generic[P, R]):
         # device is free, so items that arrive while another model's forward runs join it
         # (a batch chosen earlier would wait in the device's queue with its items fixed).
         self._device_turns = device_turns or DeviceTurns()
+        # Batches of this model that may run at once (the device's slots): each is a loop
+        # taking its turns; batches are chosen one at a time, so no item is in two.
+        self._concurrent_batches = concurrent_batches
         self._announced = 0  # announced, not yet submitted
         self._pending: dict[str, deque[WorkItem[P]]] = {}
         self._pending_count = 0
         self._pending_rows = 0
         self._pending_max_length = 0
         self._arrived = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def depth(self) -> int:
         return self._pending_count
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="micro-batcher")
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._loop(), name=f"micro-batcher-{index}")
+                for index in range(self._concurrent_batches)
+            ]
 
     async def stop(self) -> None:
-        """Fail whatever is still pending and stop the loop."""
-        if self._task is not None:
-            self._task.cancel()
+        """Fail whatever is still pending and stop the loops."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
         for queue in self._pending.values():
             for item in queue:
                 if not item.future.done():

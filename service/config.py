@@ -278,6 +278,13 @@ class BatchingConfig(_Strict):
         "where batching buys little, padding is what costs (0 = cut only by budget and size)",
     )
     max_queue_items: int = Field(4096, ge=1, description="admitted items not yet scored")
+    cpu_workers: int = Field(
+        2,
+        ge=1,
+        description="forwards run at once on the CPU, each on cores / cpu_workers torch "
+        "threads (GPUs run one at a time): on a 2-core VM two one-thread forwards side by "
+        "side beat one two-thread forward at a time",
+    )
     forward_overhead_tokens: int | None = Field(
         None,
         ge=0,

@@ -5,6 +5,9 @@ done. When the device frees up, the turn goes to the batcher whose oldest pendin
 has waited longest (not to whoever asked first): a model that has just run a small batch
 lets the others catch up, and its own pending items pile up into a larger batch meanwhile.
 A waiting batcher's oldest item only gets older, so every batcher gets its turn.
+
+A device has `slots` turns at once: a CPU runs several forwards side by side (each on its
+share of the cores), a GPU one.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from collections.abc import AsyncIterator, Callable
 
 
 class DeviceTurns:
-    def __init__(self) -> None:
-        self._busy = False
+    def __init__(self, slots: int = 1) -> None:
+        self._slots = slots
+        self._in_use = 0
         self._waiting: list[tuple[Callable[[], float], asyncio.Future[None]]] = []
 
     @contextlib.asynccontextmanager
@@ -34,8 +38,8 @@ class DeviceTurns:
         return any(oldest() < oldest_enqueued_at for oldest, _ in self._waiting)
 
     async def _acquire(self, oldest_enqueued_at: Callable[[], float]) -> None:
-        if not self._busy:
-            self._busy = True
+        if self._in_use < self._slots:
+            self._in_use += 1
             return
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (oldest_enqueued_at, granted)
@@ -54,6 +58,6 @@ class DeviceTurns:
             entry = min(self._waiting, key=lambda waiter: waiter[0]())
             self._waiting.remove(entry)
             if not entry[1].done():
-                entry[1].set_result(None)  # the device stays busy, now for this waiter
+                entry[1].set_result(None)  # the slot stays taken, now by this waiter
                 return
-        self._busy = False
+        self._in_use -= 1

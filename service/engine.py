@@ -36,7 +36,7 @@ from service.errors import (
 from service.memory import release_free_heap
 from service.metrics import ServiceMetrics
 from service.models import AspectScore, HolisticScore, ModelOutput, Prepared, RewardModel
-from service.models.loading import forward_overhead_tokens
+from service.models.loading import forward_overhead_tokens, intra_op_threads, set_intra_op_threads
 from service.score_cache import ScoreCache, item_key
 
 HOST_DEVICE = "host"  # models without tensors run inline on the event loop
@@ -112,6 +112,11 @@ def batch_limits(config: RewardConfig, model: RewardModel) -> BatchLimits:
     )
 
 
+def device_slots(device: str, config: RewardConfig) -> int:
+    """Forwards run at once on a device: `cpu_workers` on the CPU, one on a GPU."""
+    return config.batching.cpu_workers if device == "cpu" else 1
+
+
 @dataclass(frozen=True)
 class ScoreInput:
     prompt: str
@@ -138,11 +143,18 @@ class RewardEngine:
         self._holistic_params = config.holistic_params()
         self._aspect_params = config.aspect_params()
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        devices = sorted({m.device for m in self._models} - {HOST_DEVICE})
+        slots = {device: device_slots(device, config) for device in devices}
         self._device_pools = {
-            device: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{device}")
-            for device in sorted({m.device for m in self._models} - {HOST_DEVICE})
+            device: ThreadPoolExecutor(
+                max_workers=slots[device],
+                thread_name_prefix=f"device-{device}",
+                initializer=set_intra_op_threads,
+                initargs=(intra_op_threads(slots[device]),),
+            )
+            for device in devices
         }
-        turns = {device: DeviceTurns() for device in self._device_pools}
+        turns = {device: DeviceTurns(slots[device]) for device in devices}
         self._batchers: dict[str, MicroBatcher[Prepared, ModelOutput]] = {
             model.name: MicroBatcher(
                 self._runner(model),
@@ -152,6 +164,7 @@ class RewardEngine:
                 getattr(model, "padded_tokens", None),
                 announced_arrivals=True,
                 device_turns=turns.get(model.device),
+                concurrent_batches=slots.get(model.device, 1),
             )
             for model in self._models
         }
@@ -185,7 +198,8 @@ class RewardEngine:
             return run_halving_on_oom(model.run, batch, splits.inc, model.name)
 
         async def run_on_device(batch: list[Prepared]) -> Sequence[ModelOutput | BaseException]:
-            # The halves run in the same device thread, so nothing else interleaves with them.
+            # The halves run in the same worker thread: on a one-slot device (a GPU) nothing
+            # else interleaves with them.
             return await asyncio.get_running_loop().run_in_executor(pool, run_splitting, batch)
 
         return run_on_device

@@ -280,3 +280,30 @@ async def test_batchers_sharing_a_device_never_run_at_once_and_the_oldest_work_g
     assert not overlapped
     # The second model's item arrived after all of the first model's: it waits for them.
     assert order == ["first:0", "first:1", "first:2", "second:0"]
+
+
+async def test_with_two_slots_a_model_runs_two_batches_at_once_and_no_item_twice():
+    turns = DeviceTurns(slots=2)
+    running = 0
+    most_at_once = 0
+    seen: list[int] = []
+
+    async def run(payloads):
+        nonlocal running, most_at_once
+        running += 1
+        most_at_once = max(most_at_once, running)
+        seen.extend(payloads)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return [p * 10 for p in payloads]
+
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=4, max_wait_s=0.001)
+    batcher = MicroBatcher(run, limits, device_turns=turns, concurrent_batches=2)
+    batcher.start()
+    try:
+        results = await asyncio.gather(*(batcher.submit(i, length=1) for i in range(40)))
+    finally:
+        await batcher.stop()
+    assert results == [i * 10 for i in range(40)]
+    assert sorted(seen) == list(range(40))  # every item in exactly one forward
+    assert most_at_once == 2  # the device's two slots were used, never more

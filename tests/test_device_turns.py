@@ -47,3 +47,33 @@ async def test_a_waiter_cancelled_while_waiting_does_not_keep_the_device():
     await holder
     await asyncio.wait_for(use("later"), 1)  # the device is free again
     assert ran == ["holder", "later"]
+
+
+async def test_a_device_with_two_slots_holds_two_turns_and_queues_the_third_by_age():
+    turns = DeviceTurns(slots=2)
+    holding: set[str] = set()
+    most_at_once = 0
+    order: list[str] = []
+    leave = {name: asyncio.Event() for name in ("a", "b", "young", "old")}
+
+    async def use(name: str, oldest: float) -> None:
+        nonlocal most_at_once
+        async with turns.turn(lambda: oldest):
+            order.append(name)
+            holding.add(name)
+            most_at_once = max(most_at_once, len(holding))
+            await leave[name].wait()
+            holding.discard(name)
+
+    tasks = [asyncio.create_task(use(n, t)) for n, t in (("a", 0), ("b", 0), ("young", 9))]
+    await asyncio.sleep(0)
+    tasks.append(asyncio.create_task(use("old", 1)))
+    await asyncio.sleep(0)
+    assert holding == {"a", "b"}  # both slots taken; the other two wait
+    leave["a"].set()
+    await asyncio.sleep(0.01)
+    assert holding == {"b", "old"}  # the freed slot went to the oldest waiter
+    for event in leave.values():
+        event.set()
+    await asyncio.gather(*tasks)
+    assert order == ["a", "b", "old", "young"] and most_at_once == 2

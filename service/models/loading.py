@@ -127,6 +127,17 @@ def pad_right(
     return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
+def intra_op_threads(workers: int) -> int:
+    """torch threads for each of `workers` forwards running at once: a share of torch's
+    default (the cores, or OMP_NUM_THREADS), at least one."""
+    return max(1, torch.get_num_threads() // workers)
+
+
+def set_intra_op_threads(threads: int) -> None:
+    """Run in each device worker thread: OpenMP's thread count is per calling thread."""
+    torch.set_num_threads(threads)
+
+
 def forward_overhead_tokens(device: str) -> int:
     """What one extra forward call costs, in padded tokens of compute. Measured on MiniLM
     on a 2-core CPU: 12.5 ms for a 4-token call against 0.17 to 0.19 ms per token in batches
