@@ -304,6 +304,9 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument(
+        "--cpu-workers", type=int, default=1, help="alarm-serve's batching.cpu_workers"
+    )
+    parser.add_argument(
         "--relevance-path",
         default=RELEVANCE_PATH,
         help="the relevance aspect's embedding model (a MiniLM-style folder)",
@@ -319,6 +322,7 @@ def main() -> int:
         dtype=args.dtype,
         compile=args.compile,
         relevance_path=args.relevance_path,
+        cpu_workers=args.cpu_workers,
     )
     config = load_reward_config(config_path)
     items = load_items(1024)
@@ -331,6 +335,7 @@ def main() -> int:
             "relevance": args.relevance_path,
             "dtype": args.dtype,
             "compile": args.compile,
+            "cpu_workers": args.cpu_workers,
         },
         "grid": grid,
         # LitServe and Ray Serve batch requests under these limits, as alarm-serve batches items.
@@ -344,9 +349,7 @@ def main() -> int:
     models = load_models(config, args.cache_dir)
     # Forwards at once, as the server runs them: `cpu_workers` on a CPU, one on a GPU.
     workers = max(device_slots(m.device, config) for m in models if m.device != HOST_DEVICE)
-    best, all_sizes = best_limit(
-        config, args.cache_dir, measured, [1, 8, 32, 64], sorted({1, workers})
-    )
+    best, all_sizes = best_limit(models, config, measured, [1, 8, 32, 64], sorted({1, workers}))
     results["limit"] = {"best": asdict(best), "by_batch_size": [asdict(r) for r in all_sizes]}
     print(
         f"limit: {best.items_per_s:.1f} items/s at batch {best.batch_size}, "

@@ -17,12 +17,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from service.batching import BatchLimits, WorkItem, form_batches
 from service.config import RewardConfig
 from service.engine import batch_limits
-from service.models import Prepared, RewardModel, load_models
+from service.models import Prepared, RewardModel
 from service.models.loading import intra_op_threads, set_intra_op_threads
 
 
@@ -112,15 +111,14 @@ def measure(
 
 
 def best_limit(
+    models: list[RewardModel],
     config: RewardConfig,
-    cache_dir: Path,
     items: list[dict[str, str]],
     batch_sizes: list[int],
     workers: list[int],
 ) -> tuple[LimitResult, list[LimitResult]]:
     """The best of every batch size and number of forwards at once, each with the server's
     own batch cuts and without."""
-    models = load_models(config, cache_dir)
 
     def limits_of(size: int, cut: bool) -> Callable[[RewardModel], BatchLimits]:
         def limits(model: RewardModel) -> BatchLimits:
