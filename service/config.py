@@ -282,7 +282,7 @@ class BatchingConfig(_Strict):
         1,
         ge=1,
         description="forwards run at once on the CPU, each on cores / cpu_workers torch "
-        "threads (GPUs run one at a time). On the 2-core VM, 2 did 5-12 % more items/s "
+        "threads (GPUs run one at a time). On the 2-core VM, 2 did 5-13 % more items/s "
         "with many single-item clients but 18 % less with one client sending 16 items "
         "(a request's last forward runs on one thread while the other core idles)",
     )
