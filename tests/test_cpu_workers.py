@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -29,8 +30,9 @@ def test_each_device_worker_runs_on_its_share_of_torch_threads():
 
 
 async def test_two_cpu_workers_score_every_item_as_one_worker_does(tiny_paths, tmp_path):
-    """Concurrent requests, small batches so that forwards of the same model and of
-    different models overlap: every reward matches the one-worker server's."""
+    """Concurrent requests in small batches: the second worker thread is only started for a
+    forward submitted while the first is busy, so two of them show that forwards ran side
+    by side; every reward matches the one-worker server's."""
     rewards = {}
     for workers in (1, 2):
         batching = {"max_batch_tokens": 2048, "max_batch_size": 3, "cpu_workers": workers}
@@ -44,6 +46,10 @@ async def test_two_cpu_workers_score_every_item_as_one_worker_does(tiny_paths, t
                 )
             )
             assert all(response.status_code == 200 for response in responses)
+            device_threads = {
+                t.name for t in threading.enumerate() if t.name.startswith("device-cpu")
+            }
+            assert len(device_threads) == workers
             rewards[workers] = [response.json()["results"][0]["reward"] for response in responses]
     assert rewards[2] == pytest.approx(rewards[1], abs=1e-4)
     assert len(set(rewards[1])) > 1  # the items differ, so a swap would show
