@@ -18,9 +18,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from service.batching import BatchLimits, WorkItem, form_batches
+from service.batching import BatchLimits, WorkItem, form_batches, split_in_two
 from service.config import RewardConfig
-from service.engine import batch_limits
+from service.engine import HOST_DEVICE, batch_limits
 from service.models import Prepared, RewardModel
 from service.models.loading import intra_op_threads, set_intra_op_threads
 
@@ -37,16 +37,34 @@ class LimitResult:
     seconds_by_model: dict[str, float]  # forward time per model (overlapping with workers)
 
 
+def _work_items(prepared: list[Prepared]) -> list[WorkItem[Prepared]]:
+    return [WorkItem(p, p.length, len(p.rows), p.tokens, None, 0.0) for p in prepared]  # type: ignore[arg-type]
+
+
 def _sorted_batches(prepared: list[Prepared], limits: BatchLimits) -> list[list[Prepared]]:
     """The server's own batch formation, applied to the whole workload at once."""
-    work = [WorkItem(p, p.length, len(p.rows), p.tokens, None, 0.0) for p in prepared]  # type: ignore[arg-type]
-    return [[w.payload for w in batch] for batch in form_batches(work, limits)]
+    return [[w.payload for w in batch] for batch in form_batches(_work_items(prepared), limits)]
+
+
+def _largest_in_halves(batches: list[list[Prepared]], model: RewardModel) -> list[list[Prepared]]:
+    """The batches with the largest cut in two halves, as a server with several device
+    slots runs a model's last pending batch (`split_in_two`)."""
+    if model.device == HOST_DEVICE or not batches:
+        return batches
+    largest = max(batches, key=_padded_counter(model))
+    if len(largest) < 2:
+        return batches
+    halves = [[w.payload for w in half] for half in split_in_two(_work_items(largest))]
+    return [b for b in batches if b is not largest] + halves
 
 
 def _padded_counter(model: RewardModel) -> Callable[[list[Prepared]], int]:
     """The model's own padding count where it lays rows out itself, as the server's is."""
     counter: Callable[[list[Prepared]], int] | None = getattr(model, "padded_tokens", None)
     return counter or (lambda batch: sum(len(p.rows) for p in batch) * max(p.length for p in batch))
+
+
+Job = tuple[RewardModel, list[Prepared]]
 
 
 def measure(
@@ -61,41 +79,57 @@ def measure(
     `workers` forwards run at once, each on its share of torch's threads, as the server
     runs them (`cpu_workers`); all models' batches of a window share the workers, and a
     window starts once the last one's forwards are done (its items were all in flight).
+    With several workers each window also runs with each model's largest batch in two
+    halves (what the server does with a model's last pending batch) and the faster of the
+    two counts: a limit must be one that the server's own way of running cannot beat.
     """
     window = window or len(items)
-    real = padded = 0
+    real = 0
     cut = any(limits_of(model).forward_overhead_tokens is not None for model in models)
-    windows: list[list[tuple[RewardModel, list[Prepared]]]] = [
-        [] for _ in range(0, len(items), window)
+    layouts: list[dict[str, list[Job]]] = [
+        {"whole": [], "halved": []} for _ in range(0, len(items), window)
     ]
     for model in models:
         limits = limits_of(model)
         prepared = [model.prepare(i["prompt"], i["response"]) for i in items]
         for index, start in enumerate(range(0, len(prepared), window)):
             batches = _sorted_batches(prepared[start : start + window], limits)
-            windows[index] += [(model, batch) for batch in batches]
-            padded += sum(map(_padded_counter(model), batches))
+            layouts[index]["whole"] += [(model, batch) for batch in batches]
+            layouts[index]["halved"] += [(model, b) for b in _largest_in_halves(batches, model)]
         real += sum(p.tokens for p in prepared)
+    for layout in layouts:
+        if workers == 1 or len(layout["halved"]) == len(layout["whole"]):
+            del layout["halved"]  # nothing to run in halves (timing it twice would flatter)
     durations: list[tuple[str, float]] = []  # appended from the workers
 
-    def forward(job: tuple[RewardModel, list[Prepared]]) -> None:
+    def forward(job: Job) -> None:
         started = time.perf_counter()
         job[0].run(job[1])
         durations.append((job[0].name, time.perf_counter() - started))
 
-    def cost(job: tuple[RewardModel, list[Prepared]]) -> int:
-        return -_padded_counter(job[0])(job[1])
+    def padded_tokens(job: Job) -> int:
+        return _padded_counter(job[0])(job[1])
 
+    total = 0.0
+    padded = 0
+    kept: list[tuple[str, float]] = []
     with ThreadPoolExecutor(
         workers, initializer=set_intra_op_threads, initargs=(intra_op_threads(workers),)
     ) as pool:
-        first_of_each_model = {job[0].name: job for job in reversed(windows[0])}
+        first_of_each_model = {job[0].name: job for job in reversed(layouts[0]["whole"])}
         list(pool.map(forward, first_of_each_model.values()))  # warm-up
-        durations.clear()
-        started = time.perf_counter()
-        for jobs in windows:  # the largest forwards first, so the workers finish together
-            list(pool.map(forward, sorted(jobs, key=cost)))
-        total = time.perf_counter() - started
+        for layout in layouts:
+            timed: list[tuple[float, list[Job], list[tuple[str, float]]]] = []
+            for jobs in layout.values():
+                durations.clear()
+                started = time.perf_counter()
+                # The largest forwards first, so the workers finish together.
+                list(pool.map(forward, sorted(jobs, key=padded_tokens, reverse=True)))
+                timed.append((time.perf_counter() - started, jobs, list(durations)))
+            seconds, jobs, spans = min(timed, key=lambda t: t[0])
+            total += seconds
+            padded += sum(map(padded_tokens, jobs))
+            kept += spans
     return LimitResult(
         window=window,
         batch_size=limits.max_batch_size,
@@ -105,7 +139,7 @@ def measure(
         real_tokens_per_s=real / total,
         padding_efficiency=real / padded if padded else 1.0,
         seconds_by_model={
-            model.name: sum(s for name, s in durations if name == model.name) for model in models
+            model.name: sum(s for name, s in kept if name == model.name) for model in models
         },
     )
 

@@ -7,6 +7,9 @@ everything pending: the pending items are sorted by length and cut into batches 
 padded size (rows x longest length) stays under `max_batch_tokens`, and the batch holding
 the next item in fair order runs; the rest wait for the next choice, where items that
 arrived meanwhile join them (a wider choice of lengths, so less padding).
+On a device with several slots (a CPU's cores), a model's last pending batch runs as two
+halves, the second on the next slot to free up (`split_in_two`): otherwise the end of a
+burst of work runs on one core while the other has nothing left to do.
 Items whose caller went away (cancelled future) or whose deadline passed are dropped before
 they reach `run_batch`; the latter fail with `DeadlineExceeded`.
 """
@@ -114,6 +117,22 @@ def form_batches(items: Sequence[WorkItem], limits: BatchLimits) -> list[list[Wo
     if current:
         batches.append(current)
     return batches
+
+
+def split_in_two(batch: Sequence[WorkItem[P]]) -> tuple[list[WorkItem[P]], list[WorkItem[P]]]:
+    """Two halves of about equal padded size: items longest first, each to the half that
+    is the smaller once it joins (a half is as wide as its first, longest item)."""
+    halves: tuple[list[WorkItem[P]], list[WorkItem[P]]] = ([], [])
+    rows = [0, 0]
+    for item in sorted(batch, key=lambda i: i.length, reverse=True):
+        grown = [
+            (rows[h] + item.rows) * (halves[h][0].length if halves[h] else item.length)
+            for h in (0, 1)
+        ]
+        smaller = min((0, 1), key=lambda h: (grown[h], rows[h]))  # rows: zero-length items
+        halves[smaller].append(item)
+        rows[smaller] += item.rows
+    return halves
 
 
 class MicroBatcher(Generic[P, R]):
@@ -336,9 +355,38 @@ class MicroBatcher(Generic[P, R]):
             async with self._device_turns.turn(self._oldest_pending):
                 # Keep the device while this batcher holds the oldest work waiting for it.
                 while batch := self._next_batch():
-                    await self._execute(batch)
+                    if self._pending or len(batch) < 2 or self._device_turns.slots < 2:
+                        await self._execute(batch)
+                    else:  # this model's last batch for now: no other can fill a free slot
+                        await self._execute_in_halves(batch)
                     if self._device_turns.older_work_waits(self._oldest_pending()):
                         break
+
+    async def _execute_in_halves(self, batch: list[WorkItem[P]]) -> None:
+        """Run the batch as two halves: this turn's slot runs the first; the second goes to
+        the next slot that frees up (at once if one is idle), or runs after the first if
+        none frees up before then."""
+        first, second = split_in_two(batch)
+        oldest = min(item.enqueued_at for item in batch)
+        claimed = False
+
+        async def second_on_a_freed_slot() -> None:
+            nonlocal claimed
+            async with self._device_turns.turn(lambda: oldest):
+                if not claimed:
+                    claimed = True
+                    await self._execute(second)
+
+        helper = asyncio.create_task(second_on_a_freed_slot())
+        try:
+            await self._execute(first)
+            if not claimed:  # no slot freed up meanwhile: this one runs it
+                claimed = True
+                helper.cancel()
+                await self._execute(second)
+            await asyncio.wait([helper])  # the second half, if a freed slot took it
+        finally:
+            helper.cancel()  # only matters when this batcher is being stopped
 
     async def _execute(self, batch: list[WorkItem[P]]) -> None:
         started = time.monotonic()

@@ -23,6 +23,10 @@ class DeviceTurns:
         self._in_use = 0
         self._waiting: list[tuple[Callable[[], float], asyncio.Future[None]]] = []
 
+    @property
+    def slots(self) -> int:
+        return self._slots
+
     @contextlib.asynccontextmanager
     async def turn(self, oldest_enqueued_at: Callable[[], float]) -> AsyncIterator[None]:
         """Hold the device; `oldest_enqueued_at` ranks this batcher while it waits."""

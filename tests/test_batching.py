@@ -2,10 +2,19 @@
 
 import asyncio
 import random
+import time
 
 import pytest
 
-from service.batching import BatchLimits, BatchSizeMismatch, MicroBatcher, WorkItem, form_batches
+from service.batching import (
+    BatchLimits,
+    BatchSizeMismatch,
+    MicroBatcher,
+    WorkItem,
+    form_batches,
+    padded_tokens,
+    split_in_two,
+)
 from service.device_turns import DeviceTurns
 
 LIMITS = BatchLimits(max_batch_tokens=256, max_batch_size=8, max_wait_s=0.005)
@@ -307,3 +316,87 @@ async def test_with_two_slots_a_model_runs_two_batches_at_once_and_no_item_twice
     assert results == [i * 10 for i in range(40)]
     assert sorted(seen) == list(range(40))  # every item in exactly one forward
     assert most_at_once == 2  # the device's two slots were used, never more
+
+
+class HalvesModel:
+    """Records each call's payloads and when it ran, to see whether halves overlapped."""
+
+    def __init__(self, forward_s: float) -> None:
+        self.forward_s = forward_s
+        self.calls: list[tuple[list[int], float, float]] = []
+
+    async def __call__(self, payloads):
+        started = time.monotonic()
+        await asyncio.sleep(self.forward_s)
+        self.calls.append((list(payloads), started, time.monotonic()))
+        return [p * 10 for p in payloads]
+
+    def overlapped(self) -> bool:
+        (_, start_a, end_a), (_, start_b, end_b) = self.calls
+        return start_a < end_b and start_b < end_a
+
+
+async def score_on_shared_device(turns, model, other_holder_leaves_after_s):
+    """Six items through a batcher on a two-slot device whose other slot is held by
+    another model's forward for `other_holder_leaves_after_s` (None: no other model)."""
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=64, max_wait_s=0.001)
+    batcher = MicroBatcher(model, limits, device_turns=turns)
+    held = asyncio.Event()
+
+    async def other_model() -> None:
+        async with turns.turn(lambda: 0.0):
+            held.set()
+            await asyncio.sleep(other_holder_leaves_after_s)
+
+    other = None
+    if other_holder_leaves_after_s is not None:
+        other = asyncio.create_task(other_model())
+        await held.wait()
+    batcher.start()
+    try:
+        lengths = [3, 9, 1, 7, 5, 2]
+        futures = [batcher.submit(i, length=n) for i, n in enumerate(lengths)]
+        results = await asyncio.gather(*futures)
+    finally:
+        await batcher.stop()
+    if other is not None:
+        await other
+    return results
+
+
+@pytest.mark.parametrize(
+    ("other_leaves_after_s", "halves_overlap"),
+    [(None, True), (0.02, True), (1.0, False)],
+    ids=["idle-slot", "slot-frees-during-first-half", "slot-stays-busy"],
+)
+async def test_on_two_slots_a_batch_runs_as_halves_the_second_on_the_next_free_slot(
+    other_leaves_after_s, halves_overlap
+):
+    model = HalvesModel(forward_s=0.1)
+    results = await score_on_shared_device(DeviceTurns(slots=2), model, other_leaves_after_s)
+    assert results == [i * 10 for i in range(6)]  # each item's own result
+    assert len(model.calls) == 2  # one batch, in two halves
+    assert sorted(model.calls[0][0] + model.calls[1][0]) == list(range(6))
+    assert {len(model.calls[0][0]), len(model.calls[1][0])} == {3}
+    # Side by side when a slot is (or becomes) free; else one after the other on one slot.
+    assert model.overlapped() == halves_overlap
+
+
+async def test_on_one_slot_a_batch_runs_whole():
+    model = HalvesModel(forward_s=0.01)
+    results = await score_on_shared_device(DeviceTurns(slots=1), model, None)
+    assert results == [i * 10 for i in range(6)]
+    assert [sorted(payloads) for payloads, _, _ in model.calls] == [list(range(6))]
+
+
+def test_split_in_two_gives_halves_of_about_equal_padded_size():
+    rng = random.Random(7)
+    items = [
+        WorkItem(key, rng.randint(30, 40), rng.randint(1, 6), 1, None, 0.0)  # type: ignore[arg-type]
+        for key in range(20)
+    ]
+    first, second = split_in_two(items)
+    assert sorted(i.payload for i in first + second) == list(range(20))  # each item once
+    sizes = sorted([padded_tokens(first), padded_tokens(second)])
+    assert sizes[1] <= 0.6 * padded_tokens(items)  # neither half does most of the work
+    assert sizes[0] >= 0.4 * sum(i.rows * i.length for i in items)

@@ -1,0 +1,55 @@
+"""The benchmark's in-process limit: the forwards it times are the server's own."""
+
+from dataclasses import dataclass, field
+
+from benchmarks.limit import _largest_in_halves, measure
+from service.batching import BatchLimits
+from service.models import Prepared
+
+LIMITS = BatchLimits(max_batch_tokens=4096, max_batch_size=4, max_wait_s=0.0)
+
+
+@dataclass
+class CountingModel:
+    """A model whose forwards record which items they ran (one row of `len(response)`)."""
+
+    name: str
+    device: str = "cpu"
+    batches: list[list[str]] = field(default_factory=list)
+
+    def prepare(self, prompt: str, response: str) -> Prepared:
+        return Prepared(rows=(tuple(range(len(response))),), truncated=False, meta=response)
+
+    def run(self, batch):
+        self.batches.append([p.meta for p in batch])
+        return [None] * len(batch)
+
+
+def items(count: int) -> list[dict[str, str]]:
+    return [{"prompt": "q", "response": "x" * (5 + 7 * i % 23) + str(i)} for i in range(count)]
+
+
+def test_one_worker_runs_each_item_once_per_model():
+    models = [CountingModel("a"), CountingModel("b")]
+    result = measure(models, items(10), lambda m: LIMITS, window=5, workers=1)
+    for model in models:
+        ran = [key for batch in model.batches[1:] for key in batch]  # after the warm-up
+        assert sorted(ran) == sorted(i["response"] for i in items(10))
+        assert all(len(batch) <= LIMITS.max_batch_size for batch in model.batches)
+    assert result.items_per_s > 0 and 0 < result.padding_efficiency <= 1
+    assert set(result.seconds_by_model) == {"a", "b"}
+
+
+def test_with_two_workers_each_window_also_runs_with_its_largest_batch_in_halves():
+    model = CountingModel("a")
+    measure([model], items(4), lambda m: LIMITS, window=4, workers=2)
+    whole, *halves = model.batches[1:]  # after the warm-up: the window whole, then halved
+    assert len(whole) == 4 and [len(h) for h in halves] == [2, 2]
+    assert sorted(whole) == sorted(halves[0] + halves[1])
+
+
+def test_only_device_models_batches_are_halved():
+    prepared = [CountingModel("a").prepare("q", "x" * n) for n in (3, 5, 8)]
+    on_cpu, on_host = CountingModel("a"), CountingModel("r", device="host")
+    assert [len(b) for b in _largest_in_halves([prepared[:1], prepared[1:]], on_cpu)] == [1, 1, 1]
+    assert _largest_in_halves([prepared], on_host) == [prepared]
