@@ -36,7 +36,7 @@ from benchmarks.load import LoadResult, run_load
 from benchmarks.models import HOLISTIC_SIZES, RELEVANCE_PATH, write_config
 from benchmarks.servers import free_port, idle_cpu_share, paused, start_server, stop_server
 from benchmarks.workload import load_items
-from service.config import load_reward_config
+from service.config import BatchingConfig, load_reward_config
 from service.engine import HOST_DEVICE, batch_limits, device_slots
 from service.models import load_models
 
@@ -304,7 +304,10 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument(
-        "--cpu-workers", type=int, default=1, help="alarm-serve's batching.cpu_workers"
+        "--cpu-workers",
+        type=int,
+        default=BatchingConfig.model_fields["cpu_workers"].default,
+        help="alarm-serve's batching.cpu_workers (default: the server's)",
     )
     parser.add_argument(
         "--relevance-path",

@@ -130,7 +130,7 @@ def write_config(
     dtype: str = "float32",
     compile: bool = False,
     relevance_path: str = RELEVANCE_PATH,
-    cpu_workers: int = 1,
+    cpu_workers: int | None = None,
 ) -> dict[str, Any]:
     """The benchmark's config: `holistic` is `minilm` or a key of HOLISTIC_SIZES; `dtype`
     and `compile` apply to both transformer models."""
@@ -164,7 +164,7 @@ def write_config(
             "max_batch_size": 64,
             "max_wait_ms": max_wait_ms,
             "min_padding_efficiency": min_padding_efficiency,
-            "cpu_workers": cpu_workers,
+            **({} if cpu_workers is None else {"cpu_workers": cpu_workers}),
         },
         "limits": {"max_items_per_request": 512},
         # The load repeats the workload's items: a cache would answer them without a model,

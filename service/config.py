@@ -279,12 +279,13 @@ class BatchingConfig(_Strict):
     )
     max_queue_items: int = Field(4096, ge=1, description="admitted items not yet scored")
     cpu_workers: int = Field(
-        1,
+        2,
         ge=1,
         description="forwards run at once on the CPU, each on cores / cpu_workers torch "
-        "threads (GPUs run one at a time). On the 2-core VM, 2 did 5-13 % more items/s "
-        "with many single-item clients but 18 % less with one client sending 16 items "
-        "(a request's last forward runs on one thread while the other core idles)",
+        "threads (GPUs run one at a time); a model's last pending batch runs in two halves "
+        "so that no core idles at the end of a burst. On the 2-core VM, 2 against 1: "
+        "+20 % items/s with one single-item client, level or ahead with 64 clients and "
+        "with 16-item requests (paired rounds, benchmarks/RESULTS.md)",
     )
     forward_overhead_tokens: int | None = Field(
         None,

@@ -63,14 +63,14 @@ def test_a_random_rm_of_each_architecture_loads_and_scores_batch_invariantly(
         holistic="tiny",
         dtype="bfloat16",
         relevance_path=relevance,
-        cpu_workers=2,
+        cpu_workers=1,
     )
     assert written["holistic"]["path"] == str(
         prepare_random_holistic(tmp_path, "tiny", HOLISTIC_SIZES["tiny"], "bfloat16")
     )  # built once, then reused
     config = load_reward_config(config_path)
     assert config.holistic.dtype == "bfloat16" and config.aspects[0].dtype == "bfloat16"
-    assert config.aspects[0].path == relevance and config.batching.cpu_workers == 2
+    assert config.aspects[0].path == relevance and config.batching.cpu_workers == 1
     holistic = load_models(config, tmp_path)[0]
     assert holistic.describe()["architecture"][0].startswith(
         {"deberta-large": "DebertaV2", "llama-7b": "Llama"}[size]
