@@ -283,9 +283,9 @@ class BatchingConfig(_Strict):
         ge=1,
         description="forwards run at once on the CPU, each on cores / cpu_workers torch "
         "threads (GPUs run one at a time); a model's last pending batch runs in two halves "
-        "so that no core idles at the end of a burst. On the 2-core VM, 2 against 1: "
-        "+20 % items/s with one single-item client, level or ahead with 64 clients and "
-        "with 16-item requests (paired rounds, benchmarks/RESULTS.md)",
+        "so that no core idles at the end of a burst. On the 2-core VM, 2 against 1 in "
+        "paired rounds: 1.23x items/s with one single-item client, 1.19x with 256, "
+        "1.10-1.11x with 16-item requests, level with 8 and 64 (benchmarks/RESULTS.md)",
     )
     forward_overhead_tokens: int | None = Field(
         None,
