@@ -400,3 +400,31 @@ def test_split_in_two_gives_halves_of_about_equal_padded_size():
     sizes = sorted([padded_tokens(first), padded_tokens(second)])
     assert sizes[1] <= 0.6 * padded_tokens(items)  # neither half does most of the work
     assert sizes[0] >= 0.4 * sum(i.rows * i.length for i in items)
+
+
+async def test_stopping_cancels_a_second_half_still_waiting_for_a_slot():
+    turns = DeviceTurns(slots=2)
+    model = HalvesModel(forward_s=0.05)
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=64, max_wait_s=0.001)
+    batcher = MicroBatcher(model, limits, device_turns=turns)
+    other_holds = asyncio.Event()
+    release_other = asyncio.Event()
+
+    async def other_model() -> None:
+        async with turns.turn(lambda: 0.0):
+            other_holds.set()
+            await release_other.wait()
+
+    other = asyncio.create_task(other_model())
+    await other_holds.wait()
+    batcher.start()
+    for i, n in enumerate([3, 9, 1, 7]):
+        batcher.submit(i, length=n)
+    await asyncio.sleep(0.02)  # the first half runs; the second waits for the other slot
+    await asyncio.wait_for(batcher.stop(), 1)
+    release_other.set()
+    await asyncio.wait_for(other, 1)
+    await asyncio.sleep(0.1)
+    assert model.calls == []  # the waiting second half was cancelled, not run after stop
+    async with asyncio.timeout(1), turns.turn(lambda: 0.0), turns.turn(lambda: 0.0):
+        pass  # both slots are free again: nothing the batcher held is left taken
