@@ -36,7 +36,11 @@ from service.errors import (
 from service.memory import release_free_heap
 from service.metrics import ServiceMetrics
 from service.models import AspectScore, HolisticScore, ModelOutput, Prepared, RewardModel
-from service.models.loading import forward_overhead_tokens, intra_op_threads, set_intra_op_threads
+from service.models.loading import (
+    call_overhead_tokens,
+    intra_op_threads,
+    set_intra_op_threads,
+)
 from service.score_cache import ScoreCache, item_key
 
 HOST_DEVICE = "host"  # models without tensors run inline on the event loop
@@ -98,11 +102,9 @@ def batch_limits(config: RewardConfig, model: RewardModel) -> BatchLimits:
     call, except for host models (no forward) and models that lay out their own rows
     (they cut inside `run`)."""
     batching = config.batching
-    overhead = batching.forward_overhead_tokens
-    if model.device == HOST_DEVICE or hasattr(model, "padded_tokens"):
-        overhead = None
-    elif overhead is None:
-        overhead = forward_overhead_tokens(model.device)
+    overhead: int | None = None
+    if model.device != HOST_DEVICE and not hasattr(model, "padded_tokens"):
+        overhead = call_overhead_tokens(model.device, batching)
     return BatchLimits(
         max_batch_tokens=batching.max_batch_tokens,
         max_batch_size=batching.max_batch_size,

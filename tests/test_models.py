@@ -343,3 +343,22 @@ def test_rows_are_right_padded_with_a_mask_of_the_real_tokens():
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
     assert ids.dtype == mask.dtype == torch.long
+
+
+@pytest.mark.parametrize(("overhead", "padded"), [(0, "none"), (100_000, "one rectangle")])
+def test_the_relevance_aspect_cuts_its_rows_by_the_configured_call_cost(
+    tiny_paths, tmp_path, overhead, padded
+):
+    spec = {"name": "relevance", "kind": "embedding_similarity", "path": PACKAGED_PREFIX + MINILM}
+    config = RewardConfig.model_validate(
+        {
+            "holistic": llama_holistic(tiny_paths),
+            "aspects": [{**spec, "device": "cpu"}],
+            "batching": {"forward_overhead_tokens": overhead},
+        }
+    )
+    model = load_models(config, tmp_path)[1]
+    item = model.prepare("Why?", "Short. A much longer second sentence than the first one.")
+    rows = [len(row) for row in item.rows]
+    expected = sum(rows) if padded == "none" else len(rows) * max(rows)
+    assert len(set(rows)) > 1 and model.padded_tokens([item]) == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from service.config import (
+    BatchingConfig,
     EmbeddingSimilarityAspect,
     GrammarAspect,
     LanguageConfidenceAspect,
@@ -18,7 +19,7 @@ from service.config import (
     SequenceScalarHolistic,
 )
 from service.models.base import AspectScore, HolisticScore, ModelOutput, Prepared, RewardModel
-from service.models.loading import place
+from service.models.loading import call_overhead_tokens, place
 from service.models.packaged import resolve_model_path
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 
-def _build(spec: ModelSpec, index: int, cache_dir: Path) -> RewardModel:
+def _build(spec: ModelSpec, index: int, cache_dir: Path, batching: BatchingConfig) -> RewardModel:
     if isinstance(spec, RuleAspect):
         from service.models.rules import RuleModel
 
@@ -68,11 +69,12 @@ def _build(spec: ModelSpec, index: int, cache_dir: Path) -> RewardModel:
     if isinstance(spec, EmbeddingSimilarityAspect):
         from service.models.embedding_similarity import EmbeddingSimilarityModel
 
-        return EmbeddingSimilarityModel(spec, path, device)
+        overhead = call_overhead_tokens(device, batching)
+        return EmbeddingSimilarityModel(spec, path, device, overhead)
     raise TypeError(f"no adapter for {type(spec).__name__}")
 
 
 def load_models(config: RewardConfig, cache_dir: Path) -> list[RewardModel]:
     """Load the holistic model first, then every aspect, in config order."""
     specs: list[ModelSpec] = [config.holistic, *config.aspects]
-    return [_build(spec, index, cache_dir) for index, spec in enumerate(specs)]
+    return [_build(spec, i, cache_dir, config.batching) for i, spec in enumerate(specs)]

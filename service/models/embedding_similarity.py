@@ -20,7 +20,6 @@ from service.models.loading import (
     chunked_padded_tokens,
     compiled,
     fingerprint,
-    forward_overhead_tokens,
     length_sorted_chunks,
     load_pretrained,
     load_tokenizer,
@@ -35,7 +34,13 @@ class EmbeddingSimilarityModel:
     kind = "embedding_similarity"
     role: Role = "aspect"
 
-    def __init__(self, spec: EmbeddingSimilarityAspect, resolved_path: str, device: str) -> None:
+    def __init__(
+        self,
+        spec: EmbeddingSimilarityAspect,
+        resolved_path: str,
+        device: str,
+        overhead_tokens: int,  # what a forward call costs, in tokens: rows are cut by it
+    ) -> None:
         from transformers import AutoModel
 
         self.name, self.device = spec.name, device
@@ -46,7 +51,7 @@ class EmbeddingSimilarityModel:
         self._pad_id = int(self._tokenizer.pad_token_id or 0)
         if spec.compile:
             self._model = compiled(self._model, resolved_path, device)
-        self._overhead_tokens = forward_overhead_tokens(device)
+        self._overhead_tokens = overhead_tokens
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
     def prepare(self, prompt: str, response: str) -> Prepared:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from service.config import BatchingConfig
 from service.errors import ConfigError
 from service.padding_cuts import cheapest_cuts
 
@@ -141,9 +142,18 @@ def set_intra_op_threads(threads: int) -> None:
 def forward_overhead_tokens(device: str) -> int:
     """What one extra forward call costs, in padded tokens of compute. Measured on MiniLM
     on a 2-core CPU: 12.5 ms for a 4-token call against 0.17 to 0.19 ms per token in batches
-    of 64 x 32 to 64 x 64 tokens, so ~50 to 70 tokens. The GPU figure is not measured yet:
-    kernel launches should dwarf small batches' compute."""
+    of 64 x 32 to 64 x 64 tokens, so ~50 to 70 tokens. On one thread (two forwards at once)
+    a token costs about twice as much, so ~26 to 46, but 38 in the server cost 12 % at 64
+    single-item clients (3 paired rounds) for 6 % at 1 and 8: kept at 64. The GPU figure is
+    not measured yet: kernel launches should dwarf small batches' compute."""
     return 64 if device == "cpu" else 4096
+
+
+def call_overhead_tokens(device: str, batching: BatchingConfig) -> int:
+    """The configured `forward_overhead_tokens`, else the measured figure for `device`."""
+    if batching.forward_overhead_tokens is not None:
+        return batching.forward_overhead_tokens
+    return forward_overhead_tokens(device)
 
 
 def length_sorted_chunks(lengths: Sequence[int], overhead_tokens: int) -> list[list[int]]:
