@@ -143,7 +143,7 @@ def forward_overhead_tokens(device: str) -> int:
     """What one extra forward call costs, in padded tokens of compute. Measured on MiniLM
     on a 2-core CPU: 12.5 ms for a 4-token call against 0.17 to 0.19 ms per token in batches
     of 64 x 32 to 64 x 64 tokens, so ~50 to 70 tokens. On one thread (two forwards at once)
-    a token costs about twice as much, so ~26 to 46, but 38 in the server cost 12 % at 64
+    a token costs about twice as much, so ~26 to 46, but 38 in the server cost 13 % at 64
     single-item clients (3 paired rounds) for 6 % at 1 and 8: kept at 64. The GPU figure is
     not measured yet: kernel launches should dwarf small batches' compute."""
     return 64 if device == "cpu" else 4096
