@@ -36,7 +36,7 @@ from benchmarks.load import LoadResult, run_load
 from benchmarks.models import HOLISTIC_SIZES, RELEVANCE_PATH, write_config
 from benchmarks.servers import free_port, idle_cpu_share, paused, start_server, stop_server
 from benchmarks.workload import load_items
-from service.config import BatchingConfig, load_reward_config
+from service.config import load_reward_config
 from service.engine import HOST_DEVICE, batch_limits, device_slots
 from service.models import load_models
 
@@ -306,7 +306,7 @@ def main() -> int:
     parser.add_argument(
         "--cpu-workers",
         type=int,
-        default=BatchingConfig.model_fields["cpu_workers"].default,
+        default=None,
         help="alarm-serve's batching.cpu_workers (default: the server's)",
     )
     parser.add_argument(
@@ -338,7 +338,7 @@ def main() -> int:
             "relevance": args.relevance_path,
             "dtype": args.dtype,
             "compile": args.compile,
-            "cpu_workers": args.cpu_workers,
+            "cpu_workers": config.batching.cpu_workers,
         },
         "grid": grid,
         # LitServe and Ray Serve batch requests under these limits, as alarm-serve batches items.

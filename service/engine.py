@@ -36,11 +36,7 @@ from service.errors import (
 from service.memory import release_free_heap
 from service.metrics import ServiceMetrics
 from service.models import AspectScore, HolisticScore, ModelOutput, Prepared, RewardModel
-from service.models.loading import (
-    call_overhead_tokens,
-    intra_op_threads,
-    set_intra_op_threads,
-)
+from service.models.loading import call_overhead_tokens, intra_op_threads, set_intra_op_threads
 from service.score_cache import ScoreCache, item_key
 
 HOST_DEVICE = "host"  # models without tensors run inline on the event loop
