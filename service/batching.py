@@ -355,24 +355,28 @@ class MicroBatcher(Generic[P, R]):
             async with self._device_turns.turn(self._oldest_pending):
                 # Keep the device while this batcher holds the oldest work waiting for it.
                 while batch := self._next_batch():
-                    if self._pending or len(batch) < 2 or self._device_turns.slots < 2:
+                    if (
+                        self._pending
+                        or len(batch) < 2
+                        or self._device_turns.slots < 2
+                        or self._device_turns.work_waits
+                    ):
                         await self._execute(batch)
-                    else:  # this model's last batch for now: no other can fill a free slot
+                    else:  # this model's last batch, and no other model's work waits
                         await self._execute_in_halves(batch)
                     if self._device_turns.older_work_waits(self._oldest_pending()):
                         break
 
     async def _execute_in_halves(self, batch: list[WorkItem[P]]) -> None:
-        """Run the batch as two halves: this turn's slot runs the first; the second goes to
-        the next slot that frees up (at once if one is idle), or runs after the first if
-        none frees up before then."""
+        """Run the batch as two halves: this turn's slot runs the first; the second takes a
+        slot that would otherwise idle (one idle now, or the next to free up while no other
+        model's pending work waits for it), or runs after the first if none does."""
         first, second = split_in_two(batch)
-        oldest = min(item.enqueued_at for item in batch)
         claimed = False
 
         async def second_on_a_freed_slot() -> None:
             nonlocal claimed
-            async with self._device_turns.turn(lambda: oldest):
+            async with self._device_turns.spare_turn():
                 if not claimed:
                     claimed = True
                     await self._execute(second)

@@ -7,14 +7,20 @@ lets the others catch up, and its own pending items pile up into a larger batch 
 A waiting batcher's oldest item only gets older, so every batcher gets its turn.
 
 A device has `slots` turns at once: a CPU runs several forwards side by side (each on its
-share of the cores), a GPU one.
+share of the cores), a GPU one. A spare turn (the second half of a model's last batch) only
+takes a slot that pending work would leave idle: batchers with pending items go first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator, Callable
+
+# The rank of a spare turn: after every batcher holding pending items (ranked by the age of
+# the oldest, a clock reading), before batchers with nothing pending (ranked +inf).
+SPARE_RANK = sys.float_info.max
 
 
 class DeviceTurns:
@@ -35,6 +41,17 @@ class DeviceTurns:
             yield
         finally:
             self._release()
+
+    def spare_turn(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold a slot that no pending work is waiting for: one idle now, or the next to
+        free up while no batcher with pending items waits."""
+        return self.turn(lambda: SPARE_RANK)
+
+    @property
+    def work_waits(self) -> bool:
+        """Whether a batcher with pending items waits for a turn (so a slot freed now
+        would not go idle)."""
+        return any(oldest() < SPARE_RANK for oldest, _ in self._waiting)
 
     def older_work_waits(self, oldest_enqueued_at: float) -> bool:
         """Whether a waiting batcher holds an item older than `oldest_enqueued_at`: the

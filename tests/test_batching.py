@@ -428,3 +428,70 @@ async def test_stopping_cancels_a_second_half_still_waiting_for_a_slot():
     assert model.calls == []  # the waiting second half was cancelled, not run after stop
     async with asyncio.timeout(1), turns.turn(lambda: 0.0), turns.turn(lambda: 0.0):
         pass  # both slots are free again: nothing the batcher held is left taken
+
+
+async def test_a_freed_slot_goes_to_another_models_pending_work_before_a_second_half():
+    turns = DeviceTurns(slots=2)
+    model = HalvesModel(forward_s=0.1)
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=64, max_wait_s=0.001)
+    batcher = MicroBatcher(model, limits, device_turns=turns)
+    other_ran_at: list[float] = []
+
+    async def hold_a_slot(leave_after_s: float) -> None:
+        async with turns.turn(lambda: 0.0):
+            await asyncio.sleep(leave_after_s)
+
+    async def other_model_with_pending_work() -> None:
+        async with turns.turn(lambda: time.monotonic() + 100):  # younger than the batch
+            other_ran_at.append(time.monotonic())
+            await asyncio.sleep(0.2)
+
+    holder = asyncio.create_task(hold_a_slot(0.05))
+    await asyncio.sleep(0)
+    batcher.start()
+    try:
+        futures = [batcher.submit(i, length=n) for i, n in enumerate([3, 9, 1, 7, 5, 2])]
+        await asyncio.sleep(0.02)  # the first half runs; the second waits for a slot
+        other = asyncio.create_task(other_model_with_pending_work())
+        results = await asyncio.gather(*futures)
+    finally:
+        await batcher.stop()
+    await asyncio.gather(holder, other)
+    assert results == [i * 10 for i in range(6)]
+    assert len(model.calls) == 2 and not model.overlapped()  # halves, one after the other
+    second_half_started = max(started for _, started, _ in model.calls)
+    assert other_ran_at[0] < second_half_started  # the freed slot went to the other model
+
+
+async def test_a_last_batch_runs_whole_while_another_models_pending_work_waits():
+    turns = DeviceTurns(slots=2)
+    model = HalvesModel(forward_s=0.05)
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=3, max_wait_s=0.001)
+    batcher = MicroBatcher(model, limits, device_turns=turns)
+    release_holder = asyncio.Event()
+
+    async def hold_a_slot() -> None:
+        async with turns.turn(lambda: 0.0):
+            await release_holder.wait()
+
+    async def other_model_with_pending_work() -> None:
+        async with turns.turn(lambda: time.monotonic() + 100):  # younger than the batches
+            pass
+
+    holder = asyncio.create_task(hold_a_slot())
+    await asyncio.sleep(0)
+    batcher.start()
+    try:
+        futures = [batcher.submit(i, length=1) for i in range(6)]  # two batches of three
+        await asyncio.sleep(0.02)  # the first batch runs on the free slot
+        other = asyncio.create_task(other_model_with_pending_work())  # waits: both taken
+        await asyncio.sleep(0.01)
+        assert turns.work_waits
+        results = await asyncio.gather(*futures)
+    finally:
+        release_holder.set()
+        await batcher.stop()
+    await asyncio.gather(holder, other)
+    assert results == [i * 10 for i in range(6)]
+    # The second batch is the model's last, but a freed slot would not idle: it runs whole.
+    assert [len(payloads) for payloads, _, _ in model.calls] == [3, 3]

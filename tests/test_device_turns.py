@@ -1,6 +1,7 @@
 """Models sharing a device take turns: the one whose oldest pending item waited longest."""
 
 import asyncio
+import math
 
 from service.device_turns import DeviceTurns
 
@@ -77,3 +78,37 @@ async def test_a_device_with_two_slots_holds_two_turns_and_queues_the_third_by_a
         event.set()
     await asyncio.gather(*tasks)
     assert order == ["a", "b", "old", "young"] and most_at_once == 2
+
+
+async def test_a_spare_turn_takes_a_freed_slot_only_when_no_pending_work_waits_for_it():
+    turns = DeviceTurns(slots=2)
+    order: list[str] = []
+    leave = {name: asyncio.Event() for name in ("a", "b", "spare", "pending", "idle")}
+
+    async def use(name: str, oldest: float | None) -> None:
+        turn = turns.spare_turn() if oldest is None else turns.turn(lambda: oldest)
+        async with turn:
+            order.append(name)
+            await leave[name].wait()
+
+    tasks = [asyncio.create_task(use(n, 0.0)) for n in ("a", "b")]
+    await asyncio.sleep(0)
+    tasks.append(asyncio.create_task(use("idle", math.inf)))  # a batcher with nothing pending
+    tasks.append(asyncio.create_task(use("spare", None)))
+    await asyncio.sleep(0)
+    assert not turns.work_waits  # a slot freed now would go idle but for the spare turn
+    tasks.append(asyncio.create_task(use("pending", 5.0)))  # asks last, holds pending items
+    await asyncio.sleep(0)
+    assert turns.work_waits
+    for name in ("a", "b", "pending", "spare", "idle"):
+        leave[name].set()
+        await asyncio.sleep(0.01)
+    await asyncio.gather(*tasks)
+    # Pending work first, then the spare turn, then the batcher with nothing to run.
+    assert order == ["a", "b", "pending", "spare", "idle"]
+
+
+async def test_a_spare_turn_takes_an_idle_slot_at_once():
+    turns = DeviceTurns(slots=2)
+    async with turns.turn(lambda: 0.0), asyncio.timeout(1), turns.spare_turn():
+        assert not turns.work_waits
