@@ -189,6 +189,10 @@ class MicroBatcher(Generic[P, R]):
         self._pending_max_length = 0
         self._arrived = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._own_turn_taken = False  # a loop holds (or waits for) this batcher's own turn
+        self._others_expect_work = self._device_turns.join(
+            lambda: self._pending_count > 0 or self._announced > 0
+        )
 
     @property
     def depth(self) -> int:
@@ -352,31 +356,42 @@ class MicroBatcher(Generic[P, R]):
     async def _loop(self) -> None:
         while True:
             await self._wait_for_batch()
-            async with self._device_turns.turn(self._oldest_pending):
-                # Keep the device while this batcher holds the oldest work waiting for it.
-                while batch := self._next_batch():
-                    if (
-                        self._pending
-                        or len(batch) < 2
-                        or self._device_turns.slots < 2
-                        or self._device_turns.work_waits
-                    ):
-                        await self._execute(batch)
-                    else:  # this model's last batch, and no other model's work waits
-                        await self._execute_in_halves(batch)
-                    if self._device_turns.older_work_waits(self._oldest_pending()):
-                        break
+            if self._own_turn_taken:  # another loop has this model's own turn
+                async with self._device_turns.spare_turn(self._others_expect_work):
+                    await self._run_pending()
+                continue
+            self._own_turn_taken = True
+            try:
+                async with self._device_turns.turn(self._oldest_pending):
+                    await self._run_pending()
+            finally:
+                self._own_turn_taken = False
+
+    async def _run_pending(self) -> None:
+        """Run batches while this batcher holds the oldest work waiting for the device."""
+        while batch := self._next_batch():
+            if (
+                self._pending
+                or len(batch) < 2
+                or self._device_turns.slots < 2
+                or self._others_expect_work()
+            ):
+                await self._execute(batch)
+            else:  # this model's last batch, and no other model's work needs a slot
+                await self._execute_in_halves(batch)
+            if self._device_turns.older_work_waits(self._oldest_pending()):
+                break
 
     async def _execute_in_halves(self, batch: list[WorkItem[P]]) -> None:
         """Run the batch as two halves: this turn's slot runs the first; the second takes a
-        slot that would otherwise idle (one idle now, or the next to free up while no other
-        model's pending work waits for it), or runs after the first if none does."""
+        spare turn (a slot no other model's work needs) if one comes up before the first
+        half is done, or runs after it."""
         first, second = split_in_two(batch)
         claimed = False
 
         async def second_on_a_freed_slot() -> None:
             nonlocal claimed
-            async with self._device_turns.spare_turn():
+            async with self._device_turns.spare_turn(self._others_expect_work):
                 if not claimed:
                     claimed = True
                     await self._execute(second)

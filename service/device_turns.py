@@ -7,20 +7,20 @@ lets the others catch up, and its own pending items pile up into a larger batch 
 A waiting batcher's oldest item only gets older, so every batcher gets its turn.
 
 A device has `slots` turns at once: a CPU runs several forwards side by side (each on its
-share of the cores), a GPU one. A spare turn (the second half of a model's last batch) only
-takes a slot that pending work would leave idle: batchers with pending items go first.
+share of the cores), a GPU one. A batcher takes a turn of its own for one slot at a time; a
+second slot (another batch of the same model, or the second half of its last batch) it
+takes only as a spare turn, one that no other model's work needs: while another model has
+items pending or on their way (being tokenised), a slot stays for it. Traced on two CPU
+slots with 8 single-item clients: a fast model otherwise took both slots for batches of
+one or two items just before the slow model's batch arrived, which then waited.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
+import math
 from collections.abc import AsyncIterator, Callable
-
-# The rank of a spare turn: after every batcher holding pending items (ranked by the age of
-# the oldest, a clock reading), before batchers with nothing pending (ranked +inf).
-SPARE_RANK = sys.float_info.max
 
 
 class DeviceTurns:
@@ -28,10 +28,18 @@ class DeviceTurns:
         self._slots = slots
         self._in_use = 0
         self._waiting: list[tuple[Callable[[], float], asyncio.Future[None]]] = []
+        self._spare_waiting: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._members: list[Callable[[], bool]] = []
 
     @property
     def slots(self) -> int:
         return self._slots
+
+    def join(self, expects_work: Callable[[], bool]) -> Callable[[], bool]:
+        """Register a batcher by whether it has items pending or on their way; returns
+        whether any other batcher on this device has."""
+        self._members.append(expects_work)
+        return lambda: any(member() for member in self._members if member is not expects_work)
 
     @contextlib.asynccontextmanager
     async def turn(self, oldest_enqueued_at: Callable[[], float]) -> AsyncIterator[None]:
@@ -42,16 +50,15 @@ class DeviceTurns:
         finally:
             self._release()
 
-    def spare_turn(self) -> contextlib.AbstractAsyncContextManager[None]:
-        """Hold a slot that no pending work is waiting for: one idle now, or the next to
-        free up while no batcher with pending items waits."""
-        return self.turn(lambda: SPARE_RANK)
-
-    @property
-    def work_waits(self) -> bool:
-        """Whether a batcher with pending items waits for a turn (so a slot freed now
-        would not go idle)."""
-        return any(oldest() < SPARE_RANK for oldest, _ in self._waiting)
+    @contextlib.asynccontextmanager
+    async def spare_turn(self, others_expect_work: Callable[[], bool]) -> AsyncIterator[None]:
+        """Hold a slot that no other batcher's work needs: one free now, or the next to free
+        up, while `others_expect_work()` is false and no batcher with pending items waits."""
+        await self._acquire_spare(others_expect_work)
+        try:
+            yield
+        finally:
+            self._release()
 
     def older_work_waits(self, oldest_enqueued_at: float) -> bool:
         """Whether a waiting batcher holds an item older than `oldest_enqueued_at`: the
@@ -62,23 +69,51 @@ class DeviceTurns:
         if self._in_use < self._slots:
             self._in_use += 1
             return
-        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (oldest_enqueued_at, granted)
+        entry = (oldest_enqueued_at, asyncio.get_running_loop().create_future())
         self._waiting.append(entry)
+        await self._granted(entry, self._waiting)
+
+    async def _acquire_spare(self, others_expect_work: Callable[[], bool]) -> None:
+        if self._in_use < self._slots and not others_expect_work():
+            self._in_use += 1
+            return
+        entry = (others_expect_work, asyncio.get_running_loop().create_future())
+        self._spare_waiting.append(entry)
+        await self._granted(entry, self._spare_waiting)
+
+    async def _granted(self, entry: tuple[object, asyncio.Future[None]], queue: list) -> None:
         try:
-            await granted
+            await entry[1]
         except asyncio.CancelledError:
-            if entry in self._waiting:
-                self._waiting.remove(entry)
-            elif granted.done() and not granted.cancelled():
+            if entry in queue:
+                queue.remove(entry)
+            elif entry[1].done() and not entry[1].cancelled():
                 self._release()  # granted just as it was cancelled: pass the turn on
             raise
 
     def _release(self) -> None:
-        while self._waiting:
-            entry = min(self._waiting, key=lambda waiter: waiter[0]())
-            self._waiting.remove(entry)
-            if not entry[1].done():
-                entry[1].set_result(None)  # the slot stays taken, now by this waiter
-                return
-        self._in_use -= 1
+        """Pass the freed slot on: to the batcher with the oldest pending item, else to a
+        spare turn that no other work needs, else to a batcher with nothing pending (it
+        hands it straight back), else leave it free."""
+        waiter = self._next_waiter()
+        if waiter is None:
+            self._in_use -= 1
+        else:
+            waiter.set_result(None)  # the slot stays taken, now by this waiter
+
+    def _next_waiter(self) -> asyncio.Future[None] | None:
+        self._waiting = [w for w in self._waiting if not w[1].done()]
+        self._spare_waiting = [w for w in self._spare_waiting if not w[1].done()]
+        ranked = sorted(self._waiting, key=lambda waiter: waiter[0]())
+        if ranked and ranked[0][0]() < math.inf:
+            chosen = ranked[0]
+        else:
+            spare = next((w for w in self._spare_waiting if not w[0]()), None)
+            if spare is not None:
+                self._spare_waiting.remove(spare)
+                return spare[1]
+            if not ranked:
+                return None
+            chosen = ranked[0]
+        self._waiting.remove(chosen)
+        return chosen[1]

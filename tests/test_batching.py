@@ -1,6 +1,7 @@
 """The micro-batcher under real asyncio concurrency, with a deterministic fake model."""
 
 import asyncio
+import itertools
 import random
 import time
 
@@ -463,35 +464,70 @@ async def test_a_freed_slot_goes_to_another_models_pending_work_before_a_second_
     assert other_ran_at[0] < second_half_started  # the freed slot went to the other model
 
 
-async def test_a_last_batch_runs_whole_while_another_models_pending_work_waits():
+async def test_a_last_batch_runs_whole_while_another_models_items_wait():
     turns = DeviceTurns(slots=2)
-    model = HalvesModel(forward_s=0.05)
+    model, other_model = HalvesModel(forward_s=0.05), HalvesModel(forward_s=0.01)
     limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=3, max_wait_s=0.001)
-    batcher = MicroBatcher(model, limits, device_turns=turns)
+    batcher = MicroBatcher(model, limits, device_turns=turns, concurrent_batches=2)
+    other = MicroBatcher(other_model, limits, device_turns=turns, concurrent_batches=2)
     release_holder = asyncio.Event()
 
     async def hold_a_slot() -> None:
         async with turns.turn(lambda: 0.0):
             await release_holder.wait()
 
-    async def other_model_with_pending_work() -> None:
-        async with turns.turn(lambda: time.monotonic() + 100):  # younger than the batches
-            pass
-
     holder = asyncio.create_task(hold_a_slot())
     await asyncio.sleep(0)
     batcher.start()
+    other.start()
     try:
         futures = [batcher.submit(i, length=1) for i in range(6)]  # two batches of three
         await asyncio.sleep(0.02)  # the first batch runs on the free slot
-        other = asyncio.create_task(other_model_with_pending_work())  # waits: both taken
-        await asyncio.sleep(0.01)
-        assert turns.work_waits
+        other_future = other.submit(100, length=1)  # waits: both slots are taken
         results = await asyncio.gather(*futures)
+        release_holder.set()
+        assert await other_future == 1000
     finally:
         release_holder.set()
         await batcher.stop()
-    await asyncio.gather(holder, other)
+        await other.stop()
+    await holder
     assert results == [i * 10 for i in range(6)]
     # The second batch is the model's last, but a freed slot would not idle: it runs whole.
     assert [len(payloads) for payloads, _, _ in model.calls] == [3, 3]
+
+
+async def test_a_fast_model_leaves_a_slot_for_a_slow_models_items_on_their_way():
+    """Two models share two slots; each request's items reach the fast model at once and
+    the slow one 30 ms later (its tokenising takes longer). The fast model runs its batches
+    on one slot: the other stays for the slow model, whose batch then starts at once."""
+    turns = DeviceTurns(slots=2)
+    fast, slow = HalvesModel(forward_s=0.02), HalvesModel(forward_s=0.1)
+    fast_limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=1, max_wait_s=0.001)
+    slow_limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=8, max_wait_s=0.001)
+    fast_batcher = MicroBatcher(
+        fast, fast_limits, announced_arrivals=True, device_turns=turns, concurrent_batches=2
+    )
+    slow_batcher = MicroBatcher(
+        slow, slow_limits, announced_arrivals=True, device_turns=turns, concurrent_batches=2
+    )
+    fast_batcher.start()
+    slow_batcher.start()
+    try:
+        fast_batcher.announce(4)
+        slow_batcher.announce(4)
+        fast_futures = [fast_batcher.submit(i, length=1) for i in range(4)]
+        await asyncio.sleep(0.03)
+        slow_submitted = time.monotonic()
+        slow_futures = [slow_batcher.submit(i, length=1) for i in range(4)]
+        results = await asyncio.gather(*fast_futures, *slow_futures)
+    finally:
+        await fast_batcher.stop()
+        await slow_batcher.stop()
+    assert results == [i * 10 for i in range(4)] * 2
+    assert len(fast.calls) == 4  # one item per batch
+    starts = sorted((start, end) for _, start, end in fast.calls)
+    # One fast batch at a time: the second slot was kept for the slow model's items.
+    assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(starts))
+    [(_, slow_started, _)] = slow.calls  # one batch of four items
+    assert slow_started - slow_submitted < 0.01  # it found a slot free

@@ -80,13 +80,14 @@ async def test_a_device_with_two_slots_holds_two_turns_and_queues_the_third_by_a
     assert order == ["a", "b", "old", "young"] and most_at_once == 2
 
 
-async def test_a_spare_turn_takes_a_freed_slot_only_when_no_pending_work_waits_for_it():
+async def test_a_freed_slot_goes_to_pending_work_then_to_a_spare_turn_then_to_the_idle():
     turns = DeviceTurns(slots=2)
     order: list[str] = []
     leave = {name: asyncio.Event() for name in ("a", "b", "spare", "pending", "idle")}
 
     async def use(name: str, oldest: float | None) -> None:
-        turn = turns.spare_turn() if oldest is None else turns.turn(lambda: oldest)
+        nobody_else = lambda: False  # noqa: E731  # no other batcher expects work
+        turn = turns.spare_turn(nobody_else) if oldest is None else turns.turn(lambda: oldest)
         async with turn:
             order.append(name)
             await leave[name].wait()
@@ -96,19 +97,44 @@ async def test_a_spare_turn_takes_a_freed_slot_only_when_no_pending_work_waits_f
     tasks.append(asyncio.create_task(use("idle", math.inf)))  # a batcher with nothing pending
     tasks.append(asyncio.create_task(use("spare", None)))
     await asyncio.sleep(0)
-    assert not turns.work_waits  # a slot freed now would go idle but for the spare turn
     tasks.append(asyncio.create_task(use("pending", 5.0)))  # asks last, holds pending items
     await asyncio.sleep(0)
-    assert turns.work_waits
     for name in ("a", "b", "pending", "spare", "idle"):
         leave[name].set()
         await asyncio.sleep(0.01)
     await asyncio.gather(*tasks)
-    # Pending work first, then the spare turn, then the batcher with nothing to run.
     assert order == ["a", "b", "pending", "spare", "idle"]
 
 
-async def test_a_spare_turn_takes_an_idle_slot_at_once():
+async def test_a_spare_turn_leaves_a_slot_to_another_batchers_expected_work():
     turns = DeviceTurns(slots=2)
-    async with turns.turn(lambda: 0.0), asyncio.timeout(1), turns.spare_turn():
-        assert not turns.work_waits
+    other_expects_work = False
+    others = turns.join(lambda: False)  # the spare's own batcher
+    turns.join(lambda: other_expects_work)  # another model's batcher
+    got_spare = asyncio.Event()
+
+    async def spare() -> None:
+        async with turns.spare_turn(others):
+            got_spare.set()
+
+    async with turns.turn(lambda: 0.0):
+        other_expects_work = True  # its items are being tokenised
+        task = asyncio.create_task(spare())
+        await asyncio.sleep(0.01)
+        assert not got_spare.is_set()  # a slot is free, but it is kept for that work
+        async with asyncio.timeout(1), turns.turn(lambda: 1.0):
+            pass  # the other batcher takes the free slot at once when its items arrive
+        await asyncio.sleep(0.01)
+        assert not got_spare.is_set()  # still expected work (more on its way): kept free
+        other_expects_work = False
+    # The held turn is released with nobody else expecting work: the spare gets it.
+    async with asyncio.timeout(1):
+        await got_spare.wait()
+    await task
+
+
+async def test_a_spare_turn_takes_a_free_slot_at_once_when_no_other_work_is_expected():
+    turns = DeviceTurns(slots=2)
+    others = turns.join(lambda: False)
+    async with turns.turn(lambda: 0.0), asyncio.timeout(1), turns.spare_turn(others):
+        pass
