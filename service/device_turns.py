@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 
 class DeviceTurns:
@@ -81,7 +82,7 @@ class DeviceTurns:
         self._spare_waiting.append(entry)
         await self._granted(entry, self._spare_waiting)
 
-    async def _granted(self, entry: tuple[object, asyncio.Future[None]], queue: list) -> None:
+    async def _granted(self, entry: tuple[object, asyncio.Future[None]], queue: list[Any]) -> None:
         try:
             await entry[1]
         except asyncio.CancelledError:
@@ -102,8 +103,9 @@ class DeviceTurns:
             waiter.set_result(None)  # the slot stays taken, now by this waiter
 
     def _next_waiter(self) -> asyncio.Future[None] | None:
-        self._waiting = [w for w in self._waiting if not w[1].done()]
-        self._spare_waiting = [w for w in self._spare_waiting if not w[1].done()]
+        # In place: a waiter being cancelled looks for its entry in these very lists.
+        self._waiting[:] = [w for w in self._waiting if not w[1].done()]
+        self._spare_waiting[:] = [w for w in self._spare_waiting if not w[1].done()]
         ranked = sorted(self._waiting, key=lambda waiter: waiter[0]())
         if ranked and ranked[0][0]() < math.inf:
             chosen = ranked[0]

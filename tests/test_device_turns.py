@@ -1,6 +1,7 @@
 """Models sharing a device take turns: the one whose oldest pending item waited longest."""
 
 import asyncio
+import contextlib
 import math
 
 from service.device_turns import DeviceTurns
@@ -138,3 +139,30 @@ async def test_a_spare_turn_takes_a_free_slot_at_once_when_no_other_work_is_expe
     others = turns.join(lambda: False)
     async with turns.turn(lambda: 0.0), asyncio.timeout(1), turns.spare_turn(others):
         pass
+
+
+async def test_a_waiter_cancelled_just_as_it_is_granted_passes_the_turn_on():
+    turns = DeviceTurns()
+    leave = {name: asyncio.Event() for name in ("holder", "first")}
+
+    async def use(name: str, oldest: float) -> None:
+        async with turns.turn(lambda: oldest):
+            if name in leave:
+                await leave[name].wait()
+
+    holder = asyncio.create_task(use("holder", 0.0))
+    await asyncio.sleep(0)
+    first = asyncio.create_task(use("first", 1.0))
+    second = asyncio.create_task(use("second", 2.0))
+    await asyncio.sleep(0)
+    leave["holder"].set()
+    await holder  # the turn went to "first"
+    leave["first"].set()
+    await asyncio.sleep(0)
+    while not first.done():  # "first" leaves; the turn is granted to "second" ...
+        await asyncio.sleep(0)
+    second.cancel()  # ... which is cancelled before it could run
+    with contextlib.suppress(asyncio.CancelledError):
+        await second
+    async with asyncio.timeout(1), turns.turn(lambda: 3.0):
+        pass  # the turn was passed on, not kept by the cancelled waiter
