@@ -106,16 +106,13 @@ class DeviceTurns:
         # In place: a waiter being cancelled looks for its entry in these very lists.
         self._waiting[:] = [w for w in self._waiting if not w[1].done()]
         self._spare_waiting[:] = [w for w in self._spare_waiting if not w[1].done()]
-        ranked = sorted(self._waiting, key=lambda waiter: waiter[0]())
-        if ranked and ranked[0][0]() < math.inf:
-            chosen = ranked[0]
-        else:
+        oldest = min(self._waiting, key=lambda waiter: waiter[0](), default=None)
+        if oldest is None or oldest[0]() == math.inf:  # no waiter has pending items
             spare = next((w for w in self._spare_waiting if not w[0]()), None)
             if spare is not None:
                 self._spare_waiting.remove(spare)
                 return spare[1]
-            if not ranked:
+            if oldest is None:
                 return None
-            chosen = ranked[0]
-        self._waiting.remove(chosen)
-        return chosen[1]
+        self._waiting.remove(oldest)
+        return oldest[1]
