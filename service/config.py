@@ -285,9 +285,10 @@ class BatchingConfig(_Strict):
         "threads (GPUs run one at a time). A model takes a second slot only while no other "
         "model has items pending or being tokenised; its last pending batch then runs in "
         "two halves, so that no core idles at the end of a burst. "
-        "On the 2-core VM, 2 against 1 in paired rounds: 1.23x items/s with one "
-        "single-item client, 1.19x with 256, 1.10-1.11x with 1 and 8 clients sending 16 "
-        "items, level with 8 and 64 single-item clients (benchmarks/RESULTS.md)",
+        "On the 2-core VM, 2 against 1 in paired rounds (before the second-slot rule): "
+        "1.23x items/s with one single-item client, 1.19x with 256, 1.10-1.11x with 1 and "
+        "8 clients sending 16 items, level with 8 and 64 single-item clients "
+        "(benchmarks/RESULTS.md)",
     )
     forward_overhead_tokens: int | None = Field(
         None,
