@@ -21,12 +21,12 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
 from service.device_turns import DeviceTurns
-from service.errors import DeadlineExceeded
+from service.errors import DeadlineExceeded, NotReady
 from service.padding_cuts import cheapest_cuts
 
 P = TypeVar("P")
@@ -206,7 +206,8 @@ class MicroBatcher(Generic[P, R]):
             ]
 
     async def stop(self) -> None:
-        """Fail whatever is still pending and stop the loops."""
+        """Stop the loops; every item not yet scored, pending or in a forward cut short,
+        fails with `NotReady` (503 + Retry-After: the client retries elsewhere or later)."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -214,9 +215,7 @@ class MicroBatcher(Generic[P, R]):
                 await task
         self._tasks = []
         for queue in self._pending.values():
-            for item in queue:
-                if not item.future.done():
-                    item.future.set_exception(RuntimeError("batcher stopped"))
+            _fail_as_stopped(queue)
         self._pending.clear()
         self._pending_count = 0
 
@@ -228,6 +227,7 @@ class MicroBatcher(Generic[P, R]):
         """Announced items that will not come after all (their caller failed or left)."""
         self._announced = max(0, self._announced - count)
         self._arrived.set()  # a batch held back for them can go now
+        self._device_turns.expected_work_withdrawn()  # a slot kept for them can go too
 
     def submit(
         self,
@@ -404,8 +404,10 @@ class MicroBatcher(Generic[P, R]):
                 helper.cancel()
                 await self._execute(second)
             await asyncio.wait([helper])  # the second half, if a freed slot took it
-        finally:
-            helper.cancel()  # only matters when this batcher is being stopped
+        finally:  # only matters when this batcher is being stopped:
+            helper.cancel()  # a running second half fails its own items (`_execute`)
+            if not claimed:
+                _fail_as_stopped(second)
 
     async def _execute(self, batch: list[WorkItem[P]]) -> None:
         started = time.monotonic()
@@ -415,6 +417,9 @@ class MicroBatcher(Generic[P, R]):
             results = await self._run_batch([item.payload for item in batch])
             if len(results) != len(batch):
                 raise BatchSizeMismatch(f"batch of {len(batch)} items returned {len(results)}")
+        except asyncio.CancelledError:  # stopped while the forward ran
+            _fail_as_stopped(batch)
+            raise
         except Exception as exc:
             failed = True
             for item in batch:
@@ -446,3 +451,9 @@ class MicroBatcher(Generic[P, R]):
                     failed_items=failed_items,
                 )
             )
+
+
+def _fail_as_stopped(items: Iterable[WorkItem]) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(NotReady("the service stopped before scoring this item"))

@@ -10,9 +10,10 @@ A device has `slots` turns at once: a CPU runs several forwards side by side (ea
 share of the cores), a GPU one. A batcher takes a turn of its own for one slot at a time; a
 second slot (another batch of the same model, or the second half of its last batch) it
 takes only as a spare turn, one that no other model's work needs: while another model has
-items pending or on their way (being tokenised), a slot stays for it. Traced on two CPU
-slots with 8 single-item clients: a fast model otherwise took both slots for batches of
-one or two items just before the slow model's batch arrived, which then waited.
+items pending or on their way (being tokenised), a slot stays for it (until those items
+arrive, or are withdrawn because their caller left). Traced on two CPU slots with 8
+single-item clients: a fast model otherwise took both slots for batches of one or two
+items just before the slow model's batch arrived, which then waited.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ class DeviceTurns:
         finally:
             self._release()
 
+    def expected_work_withdrawn(self) -> None:
+        """Work a free slot was kept for will not come: spare turns may take the slot."""
+        while self._in_use < self._slots and (spare := self._next_spare()) is not None:
+            self._in_use += 1
+            spare.set_result(None)
+
     def older_work_waits(self, oldest_enqueued_at: float) -> bool:
         """Whether a waiting batcher holds an item older than `oldest_enqueued_at`: the
         holder of the turn asks before running another batch of its own."""
@@ -105,14 +112,20 @@ class DeviceTurns:
     def _next_waiter(self) -> asyncio.Future[None] | None:
         # In place: a waiter being cancelled looks for its entry in these very lists.
         self._waiting[:] = [w for w in self._waiting if not w[1].done()]
-        self._spare_waiting[:] = [w for w in self._spare_waiting if not w[1].done()]
         oldest = min(self._waiting, key=lambda waiter: waiter[0](), default=None)
         if oldest is None or oldest[0]() == math.inf:  # no waiter has pending items
-            spare = next((w for w in self._spare_waiting if not w[0]()), None)
-            if spare is not None:
-                self._spare_waiting.remove(spare)
-                return spare[1]
-            if oldest is None:
-                return None
+            spare = self._next_spare()
+            if spare is not None or oldest is None:
+                return spare
         self._waiting.remove(oldest)
         return oldest[1]
+
+    def _next_spare(self) -> asyncio.Future[None] | None:
+        """The first spare waiter that no other batcher's expected work keeps out, removed
+        from the waiting list."""
+        self._spare_waiting[:] = [w for w in self._spare_waiting if not w[1].done()]
+        spare = next((w for w in self._spare_waiting if not w[0]()), None)
+        if spare is None:
+            return None
+        self._spare_waiting.remove(spare)
+        return spare[1]

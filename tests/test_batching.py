@@ -17,6 +17,7 @@ from service.batching import (
     split_in_two,
 )
 from service.device_turns import DeviceTurns
+from service.errors import NotReady
 
 LIMITS = BatchLimits(max_batch_tokens=256, max_batch_size=8, max_wait_s=0.005)
 
@@ -325,10 +326,15 @@ class HalvesModel:
     def __init__(self, forward_s: float) -> None:
         self.forward_s = forward_s
         self.calls: list[tuple[list[int], float, float]] = []
+        self.running = 0  # forwards under way
 
     async def __call__(self, payloads):
         started = time.monotonic()
-        await asyncio.sleep(self.forward_s)
+        self.running += 1
+        try:
+            await asyncio.sleep(self.forward_s)
+        finally:
+            self.running -= 1
         self.calls.append((list(payloads), started, time.monotonic()))
         return [p * 10 for p in payloads]
 
@@ -403,7 +409,7 @@ def test_split_in_two_gives_halves_of_about_equal_padded_size():
     assert sizes[0] >= 0.4 * sum(i.rows * i.length for i in items)
 
 
-async def test_stopping_cancels_a_second_half_still_waiting_for_a_slot():
+async def test_stopping_fails_both_halves_and_cancels_a_second_half_waiting_for_a_slot():
     turns = DeviceTurns(slots=2)
     model = HalvesModel(forward_s=0.05)
     limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=64, max_wait_s=0.001)
@@ -419,10 +425,11 @@ async def test_stopping_cancels_a_second_half_still_waiting_for_a_slot():
     other = asyncio.create_task(other_model())
     await other_holds.wait()
     batcher.start()
-    for i, n in enumerate([3, 9, 1, 7]):
-        batcher.submit(i, length=n)
+    futures = [batcher.submit(i, length=n) for i, n in enumerate([3, 9, 1, 7])]
     await asyncio.sleep(0.02)  # the first half runs; the second waits for the other slot
     await asyncio.wait_for(batcher.stop(), 1)
+    # No item is left hanging: both halves' callers hear the service is stopping (503).
+    assert all(isinstance(f.exception(), NotReady) for f in futures)
     release_other.set()
     await asyncio.wait_for(other, 1)
     await asyncio.sleep(0.1)
@@ -531,3 +538,47 @@ async def test_a_fast_model_leaves_a_slot_for_a_slow_models_items_on_their_way()
     assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(starts))
     [(_, slow_started, _)] = slow.calls  # one batch of four items
     assert slow_started - slow_submitted < 0.01  # it found a slot free
+
+
+async def test_stopping_fails_the_items_of_a_forward_cut_short_and_of_the_queue():
+    model = RecordingModel(forward_s=10.0)
+    batcher = MicroBatcher(model, BatchLimits(max_batch_tokens=256, max_batch_size=2, max_wait_s=0))
+    batcher.start()
+    futures = [batcher.submit((f"k{i}", 3), length=3) for i in range(4)]  # two batches
+    await asyncio.wait_for(model.started.wait(), 1)  # the first batch's forward runs
+    await asyncio.wait_for(batcher.stop(), 1)
+    assert len(model.batches) == 1
+    # Running or queued, every caller gets an answer: 503, retry (none waits forever).
+    assert all(isinstance(f.exception(), NotReady) for f in futures)
+
+
+async def test_withdrawn_expected_work_frees_the_slot_kept_for_it():
+    """A model's second batch waits for a spare turn while another model's items are on
+    their way; when their caller leaves (withdrawn), the second batch starts at once
+    instead of waiting for the first to finish."""
+    turns = DeviceTurns(slots=2)
+    model, other_model = HalvesModel(forward_s=0.3), HalvesModel(forward_s=0.01)
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=2, max_wait_s=0.001)
+    batcher = MicroBatcher(
+        model, limits, announced_arrivals=True, device_turns=turns, concurrent_batches=2
+    )
+    other = MicroBatcher(
+        other_model, limits, announced_arrivals=True, device_turns=turns, concurrent_batches=2
+    )
+    batcher.start()
+    other.start()
+    try:
+        other.announce(3)  # being tokenised: a free slot is kept for them
+        futures = [batcher.submit(i, length=1) for i in range(4)]  # two batches of two
+        await asyncio.sleep(0.05)
+        assert model.running == 1  # the second batch waits for a spare turn
+        withdrawn_at = time.monotonic()
+        other.withdraw(3)
+        results = await asyncio.gather(*futures)
+    finally:
+        await batcher.stop()
+        await other.stop()
+    assert results == [i * 10 for i in range(4)]
+    starts = sorted(started for _, started, _ in model.calls)
+    assert starts[1] - withdrawn_at < 0.1  # the second batch: not after the first's 0.3 s
+    assert other_model.calls == []

@@ -166,3 +166,25 @@ async def test_a_waiter_cancelled_just_as_it_is_granted_passes_the_turn_on():
         await second
     async with asyncio.timeout(1), turns.turn(lambda: 3.0):
         pass  # the turn was passed on, not kept by the cancelled waiter
+
+
+async def test_a_slot_kept_for_expected_work_goes_to_a_spare_once_that_work_is_withdrawn():
+    turns = DeviceTurns(slots=2)
+    other_expects_work = True  # another model's items are being tokenised
+    others = turns.join(lambda: False)
+    turns.join(lambda: other_expects_work)
+    got_spare = asyncio.Event()
+
+    async def spare() -> None:
+        async with turns.spare_turn(others):
+            got_spare.set()
+
+    async with turns.turn(lambda: 0.0):  # held throughout: no release wakes the spare
+        task = asyncio.create_task(spare())
+        await asyncio.sleep(0.01)
+        assert not got_spare.is_set()  # the free slot is kept for the expected work
+        other_expects_work = False  # its caller left: the work will not come
+        turns.expected_work_withdrawn()
+        async with asyncio.timeout(1):
+            await got_spare.wait()
+        await task
