@@ -254,6 +254,29 @@ def test_a_request_past_its_deadline_gets_504_and_the_server_keeps_serving(
     assert len(normal.json()["results"]) == 1
 
 
+def test_get_reward_takes_a_deadline_header_too(slow_queue_server):
+    """OpenRLHF's body has no deadline field; the header gives its route one."""
+    query = {"query": [PROMPT + ANSWER] * 2, "prompts": [PROMPT] * 2}
+    dropped_before = dropped_for_deadline(slow_queue_server)
+    reply = httpx.post(
+        f"{slow_queue_server}/get_reward",
+        json=query,
+        headers={"X-Request-Deadline-Ms": "1"},
+        timeout=30,
+    )
+    assert reply.status_code == 504, reply.text
+    assert reply.json()["error"]["type"] == "deadline_exceeded"
+    assert dropped_for_deadline(slow_queue_server) >= dropped_before + 2
+    generous = httpx.post(
+        f"{slow_queue_server}/get_reward",
+        json=query,
+        headers={"X-Request-Deadline-Ms": "60000"},
+        timeout=30,
+    )
+    assert generous.status_code == 200, generous.text
+    assert len(generous.json()["rewards"]) == 2
+
+
 def test_a_generous_deadline_scores_and_the_body_overrides_the_header(slow_queue_server):
     reply = httpx.post(
         f"{slow_queue_server}/v1/rewards",

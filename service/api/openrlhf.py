@@ -6,8 +6,11 @@ from fastapi import APIRouter, Depends, Request
 
 from service.api.disconnect import cancel_on_disconnect
 from service.api.routes import (
+    DEADLINE_RESPONSE,
     ERROR_RESPONSES,
+    DeadlineHeaderMs,
     check_limits,
+    deadline_of,
     engine_of,
     scoring_trainer_of,
     state_of,
@@ -45,14 +48,22 @@ def split_queries(body: OpenRLHFRequest, separator: str | None) -> list[ScoreInp
     return pairs
 
 
-@router.post("/get_reward", response_model=OpenRLHFResponse, responses=ERROR_RESPONSES)
+@router.post(
+    "/get_reward",
+    response_model=OpenRLHFResponse,
+    responses={**ERROR_RESPONSES, **DEADLINE_RESPONSE},
+)
 async def get_reward(
-    body: OpenRLHFRequest, request: Request, trainer: str = Depends(scoring_trainer_of)
+    body: OpenRLHFRequest,
+    request: Request,
+    deadline_header_ms: DeadlineHeaderMs = None,
+    trainer: str = Depends(scoring_trainer_of),
 ) -> OpenRLHFResponse:
     """OpenRLHF-compatible scoring: point `--remote_rm_url` at `http://HOST:PORT/get_reward`.
 
     Each query is a full text; its prompt is the matching `prompts` entry (a prefix of the
     query) or, without `prompts`, everything before the configured response separator.
+    OpenRLHF's body has no deadline field: send `X-Request-Deadline-Ms` for one.
     """
     engine = engine_of(request)
     config = state_of(request).config
@@ -60,7 +71,8 @@ async def get_reward(
     check_limits(items, config.limits)
     scored = []
     if items:
-        scoring = engine.score(items, config.combination.mode, trainer)
+        deadline = deadline_of(request, deadline_header_ms)
+        scoring = engine.score(items, config.combination.mode, trainer, deadline)
         scored = await cancel_on_disconnect(request, scoring)
     rewards = [s.combined.reward for s in scored]
     logs: dict[str, list[float]] = {

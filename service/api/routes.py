@@ -31,6 +31,20 @@ from service.schemas import (
 )
 
 router = APIRouter()
+# A deadline as a header, for clients that cannot add a body field (or speak a fixed body).
+DeadlineHeaderMs = Annotated[
+    float | None,
+    # Absent means no deadline; a header cannot carry a JSON null, so don't document one.
+    WithJsonSchema({"type": "number", "exclusiveMinimum": 0}),
+    Header(
+        alias="X-Request-Deadline-Ms",
+        gt=0,
+        allow_inf_nan=False,
+        description="Milliseconds from when the server receives the request; work not "
+        "scored by then is dropped (504). On `/v1/rewards` the body's `deadline_ms` wins "
+        "when both are sent.",
+    ),
+]
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
     413: {"model": ErrorResponse, "description": "Too many items or a text too long."},
@@ -145,17 +159,7 @@ def _to_result(item: RewardItem, scored: ScoredItem) -> RewardResult:
 async def score_rewards(
     body: RewardRequest,
     request: Request,
-    deadline_header_ms: Annotated[
-        float | None,
-        # Absent means no deadline; a header cannot carry a JSON null, so don't document one.
-        WithJsonSchema({"type": "number", "exclusiveMinimum": 0}),
-        Header(
-            alias="X-Request-Deadline-Ms",
-            gt=0,
-            allow_inf_nan=False,
-            description="Same as the body's `deadline_ms`, which wins when both are sent.",
-        ),
-    ] = None,
+    deadline_header_ms: DeadlineHeaderMs = None,
     trainer: str = Depends(scoring_trainer_of),
 ) -> RewardResponse:
     """Score (prompt, response) items with ALaRM hierarchical rewards.
