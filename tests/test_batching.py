@@ -504,22 +504,31 @@ async def test_a_last_batch_runs_whole_while_another_models_items_wait():
     assert [len(payloads) for payloads, _, _ in model.calls] == [3, 3]
 
 
+def started_on_two_slots(*models: tuple[HalvesModel, int]) -> list[MicroBatcher]:
+    """Started batchers, one per (model, max batch size), sharing one two-slot device, each
+    told of items on their way (`announce`) as the engine does."""
+    turns = DeviceTurns(slots=2)
+    batchers = [
+        MicroBatcher(
+            model,
+            BatchLimits(max_batch_tokens=10_000, max_batch_size=size, max_wait_s=0.001),
+            announced_arrivals=True,
+            device_turns=turns,
+            concurrent_batches=2,
+        )
+        for model, size in models
+    ]
+    for batcher in batchers:
+        batcher.start()
+    return batchers
+
+
 async def test_a_fast_model_leaves_a_slot_for_a_slow_models_items_on_their_way():
     """Two models share two slots; each request's items reach the fast model at once and
     the slow one 30 ms later (its tokenising takes longer). The fast model runs its batches
     on one slot: the other stays for the slow model, whose batch then starts at once."""
-    turns = DeviceTurns(slots=2)
     fast, slow = HalvesModel(forward_s=0.02), HalvesModel(forward_s=0.1)
-    fast_limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=1, max_wait_s=0.001)
-    slow_limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=8, max_wait_s=0.001)
-    fast_batcher = MicroBatcher(
-        fast, fast_limits, announced_arrivals=True, device_turns=turns, concurrent_batches=2
-    )
-    slow_batcher = MicroBatcher(
-        slow, slow_limits, announced_arrivals=True, device_turns=turns, concurrent_batches=2
-    )
-    fast_batcher.start()
-    slow_batcher.start()
+    fast_batcher, slow_batcher = started_on_two_slots((fast, 1), (slow, 8))
     try:
         fast_batcher.announce(4)
         slow_batcher.announce(4)
@@ -556,17 +565,8 @@ async def test_withdrawn_expected_work_frees_the_slot_kept_for_it():
     """A model's second batch waits for a spare turn while another model's items are on
     their way; when their caller leaves (withdrawn), the second batch starts at once
     instead of waiting for the first to finish."""
-    turns = DeviceTurns(slots=2)
     model, other_model = HalvesModel(forward_s=0.3), HalvesModel(forward_s=0.01)
-    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=2, max_wait_s=0.001)
-    batcher = MicroBatcher(
-        model, limits, announced_arrivals=True, device_turns=turns, concurrent_batches=2
-    )
-    other = MicroBatcher(
-        other_model, limits, announced_arrivals=True, device_turns=turns, concurrent_batches=2
-    )
-    batcher.start()
-    other.start()
+    batcher, other = started_on_two_slots((model, 2), (other_model, 2))
     try:
         other.announce(3)  # being tokenised: a free slot is kept for them
         futures = [batcher.submit(i, length=1) for i in range(4)]  # two batches of two

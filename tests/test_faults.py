@@ -256,23 +256,21 @@ def test_a_request_past_its_deadline_gets_504_and_the_server_keeps_serving(
 
 def test_get_reward_takes_a_deadline_header_too(slow_queue_server):
     """OpenRLHF's body has no deadline field; the header gives its route one."""
-    query = {"query": [PROMPT + ANSWER] * 2, "prompts": [PROMPT] * 2}
+
+    def get_reward(deadline_ms: str) -> httpx.Response:
+        return httpx.post(
+            f"{slow_queue_server}/get_reward",
+            json={"query": [PROMPT + ANSWER] * 2, "prompts": [PROMPT] * 2},
+            headers={"X-Request-Deadline-Ms": deadline_ms},
+            timeout=30,
+        )
+
     dropped_before = dropped_for_deadline(slow_queue_server)
-    reply = httpx.post(
-        f"{slow_queue_server}/get_reward",
-        json=query,
-        headers={"X-Request-Deadline-Ms": "1"},
-        timeout=30,
-    )
+    reply = get_reward("1")
     assert reply.status_code == 504, reply.text
     assert reply.json()["error"]["type"] == "deadline_exceeded"
     assert dropped_for_deadline(slow_queue_server) >= dropped_before + 2
-    generous = httpx.post(
-        f"{slow_queue_server}/get_reward",
-        json=query,
-        headers={"X-Request-Deadline-Ms": "60000"},
-        timeout=30,
-    )
+    generous = get_reward("60000")
     assert generous.status_code == 200, generous.text
     assert len(generous.json()["rewards"]) == 2
 
