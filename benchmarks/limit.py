@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from service.batching import BatchLimits, WorkItem, form_batches, split_in_two
 from service.config import RewardConfig
 from service.engine import HOST_DEVICE, batch_limits
-from service.models import Prepared, RewardModel
+from service.models import EncodingMemo, Prepared, RewardModel
 from service.models.loading import intra_op_threads, set_intra_op_threads
 
 
@@ -91,7 +91,7 @@ def measure(
     ]
     for model in models:
         limits = limits_of(model)
-        prepared = [model.prepare(i["prompt"], i["response"]) for i in items]
+        prepared = [model.prepare(i["prompt"], i["response"], EncodingMemo()) for i in items]
         for index, start in enumerate(range(0, len(prepared), window)):
             batches = _sorted_batches(prepared[start : start + window], limits)
             layouts[index]["whole"] += [(model, batch) for batch in batches]

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from service.combine import AspectParams, HolisticParams, combine_response
 from service.config import load_reward_config
-from service.models import AspectScore, HolisticScore, RewardModel, load_models
+from service.models import AspectScore, EncodingMemo, HolisticScore, RewardModel, load_models
 
 
 def prepare_holistic(cache_dir: Path) -> Path:
@@ -208,7 +208,7 @@ class PeerScorer:
         lock = device_lock if device_lock is not None else nullcontext()
         outputs = []
         for model in self.models:
-            prepared = [model.prepare(i.prompt, i.response) for i in items]
+            prepared = [model.prepare(i.prompt, i.response, EncodingMemo()) for i in items]
             with lock:
                 outputs.append(model.run(prepared))
         rewards = []

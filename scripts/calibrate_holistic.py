@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from service.config import load_reward_config
-from service.models import HolisticScore, load_models
+from service.models import EncodingMemo, HolisticScore, load_models
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     for start in range(0, n, args.batch_size):
         chunk = pairs[start : start + args.batch_size]
-        prepared = [holistic.prepare(p, r) for p, r, _ in chunk]
-        prepared += [holistic.prepare(p, m) for p, _, m in chunk]
+        prepared = [holistic.prepare(p, r, EncodingMemo()) for p, r, _ in chunk]
+        prepared += [holistic.prepare(p, m, EncodingMemo()) for p, _, m in chunk]
         truncated += sum(p.truncated for p in prepared)
         scores = holistic.run(prepared)
         raws = [s.raw if isinstance(s, HolisticScore) else None for s in scores]

@@ -1,7 +1,8 @@
 """The scoring engine: one micro-batcher per model, one worker thread per device.
 
-A request's items are tokenised off the event loop, submitted to every model's batcher at
-once (so all models of a request score concurrently), gathered, and combined per item.
+A request's items are tokenised off the event loop (each distinct text once per tokenizer,
+however many items and models ask for it), submitted to every model's batcher at once (so
+all models of a request score concurrently), gathered, and combined per item.
 Work whose deadline has passed is dropped before tokenising and again before a forward; a
 batch that runs out of device memory is halved and retried (`run_halving_on_oom`).
 """
@@ -36,6 +37,7 @@ from service.errors import (
 from service.memory import release_free_heap
 from service.metrics import ServiceMetrics
 from service.models import AspectScore, HolisticScore, ModelOutput, Prepared, RewardModel
+from service.models.encoding_memo import EncodingMemo
 from service.models.loading import call_overhead_tokens, intra_op_threads, set_intra_op_threads
 from service.score_cache import ScoreCache, item_key
 
@@ -267,8 +269,10 @@ class RewardEngine:
             for m in self._models
         ]
 
-    def _prepare_all(self, model: RewardModel, items: Sequence[ScoreInput]) -> list[Prepared]:
-        return [model.prepare(item.prompt, item.response) for item in items]
+    def _prepare_all(
+        self, model: RewardModel, items: Sequence[ScoreInput], memo: EncodingMemo
+    ) -> list[Prepared]:
+        return [model.prepare(item.prompt, item.response, memo) for item in items]
 
     async def _score_with(
         self,
@@ -277,6 +281,7 @@ class RewardEngine:
         owner: str,
         deadline: float | None,
         keys: Sequence[bytes] | None,
+        memo: EncodingMemo,
     ) -> list[ModelOutput]:
         """One model's outputs for `items`: from the cache where it has them, the rest
         scored once per distinct item (`keys=None`: no cache, every item scored)."""
@@ -284,7 +289,7 @@ class RewardEngine:
             self._metrics.observe_dropped(model.name, "deadline", len(items))
             raise DeadlineExceeded("the request's deadline passed before scoring started")
         if keys is None:
-            return await self._run_model(model, items, owner, deadline)
+            return await self._run_model(model, items, owner, deadline, memo)
         cache = self._caches[model.name]
         outputs: list[ModelOutput | None] = [cache.get(key) for key in keys]
         misses: dict[bytes, list[int]] = {}
@@ -295,9 +300,8 @@ class RewardEngine:
         self._metrics.cache_lookups.labels(model.name, "hit").inc(len(items) - missed)
         self._metrics.cache_lookups.labels(model.name, "miss").inc(missed)
         if misses:
-            fresh = await self._run_model(
-                model, [items[indices[0]] for indices in misses.values()], owner, deadline
-            )
+            missed_items = [items[indices[0]] for indices in misses.values()]
+            fresh = await self._run_model(model, missed_items, owner, deadline, memo)
             for (key, indices), output in zip(misses.items(), fresh, strict=True):
                 cache.put(key, output)
                 for index in indices:
@@ -310,13 +314,14 @@ class RewardEngine:
         items: Sequence[ScoreInput],
         owner: str,
         deadline: float | None,
+        memo: EncodingMemo,
     ) -> list[ModelOutput]:
         loop = asyncio.get_running_loop()
         batcher = self._batchers[model.name]
         batcher.announce(len(items))  # so that a batch forming now waits for these
         try:
             prepared = await loop.run_in_executor(
-                self._tokenize_pool, self._prepare_all, model, items
+                self._tokenize_pool, self._prepare_all, model, items, memo
             )
         except asyncio.CancelledError:  # the caller left while its items were tokenised
             batcher.withdraw(len(items))
@@ -396,10 +401,12 @@ class RewardEngine:
         deadline: float | None = None,
         keys: Sequence[bytes] | None = None,
     ) -> list[ScoredItem]:
+        memo = EncodingMemo()
         per_model = await asyncio.gather(
-            *(self._score_with(m, items, owner, deadline, keys) for m in self._models),
+            *(self._score_with(m, items, owner, deadline, keys, memo) for m in self._models),
             return_exceptions=True,
         )
+        self._metrics.observe_encodings(memo.encoded, memo.reused)
         outputs_by_model: list[list[ModelOutput]] = []
         for outputs in per_model:
             if isinstance(outputs, BaseException):

@@ -114,6 +114,13 @@ class ServiceMetrics:
             ["model", "result"],
             registry=registry,
         )
+        self.encoded_texts = Counter(
+            "alarm_encoded_texts_total",
+            "Texts the models asked to tokenise, by outcome: encoded, or reused (the same "
+            "request had already encoded that text with an identical tokenizer)",
+            ["outcome"],
+            registry=registry,
+        )
 
         self.trainer_items = Counter(
             "alarm_trainer_items_total",
@@ -163,3 +170,7 @@ class ServiceMetrics:
 
     def observe_dropped(self, model: str, reason: DropReason, count: int) -> None:
         self.dropped.labels(model, reason).inc(count)
+
+    def observe_encodings(self, encoded: int, reused: int) -> None:
+        self.encoded_texts.labels("encoded").inc(encoded)
+        self.encoded_texts.labels("reused").inc(reused)

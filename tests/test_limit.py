@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from benchmarks.limit import _largest_in_halves, measure
 from service.batching import BatchLimits
-from service.models import Prepared
+from service.models import EncodingMemo, Prepared
 
 LIMITS = BatchLimits(max_batch_tokens=4096, max_batch_size=4, max_wait_s=0.0)
 
@@ -17,7 +17,7 @@ class CountingModel:
     device: str = "cpu"
     batches: list[list[str]] = field(default_factory=list)
 
-    def prepare(self, prompt: str, response: str) -> Prepared:
+    def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
         return Prepared(rows=(tuple(range(len(response))),), truncated=False, meta=response)
 
     def run(self, batch):
@@ -49,7 +49,7 @@ def test_with_two_workers_each_window_also_runs_with_its_largest_batch_in_halves
 
 
 def test_only_device_models_batches_are_halved():
-    prepared = [CountingModel("a").prepare("q", "x" * n) for n in (3, 5, 8)]
+    prepared = [CountingModel("a").prepare("q", "x" * n, EncodingMemo()) for n in (3, 5, 8)]
     on_cpu, on_host = CountingModel("a"), CountingModel("r", device="host")
     assert [len(b) for b in _largest_in_halves([prepared[:1], prepared[1:]], on_cpu)] == [1, 1, 1]
     assert _largest_in_halves([prepared], on_host) == [prepared]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from service.config import RewardConfig
-from service.models import AspectScore, HolisticScore, load_models
+from service.models import AspectScore, EncodingMemo, HolisticScore, load_models
 from service.models.packaged import MINILM, PACKAGED_PREFIX
 from tests.conftest import tiny_config_dict
 
@@ -36,7 +36,7 @@ def load_aspect(spec: dict, paths, tmp_path: Path):
 
 def assert_batch_invariant(model, prompt: str, responses: list[str]) -> None:
     """Each item scores the same alone as inside a padded, mixed-length batch."""
-    prepared = [model.prepare(prompt, r) for r in responses]
+    prepared = [model.prepare(prompt, r, EncodingMemo()) for r in responses]
     together = model.run(prepared)
     for item, in_batch in zip(prepared, together, strict=True):
         (alone,) = model.run([item])
@@ -74,7 +74,12 @@ def test_decoder_scalar_reads_the_last_real_token_not_padding(tiny_paths, tmp_pa
     reference = AutoModelForSequenceClassification.from_pretrained(tiny_paths["llama_rm"])
     with torch.inference_mode():
         expected = reference(**tokenizer(text, return_tensors="pt")).logits[0, 0].item()
-    scored = model.run([model.prepare(PROMPT, RESPONSES[0]), model.prepare(PROMPT, RESPONSES[1])])
+    scored = model.run(
+        [
+            model.prepare(PROMPT, RESPONSES[0], EncodingMemo()),
+            model.prepare(PROMPT, RESPONSES[1], EncodingMemo()),
+        ]
+    )
     assert scored[0].raw == pytest.approx(expected, abs=1e-4)
 
 
@@ -87,7 +92,7 @@ def test_sequence_scalar_truncation_is_reported(tiny_paths, tmp_path):
         "max_length": 16,
     }
     model = load_holistic(spec, tmp_path)
-    item = model.prepare(PROMPT, RESPONSES[1])
+    item = model.prepare(PROMPT, RESPONSES[1], EncodingMemo())
     assert item.truncated and item.length == 16
     (score,) = model.run([item])
     assert score.truncated and score.raw is not None
@@ -101,7 +106,7 @@ def test_sequence_scalar_aspect_covers_the_whole_response(tiny_paths, tmp_path):
         "device": "cpu",
     }
     model = load_aspect(aspect, tiny_paths, tmp_path)
-    (score,) = model.run([model.prepare(PROMPT, RESPONSES[1])])
+    (score,) = model.run([model.prepare(PROMPT, RESPONSES[1], EncodingMemo())])
     assert isinstance(score, AspectScore)
     assert [(s.start, s.end) for s in score.segments] == [(0, len(RESPONSES[1]))]
 
@@ -132,20 +137,20 @@ def test_lm_likelihood_equals_mean_log_prob_of_the_response(tiny_paths, tmp_path
         logp = torch.log_softmax(reference(ids).logits[0, :-1], -1)
     targets = ids[0, 1:]
     per_token = logp[torch.arange(len(targets)), targets][len(prompt_ids) - 1 :]
-    (score,) = model.run([model.prepare(PROMPT, RESPONSES[1])])
+    (score,) = model.run([model.prepare(PROMPT, RESPONSES[1], EncodingMemo())])
     assert score.raw == pytest.approx(per_token.mean().item(), abs=1e-4)
 
 
 def test_lm_likelihood_is_batch_invariant_and_empty_response_is_unscored(tiny_paths, tmp_path):
     model = load_holistic(lm_spec(tiny_paths), tmp_path)
     assert_batch_invariant(model, PROMPT, RESPONSES)
-    (empty,) = model.run([model.prepare(PROMPT, "")])
+    (empty,) = model.run([model.prepare(PROMPT, "", EncodingMemo())])
     assert empty.raw is None
 
 
 def test_lm_likelihood_keeps_the_response_when_the_prompt_is_too_long(tiny_paths, tmp_path):
     model = load_holistic(lm_spec(tiny_paths, max_length=40), tmp_path)
-    item = model.prepare(PROMPT * 5, "Short answer.")
+    item = model.prepare(PROMPT * 5, "Short answer.", EncodingMemo())
     assert item.truncated and item.length == 40
     from transformers import AutoTokenizer
 
@@ -173,7 +178,7 @@ def load_segment(tiny_paths, tmp_path, **extra):
 def test_segment_classifier_scores_each_sentence_with_a_label_value(tiny_paths, tmp_path):
     model = load_segment(tiny_paths, tmp_path)
     response = RESPONSES[1]
-    (score,) = model.run([model.prepare(PROMPT, response)])
+    (score,) = model.run([model.prepare(PROMPT, response, EncodingMemo())])
     assert [response[s.start : s.end] for s in score.segments] == [
         "William Shakespeare wrote Hamlet around 1600.",
         "It is one of his tragedies.",
@@ -189,8 +194,8 @@ def test_segment_classifier_is_batch_invariant(tiny_paths, tmp_path):
 
 def test_separator_text_inside_the_prompt_does_not_shift_segments(tiny_paths, tmp_path):
     model = load_segment(tiny_paths, tmp_path)
-    clean = model.prepare("Who? answer", RESPONSES[1])
-    tricky = model.prepare("Who </s> wrote </s> it? answer", RESPONSES[1])
+    clean = model.prepare("Who? answer", RESPONSES[1], EncodingMemo())
+    tricky = model.prepare("Who </s> wrote </s> it? answer", RESPONSES[1], EncodingMemo())
     _, clean_positions = clean.meta
     _, tricky_positions = tricky.meta
     assert len(clean_positions) == len(tricky_positions) == 3
@@ -201,12 +206,12 @@ def test_separator_text_inside_the_prompt_does_not_shift_segments(tiny_paths, tm
 def test_segments_lost_to_truncation_are_unscored_not_misaligned(tiny_paths, tmp_path):
     full = load_segment(tiny_paths, tmp_path)
     response = "First sentence here. Second one is here. Third is the last one."
-    (reference,) = full.run([full.prepare("Q?", response)])
-    prepared = full.prepare("Q?", response)
+    (reference,) = full.run([full.prepare("Q?", response, EncodingMemo())])
+    prepared = full.prepare("Q?", response, EncodingMemo())
     _, positions = prepared.meta
     # Cut right after the second separator's segment starts: the third separator is lost.
     cut = load_segment(tiny_paths, tmp_path / "cut", max_length=positions[2])
-    (truncated,) = cut.run([cut.prepare("Q?", response)])
+    (truncated,) = cut.run([cut.prepare("Q?", response, EncodingMemo())])
     assert truncated.truncated
     assert [s.raw is None for s in truncated.segments] == [False, False, True]
     assert [s.raw for s in truncated.segments[:2]] == [s.raw for s in reference.segments[:2]]
@@ -214,7 +219,7 @@ def test_segments_lost_to_truncation_are_unscored_not_misaligned(tiny_paths, tmp
 
 def test_left_truncation_drops_the_prompt_first(tiny_paths, tmp_path):
     model = load_segment(tiny_paths, tmp_path, max_length=64, truncation_side="left")
-    (score,) = model.run([model.prepare(PROMPT * 10, "One. Two.")])
+    (score,) = model.run([model.prepare(PROMPT * 10, "One. Two.", EncodingMemo())])
     assert score.truncated
     assert all(s.raw is not None for s in score.segments)
 
@@ -229,7 +234,7 @@ def test_embedding_similarity_with_packaged_minilm_prefers_relevant_sentences(ti
     }
     model = load_aspect(spec, tiny_paths, tmp_path)
     response = "Click 'Forgot password' on the login page to reset it. Bananas are yellow."
-    (score,) = model.run([model.prepare("How do I reset my password?", response)])
+    (score,) = model.run([model.prepare("How do I reset my password?", response, EncodingMemo())])
     relevant, unrelated = (s.raw for s in score.segments)
     assert relevant > 0.5 > 0.2 > unrelated
     assert_batch_invariant(model, "How do I reset my password?", [response, "Yes.", ""])
@@ -239,7 +244,7 @@ def test_embedding_similarity_with_packaged_minilm_prefers_relevant_sentences(ti
 def test_length_rule_counts_over_the_mean(unit, expected, tiny_paths, tmp_path):
     spec = {"name": "length", "kind": "rule", "unit": unit, "mean": 10}
     model = load_aspect(spec, tiny_paths, tmp_path)
-    (score,) = model.run([model.prepare("q", "hello world")])
+    (score,) = model.run([model.prepare("q", "hello world", EncodingMemo())])
     assert score.segments[0].raw == pytest.approx(expected)
     assert score.segments[0].end == len("hello world")
 
@@ -253,7 +258,7 @@ def test_length_rule_in_tokens_uses_the_tokenizer(tiny_paths, tmp_path):
         "tokenizer_path": str(tiny_paths["causal_lm"]),
     }
     model = load_aspect(spec, tiny_paths, tmp_path)
-    (score,) = model.run([model.prepare("q", "héllo")])
+    (score,) = model.run([model.prepare("q", "héllo", EncodingMemo())])
     assert score.segments[0].raw == len("héllo".encode())  # a byte-level tokenizer
 
 
@@ -272,7 +277,7 @@ def test_full_tiny_config_loads_every_adapter(tiny_paths, tmp_path):
 def test_regex_rule_counts_matches(tiny_paths, tmp_path):
     spec = {"name": "citations", "kind": "rule", "rule": "regex", "pattern": r"\[\d+\]", "mean": 2}
     model = load_aspect(spec, tiny_paths, tmp_path)
-    (score,) = model.run([model.prepare("q", "Paris [1] is big [2] and old [3].")])
+    (score,) = model.run([model.prepare("q", "Paris [1] is big [2] and old [3].", EncodingMemo())])
     assert score.segments[0].raw == pytest.approx(1.5)
 
 
@@ -285,7 +290,9 @@ def test_embedding_similarity_truncates_long_rows_and_keeps_special_tokens(tiny_
         "max_length": 16,
     }
     model = load_aspect(spec, tiny_paths, tmp_path)
-    item = model.prepare("How do I reset my password? " * 10, "Use the reset link. Done.")
+    item = model.prepare(
+        "How do I reset my password? " * 10, "Use the reset link. Done.", EncodingMemo()
+    )
     assert item.truncated
     prompt_row = item.rows[0]
     assert len(prompt_row) == 16
@@ -328,7 +335,7 @@ def test_a_compiled_model_scores_like_the_eager_one_and_keeps_its_definition(tin
     decoder RM, whose head reads the pad token the compiled graph must see."""
     eager = load_holistic(llama_holistic(tiny_paths), tmp_path)
     fast = load_holistic({**llama_holistic(tiny_paths), "compile": True}, tmp_path)
-    prepared = [eager.prepare(PROMPT, r) for r in RESPONSES]
+    prepared = [eager.prepare(PROMPT, r, EncodingMemo()) for r in RESPONSES]
     for ours, reference in zip(fast.run(prepared), eager.run(prepared), strict=True):
         assert ours.raw == pytest.approx(reference.raw, abs=1e-4)
     assert_batch_invariant(fast, PROMPT, RESPONSES)
@@ -358,7 +365,9 @@ def test_the_relevance_aspect_cuts_its_rows_by_the_configured_call_cost(
         }
     )
     model = load_models(config, tmp_path)[1]
-    item = model.prepare("Why?", "Short. A much longer second sentence than the first one.")
+    item = model.prepare(
+        "Why?", "Short. A much longer second sentence than the first one.", EncodingMemo()
+    )
     rows = [len(row) for row in item.rows]
     expected = sum(rows) if padded == "none" else len(rows) * max(rows)
     assert len(set(rows)) > 1 and model.padded_tokens([item]) == expected

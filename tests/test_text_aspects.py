@@ -9,6 +9,7 @@ from service.config import (
     RewardConfig,
 )
 from service.errors import ConfigError
+from service.models import EncodingMemo
 from service.models.grammar import GrammarModel, error_segments
 from service.models.language_confidence import LanguageConfidenceModel
 from service.models.readability import ReadabilityModel
@@ -53,7 +54,7 @@ def grammar(**fields) -> GrammarModel:
 
 
 def scored(model, response: str) -> list[tuple[int, int, float | None]]:
-    (score,) = model.run([model.prepare("a question", response)])
+    (score,) = model.run([model.prepare("a question", response, EncodingMemo())])
     return [(s.start, s.end, s.raw) for s in score.segments]
 
 
@@ -110,7 +111,7 @@ def test_a_plugged_in_checker_spans_come_back_exactly():
     assert model.describe()["checker"] == "tests.test_text_aspects:flag_teh"
     assert model.describe()["proselint_checks"] is None
     with pytest.raises(ValueError, match="outside the text"):
-        grammar(checker="tests.test_text_aspects:out_of_range").prepare("q", "abc")
+        grammar(checker="tests.test_text_aspects:out_of_range").prepare("q", "abc", EncodingMemo())
 
 
 @pytest.mark.parametrize(

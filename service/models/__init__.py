@@ -19,11 +19,13 @@ from service.config import (
     SequenceScalarHolistic,
 )
 from service.models.base import AspectScore, HolisticScore, ModelOutput, Prepared, RewardModel
+from service.models.encoding_memo import EncodingMemo
 from service.models.loading import call_overhead_tokens, place
 from service.models.packaged import resolve_model_path
 
 __all__ = [
     "AspectScore",
+    "EncodingMemo",
     "HolisticScore",
     "ModelOutput",
     "Prepared",

@@ -2,7 +2,8 @@
 
 An adapter has two hooks: `prepare` (tokenise one item; runs in a tokenizer thread) and
 `run` (one padded forward over a batch of prepared items; runs in its device's thread).
-It never sees a queue, a request or HTTP.
+It never sees a queue or HTTP; of the request it sees only the request's `EncodingMemo`,
+through which it encodes text so that no text is encoded twice in one request.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from service.combine import SegmentScore
+from service.models.encoding_memo import EncodingMemo
 
 Role = Literal["holistic", "aspect"]
 
@@ -56,7 +58,7 @@ class RewardModel(Protocol):
     device: str  # "cpu", "cuda:0", ...; one worker thread per device
     fingerprint: str  # identifies the weights and tokenizer files (part of reward_definition)
 
-    def prepare(self, prompt: str, response: str) -> Prepared: ...
+    def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared: ...
 
     def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]: ...
 

@@ -15,6 +15,7 @@ import torch
 from service.combine import SegmentScore
 from service.config import EmbeddingSimilarityAspect
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
+from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import (
     PLACEMENT_FIELDS,
     chunked_padded_tokens,
@@ -47,6 +48,7 @@ class EmbeddingSimilarityModel:
         self._spec = spec
         self._tokenizer = load_tokenizer(resolved_path)
         self._special_ids = set(self._tokenizer.all_special_ids)
+        self._shared_tokenizer = SharedTokenizer(self._tokenizer)
         self._model = load_pretrained(AutoModel, resolved_path, spec.dtype, device)
         self._pad_id = int(self._tokenizer.pad_token_id or 0)
         if spec.compile:
@@ -54,10 +56,10 @@ class EmbeddingSimilarityModel:
         self._overhead_tokens = overhead_tokens
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
-    def prepare(self, prompt: str, response: str) -> Prepared:
+    def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
         spans = split_spans(response, self._spec.split)
         texts = [prompt, *(response[s:e] for s, e in spans)]
-        full = self._tokenizer(texts)["input_ids"]
+        full = [encoding.ids for encoding in memo.encode(self._shared_tokenizer, texts)]
         kept = [
             truncate_keeping_specials(
                 ids, self._special_ids, self._spec.max_length, self._spec.truncation_side

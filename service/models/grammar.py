@@ -9,6 +9,7 @@ from typing import Any
 from service.combine import SegmentScore
 from service.config import GrammarAspect
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
+from service.models.encoding_memo import EncodingMemo
 from service.models.grammar_checkers import ProselintChecker, Span, import_checker
 from service.models.loading import fingerprint
 
@@ -66,7 +67,7 @@ class GrammarModel:
             self._source = proselint.version
         self.fingerprint = fingerprint(self._source, spec.model_dump())
 
-    def prepare(self, prompt: str, response: str) -> Prepared:
+    def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
         # Checking is the whole computation, so it happens here, in a tokenizer thread:
         # a host model's run() is called on the event loop.
         segments = error_segments(len(response), self._check(response))

@@ -16,6 +16,7 @@ from service.combine import SegmentScore
 from service.config import LanguageConfidenceAspect
 from service.errors import ConfigError
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
+from service.models.encoding_memo import EncodingMemo
 from service.models.loading import fingerprint
 
 
@@ -47,7 +48,7 @@ class LanguageConfidenceModel:
             return None
         return float(dict(self._identifier.rank(text))[self._spec.language])
 
-    def prepare(self, prompt: str, response: str) -> Prepared:
+    def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
         # Detection is the whole computation; it runs here, off the event loop.
         raw = self.confidence(response)
         return Prepared(rows=((),), truncated=False, meta=SegmentScore(0, len(response), raw))

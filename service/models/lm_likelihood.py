@@ -14,6 +14,7 @@ import torch
 from service.config import LmLikelihoodHolistic
 from service.errors import ConfigError
 from service.models.base import HolisticScore, ModelOutput, Prepared, Role
+from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import (
     PLACEMENT_FIELDS,
     compiled,
@@ -40,26 +41,30 @@ class LmLikelihoodModel:
         if spec.prompt_template is None and not self._tokenizer.chat_template:
             raise ConfigError(f"{spec.name}: tokenizer has no chat template; set prompt_template")
         self._pad_id = ensure_pad_token(self._tokenizer, self._model)
+        self._shared_tokenizer = SharedTokenizer(self._tokenizer)
         # Only the backbone runs on every token; the head runs on the response's positions.
         self._backbone = self._model.base_model
         if spec.compile:
             self._backbone = compiled(self._backbone, resolved_path, device)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def _prompt_ids(self, prompt: str, memo: EncodingMemo) -> tuple[int, ...]:
         if self._spec.prompt_template is not None:
             text = self._spec.prompt_template.format(prompt=prompt)
-            return list(self._tokenizer(text)["input_ids"])
+            return memo.encode(self._shared_tokenizer, [text])[0].ids
         text = self._tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        return memo.encode(self._shared_tokenizer, [text], add_special_tokens=False)[0].ids
 
-    def prepare(self, prompt: str, response: str) -> Prepared:
+    def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
         """Prompt then response ids; the prompt is cut from the left first (the response is
         what is scored), then the response from the right if it alone is too long."""
-        prompt_ids = self._prompt_ids(prompt)
-        response_ids = list(self._tokenizer(response, add_special_tokens=False)["input_ids"])
+        prompt_ids = self._prompt_ids(prompt, memo)
+        (response_encoding,) = memo.encode(
+            self._shared_tokenizer, [response], add_special_tokens=False
+        )
+        response_ids = response_encoding.ids
         limit = self._spec.max_length
         kept_response = response_ids[: max(limit - 1, 0)]
         kept_prompt = prompt_ids[max(len(prompt_ids) - (limit - len(kept_response)), 0) :]

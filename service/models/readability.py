@@ -15,6 +15,7 @@ from typing import Any
 from service.combine import SegmentScore
 from service.config import ReadabilityAspect
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
+from service.models.encoding_memo import EncodingMemo
 from service.models.loading import fingerprint
 from service.segmentation import SplitUnit, split_spans
 
@@ -46,7 +47,7 @@ class ReadabilityModel:
         self._syllables = f"pyphen=={version('pyphen')} {HYPHENATION_LANGUAGE}"
         self.fingerprint = fingerprint(self._syllables, spec.model_dump())
 
-    def prepare(self, prompt: str, response: str) -> Prepared:
+    def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
         # Counting is the whole computation; it runs here, off the event loop.
         flesch = flesch_reading_ease(response, self._hyphenator)
         raw = None if flesch is None else (flesch - self._spec.mu) / self._spec.sigma

@@ -9,6 +9,7 @@ from typing import Any
 from service.combine import SegmentScore
 from service.config import RuleAspect
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
+from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import fingerprint, load_tokenizer
 
 
@@ -21,10 +22,12 @@ class RuleModel:
         self.name = spec.name
         self._spec = spec
         self._pattern = re.compile(spec.pattern) if spec.pattern else None
-        self._tokenizer = load_tokenizer(resolved_tokenizer) if resolved_tokenizer else None
+        self._tokenizer = (
+            SharedTokenizer(load_tokenizer(resolved_tokenizer)) if resolved_tokenizer else None
+        )
         self.fingerprint = fingerprint(resolved_tokenizer or "", spec.model_dump())
 
-    def _count(self, response: str) -> int:
+    def _count(self, response: str, memo: EncodingMemo) -> int:
         if self._pattern is not None:
             return sum(1 for _ in self._pattern.finditer(response))
         if self._spec.unit == "chars":
@@ -32,11 +35,13 @@ class RuleModel:
         if self._spec.unit == "words":
             return len(response.split())
         assert self._tokenizer is not None  # guaranteed by RuleAspect validation
-        return len(self._tokenizer(response, add_special_tokens=False)["input_ids"])
+        (encoding,) = memo.encode(self._tokenizer, [response], add_special_tokens=False)
+        return len(encoding.ids)
 
-    def prepare(self, prompt: str, response: str) -> Prepared:
+    def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
         # No model rows: the count is the whole computation.
-        return Prepared(rows=((),), truncated=False, meta=(len(response), self._count(response)))
+        count = self._count(response, memo)
+        return Prepared(rows=((),), truncated=False, meta=(len(response), count))
 
     def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
         return [

@@ -17,6 +17,7 @@ from service.combine import SegmentScore
 from service.config import SegmentClassifierAspect
 from service.errors import ConfigError
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
+from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import (
     PLACEMENT_FIELDS,
     compiled,
@@ -58,9 +59,10 @@ class SegmentClassifierModel:
         if spec.compile:
             self._model = compiled(self._model, resolved_path, device)
         self._special_ids = set(self._tokenizer.all_special_ids)
+        self._shared_tokenizer = SharedTokenizer(self._tokenizer)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
-    def prepare(self, prompt: str, response: str) -> Prepared:
+    def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
         spans = split_spans(response, self._spec.split)
         text = self._spec.prefix_template.format(prompt=prompt)
         separator_chars: list[int] = []
@@ -68,8 +70,8 @@ class SegmentClassifierModel:
             text += " "
             separator_chars.append(len(text))
             text += f"{self._separator} {response[start:end]}"
-        encoded = self._tokenizer(text, return_offsets_mapping=True)
-        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        (encoding,) = memo.encode(self._shared_tokenizer, [text], offsets=True)
+        ids, offsets = encoding.ids, encoding.offsets or ()
         token_at_char = {
             start: i for i, (start, _) in enumerate(offsets) if ids[i] == self._separator_id
         }

@@ -15,6 +15,7 @@ from service.combine import SegmentScore
 from service.config import SequenceScalarAspect, SequenceScalarHolistic
 from service.errors import ConfigError
 from service.models.base import AspectScore, HolisticScore, ModelOutput, Prepared, Role
+from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import (
     PLACEMENT_FIELDS,
     compiled,
@@ -54,6 +55,7 @@ class SequenceScalarModel:
         if spec.compile:
             self._model = compiled(self._model, resolved_path, device)
         self._special_ids = set(self._tokenizer.all_special_ids)
+        self._shared_tokenizer = SharedTokenizer(self._tokenizer)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
     def _text(self, prompt: str, response: str) -> tuple[str, bool]:
@@ -65,9 +67,10 @@ class SequenceScalarModel:
             return self._tokenizer.apply_chat_template(turns, tokenize=False), False
         return self._spec.template.format(prompt=prompt, response=response), True
 
-    def prepare(self, prompt: str, response: str) -> Prepared:
+    def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
         text, add_special = self._text(prompt, response)
-        ids = self._tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        (encoding,) = memo.encode(self._shared_tokenizer, [text], add_special)
+        ids = encoding.ids
         kept, _ = truncate_keeping_specials(
             ids, self._special_ids, self._spec.max_length, self._spec.truncation_side
         )

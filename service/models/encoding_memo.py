@@ -1,0 +1,109 @@
+"""One request's token encodings, shared: each distinct (tokenizer, text) is encoded once.
+
+A PPO request carries several responses to one prompt, and aspect models fine-tuned from
+one base (Fine-Grained RLHF's relevance, factuality and completeness RMs) share a
+tokenizer and a template: without the memo every item and every model would encode the
+same prompt, or the same whole text, again. Tokenizers are matched by what they do (their
+serialised pipeline), not by path, so two copies of one tokenizer share their encodings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Immutable: one encoding is handed to every model that asks for its text."""
+
+    ids: tuple[int, ...]
+    offsets: tuple[tuple[int, int], ...] | None  # each token's character span, if asked
+
+
+def tokenizer_key(tokenizer: Any) -> str:
+    """Equal for tokenizers that encode every text alike: a fast tokenizer's serialised
+    pipeline (normaliser, pre-tokeniser, vocabulary, special-token template) and the
+    wrapper's one encoding switch. A slow tokenizer is matched only with itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return f"object:{id(tokenizer)}"
+    state = f"{type(tokenizer).__name__}\n{tokenizer.split_special_tokens}\n{backend.to_str()}"
+    return "sha256:" + hashlib.sha256(state.encode()).hexdigest()
+
+
+class SharedTokenizer:
+    """A model's tokenizer with the key its encodings are shared under."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.key = tokenizer_key(tokenizer)
+
+    def encode(
+        self, texts: Sequence[str], add_special_tokens: bool, offsets: bool
+    ) -> list[Encoding]:
+        """One batched call for all `texts`."""
+        encoded = self.tokenizer(
+            list(texts), add_special_tokens=add_special_tokens, return_offsets_mapping=offsets
+        )
+        spans = encoded["offset_mapping"] if offsets else [None] * len(texts)
+        return [
+            Encoding(tuple(ids), None if span is None else tuple(span))
+            for ids, span in zip(encoded["input_ids"], spans, strict=True)
+        ]
+
+
+@dataclass
+class _TokenizerShelf:
+    """One tokenizer's encodings within a request; its lock makes each text encoded once
+    even when two models' tokenizer threads ask for it at the same moment."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    encodings: dict[tuple[bool, bool, str], Encoding] = field(default_factory=dict)
+    encoded: int = 0
+    reused: int = 0
+
+
+class EncodingMemo:
+    """Encodings for one request; safe to use from several tokenizer threads at once.
+    Models with different tokenizers never wait for each other."""
+
+    def __init__(self) -> None:
+        self._shelves: dict[str, _TokenizerShelf] = {}
+        self._shelves_lock = threading.Lock()
+
+    def encode(
+        self,
+        tokenizer: SharedTokenizer,
+        texts: Sequence[str],
+        add_special_tokens: bool = True,
+        offsets: bool = False,
+    ) -> list[Encoding]:
+        """`texts` encoded, in order; only those this request has not encoded yet (with
+        this tokenizer and these switches) reach the tokenizer, in one call."""
+        with self._shelves_lock:
+            shelf = self._shelves.setdefault(tokenizer.key, _TokenizerShelf())
+        keys = [(add_special_tokens, offsets, text) for text in texts]
+        with shelf.lock:
+            missing = list(dict.fromkeys(key for key in keys if key not in shelf.encodings))
+            if missing:
+                fresh = tokenizer.encode(
+                    [text for _, _, text in missing], add_special_tokens, offsets
+                )
+                shelf.encodings.update(zip(missing, fresh, strict=True))
+            shelf.encoded += len(missing)
+            shelf.reused += len(keys) - len(missing)
+            return [shelf.encodings[key] for key in keys]
+
+    @property
+    def encoded(self) -> int:
+        """Texts that reached a tokenizer."""
+        return sum(shelf.encoded for shelf in self._shelves.values())
+
+    @property
+    def reused(self) -> int:
+        """Texts answered from an earlier encoding of the same request."""
+        return sum(shelf.reused for shelf in self._shelves.values())

@@ -1,0 +1,159 @@
+"""Each distinct (tokenizer, text) is encoded once per request, by any number of items and
+models, and every model still gets exactly its own text's encoding."""
+
+import threading
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.config import RewardConfig
+from service.models.encoding_memo import EncodingMemo, SharedTokenizer
+from service.models.loading import load_tokenizer
+from tests import tiny_models
+from tests.conftest import asgi_client, tiny_config_dict, wait_ready
+
+PROMPT = "Who wrote Hamlet?"
+RESPONSES = ["Shakespeare.", "William Shakespeare did.", "Marlowe.", "Nobody knows."]
+
+
+class CountingTokenizer:
+    """Delegates to a real tokenizer, counting the texts it is given; `delay_s` holds each
+    call open so that a second thread asking for the same texts arrives during it."""
+
+    def __init__(self, tokenizer, delay_s: float = 0.0) -> None:
+        self._tokenizer = tokenizer
+        self._delay_s = delay_s
+        self.texts: list[str] = []
+
+    def __call__(self, texts, **kwargs):
+        self.texts += texts
+        time.sleep(self._delay_s)
+        return self._tokenizer(texts, **kwargs)
+
+
+def counted(tokenizer, delay_s: float = 0.0) -> tuple[SharedTokenizer, CountingTokenizer]:
+    shared = SharedTokenizer(tokenizer)
+    counter = CountingTokenizer(tokenizer, delay_s)
+    shared.tokenizer = counter
+    return shared, counter
+
+
+@pytest.fixture(scope="module")
+def segment_tokenizer_paths(tmp_path_factory) -> list:
+    """Two token classifiers with different weights and one tokenizer, as Fine-Grained
+    RLHF's aspect RMs are."""
+    root = tmp_path_factory.mktemp("shared-tokenizer")
+    return [tiny_models.build_segment_classifier(root / f"seed{s}", seed=s) for s in (1, 2)]
+
+
+def test_every_text_is_encoded_once_and_each_caller_gets_its_own_texts_encoding(tiny_paths):
+    tokenizer = load_tokenizer(str(tiny_paths["llama_rm"]))
+    shared, counter = counted(tokenizer)
+    memo = EncodingMemo()
+    first = memo.encode(shared, [PROMPT, RESPONSES[0], PROMPT])
+    second = memo.encode(shared, [RESPONSES[1], PROMPT, RESPONSES[0]])
+    assert counter.texts == [PROMPT, RESPONSES[0], RESPONSES[1]]
+    assert (memo.encoded, memo.reused) == (3, 3)
+    for texts, encodings in (([PROMPT, RESPONSES[0], PROMPT], first), (RESPONSES[1:2], second)):
+        for text, encoding in zip(texts, encodings, strict=False):
+            assert list(encoding.ids) == tokenizer(text)["input_ids"]
+    # Special tokens and offsets change the encoding: each variant is its own entry.
+    bare = memo.encode(shared, [PROMPT], add_special_tokens=False)[0]
+    assert list(bare.ids) == tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    assert bare.ids != first[0].ids and bare.offsets is None
+    spans = memo.encode(shared, [PROMPT], offsets=True)[0]
+    direct = tokenizer(PROMPT, return_offsets_mapping=True)
+    assert list(spans.offsets) == [tuple(s) for s in direct["offset_mapping"]]
+    assert counter.texts[3:] == [PROMPT, PROMPT]
+
+
+def test_copies_of_one_tokenizer_share_encodings_and_other_tokenizers_do_not(
+    segment_tokenizer_paths, tiny_paths
+):
+    first, first_count = counted(load_tokenizer(str(segment_tokenizer_paths[0])))
+    second, second_count = counted(load_tokenizer(str(segment_tokenizer_paths[1])))
+    other, other_count = counted(load_tokenizer(str(tiny_paths["llama_rm"])))
+    memo = EncodingMemo()
+    from_first = memo.encode(first, RESPONSES)
+    from_second = memo.encode(second, RESPONSES)
+    from_other = memo.encode(other, RESPONSES)
+    assert first.key == second.key != other.key
+    assert (first_count.texts, second_count.texts) == (RESPONSES, [])
+    assert other_count.texts == RESPONSES
+    assert from_second == from_first != from_other
+
+
+def test_two_threads_asking_for_one_text_at_once_encode_it_once(segment_tokenizer_paths):
+    tokenizer = load_tokenizer(str(segment_tokenizer_paths[0]))
+    shared, counter = counted(tokenizer, delay_s=0.2)
+    memo = EncodingMemo()
+    results: list = []
+    threads = [
+        threading.Thread(target=lambda: results.append(memo.encode(shared, RESPONSES)))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert counter.texts == RESPONSES
+    assert results[0] == results[1] and (memo.encoded, memo.reused) == (4, 4)
+
+
+def encoded_texts(metrics_text: str) -> dict[str, float]:
+    family = next(
+        f for f in text_string_to_metric_families(metrics_text) if f.name == "alarm_encoded_texts"
+    )
+    return {s.labels["outcome"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+
+async def test_a_request_encodes_each_distinct_text_once_across_items_and_models(
+    tiny_paths, segment_tokenizer_paths, tmp_path
+):
+    """Four responses to one prompt; a relevance encoder and two segment classifiers that
+    share one tokenizer. Without sharing, the aspects alone would encode 16 texts."""
+    factuality, completeness = (
+        {
+            "name": name,
+            "kind": "segment_classifier",
+            "path": str(path),
+            "device": "cpu",
+            "max_length": 256,
+            "label_values": {0: -0.5, 1: 0.5},
+        }
+        for name, path in zip(("factuality", "completeness"), segment_tokenizer_paths, strict=True)
+    )
+    relevance = {
+        "name": "relevance",
+        "kind": "embedding_similarity",
+        "path": str(segment_tokenizer_paths[0]),
+        "device": "cpu",
+        "max_length": 256,
+    }
+    config = RewardConfig.model_validate(
+        tiny_config_dict(
+            tiny_paths, aspects=[relevance, factuality, completeness], cache={"max_items": 0}
+        )
+    )
+    items = [{"prompt": PROMPT, "response": response} for response in RESPONSES]
+    async with asgi_client(config, tmp_path) as client:
+        await wait_ready(client)
+        alone = [
+            (await client.post("/v1/rewards", json={"items": [item]})).json()["results"][0]
+            for item in items
+        ]
+        before = encoded_texts((await client.get("/metrics")).text)
+        together = await client.post("/v1/rewards", json={"items": items})
+        after = encoded_texts((await client.get("/metrics")).text)
+    assert together.status_code == 200, together.text
+    # Holistic: 4 templated texts (its own tokenizer). Relevance: the prompt once (3 reuses)
+    # and 4 responses. The two classifiers' 4 texts: encoded by one, reused by the other.
+    assert after["encoded"] - before["encoded"] == 4 + 5 + 4
+    assert after["reused"] - before["reused"] == 3 + 4
+    for shared, own in zip(together.json()["results"], alone, strict=True):
+        assert shared["reward"] == pytest.approx(own["reward"], abs=1e-5)
+        for name in ("relevance", "factuality", "completeness"):
+            assert shared["aspects"][name]["value"] == pytest.approx(
+                own["aspects"][name]["value"], abs=1e-5
+            )
