@@ -82,28 +82,27 @@ class LmLikelihoodModel:
         ids, mask = pad_right([p.rows[0] for p in batch], self._pad_id, self.device)
         hidden = self._backbone(input_ids=ids, attention_mask=mask).last_hidden_state
         # hidden: (B, L, H)
-        # Position t predicts token t + 1: gather the states that predict response tokens.
-        row_index: list[int] = []
-        position: list[int] = []
-        for i, p in enumerate(batch):
-            start, end = p.meta, len(p.rows[0])
-            row_index += [i] * (end - start)
-            position += range(start - 1, end - 1)
-        if not position:
+        # Position t predicts token t + 1: select the states that predict response tokens,
+        # from each row's first scored token (meta) to its end, in one step on the device.
+        first = torch.tensor([p.meta for p in batch], device=self.device)  # (B,)
+        positions = torch.arange(ids.shape[1], device=self.device)  # (L,)
+        predicts_response = (positions >= first[:, None] - 1) & (
+            positions < mask.sum(1, keepdim=True) - 1
+        )  # (B, L)
+        rows_t, pos_t = predicts_response.nonzero(as_tuple=True)  # (N,), (N,)
+        if rows_t.numel() == 0:
             return [HolisticScore(None, p.truncated) for p in batch]
-        rows_t = torch.tensor(row_index, device=self.device)
-        pos_t = torch.tensor(position, device=self.device)
         logits = self._model.get_output_embeddings()(hidden[rows_t, pos_t])  # (N, V)
         targets = ids[rows_t, pos_t + 1]  # (N,)
         logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
-        sums = torch.zeros(len(batch), device=self.device).index_add_(0, rows_t, logp)
-        counts = torch.bincount(rows_t, minlength=len(batch))
-        results: list[ModelOutput] = []
-        for i, p in enumerate(batch):
-            n = int(counts[i])
-            raw = float(sums[i]) / n if n else None
-            results.append(HolisticScore(raw, p.truncated))
-        return results
+        sums = torch.zeros(len(batch), device=self.device).index_add_(0, rows_t, logp)  # (B,)
+        counts = torch.bincount(rows_t, minlength=len(batch))  # (B,)
+        # One copy back for the whole batch (on a GPU, a read per item would sync per item).
+        means = (sums.double() / counts.clamp(min=1)).tolist()
+        return [
+            HolisticScore(mean if n else None, p.truncated)
+            for mean, n, p in zip(means, counts.tolist(), batch, strict=True)
+        ]
 
     def describe(self) -> dict[str, Any]:
         return {

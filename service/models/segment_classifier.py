@@ -96,16 +96,16 @@ class SegmentClassifierModel:
         ids, mask = pad_right([p.rows[0] for p in batch], self._pad_id, self.device)
         logits = self._model(input_ids=ids, attention_mask=mask).logits  # (B, L, C)
         label_logits = logits[..., self._labels.to(self.device)]  # (B, L, K)
-        choice = label_logits.argmax(-1).cpu()  # (B, L): index into sorted labels
+        choice = label_logits.argmax(-1)  # (B, L): index into sorted labels
+        # Only the separators' choices come back, in one copy for the whole batch.
+        scored = [(i, pos) for i, p in enumerate(batch) for pos in p.meta[1] if pos is not None]
+        picked = choice[[i for i, _ in scored], [pos for _, pos in scored]].tolist()  # (K,)
+        label_at = {at: self._label_values[c] for at, c in zip(scored, picked, strict=True)}
         results: list[ModelOutput] = []
         for i, p in enumerate(batch):
             spans, positions = p.meta
             segments = tuple(
-                SegmentScore(
-                    start,
-                    end,
-                    None if pos is None else self._label_values[int(choice[i, pos])],
-                )
+                SegmentScore(start, end, label_at.get((i, pos)))
                 for (start, end), pos in zip(spans, positions, strict=True)
             )
             results.append(AspectScore(segments, p.truncated))
