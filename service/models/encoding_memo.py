@@ -31,7 +31,8 @@ def tokenizer_key(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return f"object:{id(tokenizer)}"
-    state = f"{type(tokenizer).__name__}\n{tokenizer.split_special_tokens}\n{backend.to_str()}"
+    split_specials = getattr(tokenizer, "split_special_tokens", False)
+    state = f"{type(tokenizer).__name__}\n{split_specials}\n{backend.to_str()}"
     return "sha256:" + hashlib.sha256(state.encode()).hexdigest()
 
 
