@@ -55,9 +55,10 @@ def test_every_text_is_encoded_once_and_each_caller_gets_its_own_texts_encoding(
     second = memo.encode(shared, [RESPONSES[1], PROMPT, RESPONSES[0]])
     assert counter.texts == [PROMPT, RESPONSES[0], RESPONSES[1]]
     assert (memo.encoded, memo.reused) == (3, 3)
-    for texts, encodings in (([PROMPT, RESPONSES[0], PROMPT], first), (RESPONSES[1:2], second)):
-        for text, encoding in zip(texts, encodings, strict=False):
-            assert list(encoding.ids) == tokenizer(text)["input_ids"]
+    asked = [PROMPT, RESPONSES[0], PROMPT, RESPONSES[1], PROMPT, RESPONSES[0]]
+    for text, encoding in zip(asked, first + second, strict=True):
+        assert list(encoding.ids) == tokenizer(text)["input_ids"]
+    assert memo.encode(shared, []) == []
     # Special tokens and offsets change the encoding: each variant is its own entry.
     bare = memo.encode(shared, [PROMPT], add_special_tokens=False)[0]
     assert list(bare.ids) == tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
@@ -82,6 +83,20 @@ def test_copies_of_one_tokenizer_share_encodings_and_other_tokenizers_do_not(
     assert (first_count.texts, second_count.texts) == (RESPONSES, [])
     assert other_count.texts == RESPONSES
     assert from_second == from_first != from_other
+
+
+def test_a_tokenizer_that_splits_special_tokens_is_not_shared_with_one_that_does_not(
+    segment_tokenizer_paths,
+):
+    path = str(segment_tokenizer_paths[0])
+    whole = SharedTokenizer(load_tokenizer(path))
+    split = SharedTokenizer(load_tokenizer(path, split_special_tokens=True))
+    memo = EncodingMemo()
+    text = "Paris. </s> Rome."
+    (kept,) = memo.encode(whole, [text])
+    (cut,) = memo.encode(split, [text])
+    assert whole.key != split.key and kept.ids != cut.ids
+    assert list(cut.ids) == split.tokenizer(text)["input_ids"]
 
 
 def test_two_threads_asking_for_one_text_at_once_encode_it_once(segment_tokenizer_paths):

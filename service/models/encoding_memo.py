@@ -25,19 +25,22 @@ class Encoding:
 
 
 def tokenizer_key(tokenizer: Any) -> str:
-    """Equal for tokenizers that encode every text alike: a fast tokenizer's serialised
-    pipeline (normaliser, pre-tokeniser, vocabulary, special-token template) and the
-    wrapper's one encoding switch. A slow tokenizer is matched only with itself."""
+    """Equal for tokenizers that encode every text alike: a fast tokenizer's class, its
+    serialised pipeline (normaliser, pre-tokeniser, vocabulary, special-token template) and
+    `split_special_tokens`, the one encoding setting kept outside it. A slow tokenizer is
+    matched only with itself."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return f"object:{id(tokenizer)}"
+    cls = type(tokenizer)
     split_specials = getattr(tokenizer, "split_special_tokens", False)
-    state = f"{type(tokenizer).__name__}\n{split_specials}\n{backend.to_str()}"
+    state = f"{cls.__module__}.{cls.__qualname__}\n{split_specials}\n{backend.to_str()}"
     return "sha256:" + hashlib.sha256(state.encode()).hexdigest()
 
 
 class SharedTokenizer:
-    """A model's tokenizer with the key its encodings are shared under."""
+    """A model's tokenizer with the key its encodings are shared under. Wrap it after its
+    last change (pad token, added tokens): the key is taken here, once."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -46,7 +49,11 @@ class SharedTokenizer:
     def encode(
         self, texts: Sequence[str], add_special_tokens: bool, offsets: bool
     ) -> list[Encoding]:
-        """One batched call for all `texts`."""
+        """One batched call for all `texts`. Always a list, even of one text, so that no
+        tokenizer applies a single-string special case (CodeLlama's `<FILL_ME>` infilling)
+        to a trainer's text."""
+        if not texts:
+            return []
         encoded = self.tokenizer(
             list(texts), add_special_tokens=add_special_tokens, return_offsets_mapping=offsets
         )
@@ -102,9 +109,13 @@ class EncodingMemo:
     @property
     def encoded(self) -> int:
         """Texts that reached a tokenizer."""
-        return sum(shelf.encoded for shelf in self._shelves.values())
+        return sum(shelf.encoded for shelf in self._shelf_list())
 
     @property
     def reused(self) -> int:
         """Texts answered from an earlier encoding of the same request."""
-        return sum(shelf.reused for shelf in self._shelves.values())
+        return sum(shelf.reused for shelf in self._shelf_list())
+
+    def _shelf_list(self) -> list[_TokenizerShelf]:
+        with self._shelves_lock:
+            return list(self._shelves.values())

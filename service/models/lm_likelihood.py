@@ -97,7 +97,7 @@ class LmLikelihoodModel:
         logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
         sums = torch.zeros(len(batch), device=self.device).index_add_(0, rows_t, logp)  # (B,)
         counts = torch.bincount(rows_t, minlength=len(batch))  # (B,)
-        # One copy back for the whole batch (on a GPU, a read per item would sync per item).
+        # Read back once per batch, not once per item (on a GPU each read waits for it).
         means = (sums.double() / counts.clamp(min=1)).tolist()
         return [
             HolisticScore(mean if n else None, p.truncated)

@@ -121,7 +121,7 @@ def pad_right(
     """Right-pad rows to one (B, L) id tensor and its attention mask, on `device`.
 
     The ids are laid into the mask's true cells in one step, not padded row by row in
-    Python (3 ms for 64 rows of 30 to 300 tokens, against 0.5). For a GPU both tensors are
+    Python (1.6 ms for 64 rows of 30 to 300 tokens, against 0.5). For a GPU both tensors are
     built in pinned host memory, so their copies are asynchronous.
     """
     lengths = torch.tensor([len(r) for r in rows])  # (B,)
@@ -187,12 +187,12 @@ def length_sorted_chunks(lengths: Sequence[int], overhead_tokens: int) -> list[l
 @functools.lru_cache(maxsize=256)
 def _cuts_of_length_counts(
     distinct: tuple[int, ...], counts: tuple[int, ...], overhead_tokens: int
-) -> list[tuple[int, int]]:
+) -> tuple[tuple[int, int], ...]:
     """Cached: after a forward has cut its rows (device thread), the batcher counts that
     batch's padded tokens (event loop) from the same cuts, and need not find them again
-    (2.6 ms of the event loop's time for 64 items' 200 rows)."""
+    (1.6 ms of the event loop's time for 200 rows). A tuple: every caller shares it."""
     tokens = [n * length for n, length in zip(counts, distinct, strict=True)]
-    return cheapest_cuts(distinct, counts, tokens, overhead_tokens)
+    return tuple(cheapest_cuts(distinct, counts, tokens, overhead_tokens))
 
 
 def chunked_padded_tokens(lengths: Sequence[int], overhead_tokens: int) -> int:

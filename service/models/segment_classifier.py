@@ -71,7 +71,8 @@ class SegmentClassifierModel:
             separator_chars.append(len(text))
             text += f"{self._separator} {response[start:end]}"
         (encoding,) = memo.encode(self._shared_tokenizer, [text], offsets=True)
-        ids, offsets = encoding.ids, encoding.offsets or ()
+        ids, offsets = encoding.ids, encoding.offsets
+        assert offsets is not None  # asked for above
         token_at_char = {
             start: i for i, (start, _) in enumerate(offsets) if ids[i] == self._separator_id
         }
