@@ -146,6 +146,14 @@ def test_lm_likelihood_is_batch_invariant_and_empty_response_is_unscored(tiny_pa
     assert_batch_invariant(model, PROMPT, RESPONSES)
     (empty,) = model.run([model.prepare(PROMPT, "", EncodingMemo())])
     assert empty.raw is None
+    # Unscored items beside scored ones, and a batch with no response token at all.
+    memo = EncodingMemo()
+    mixed = model.run([model.prepare(PROMPT, r, memo) for r in ("", RESPONSES[0], "")])
+    (alone,) = model.run([model.prepare(PROMPT, RESPONSES[0], memo)])
+    assert [m.raw is None for m in mixed] == [True, False, True]
+    assert mixed[1].raw == pytest.approx(alone.raw, abs=1e-5)
+    both = model.run([model.prepare(PROMPT, "", memo), model.prepare("Q?", "", memo)])
+    assert [b.raw for b in both] == [None, None]
 
 
 def test_lm_likelihood_keeps_the_response_when_the_prompt_is_too_long(tiny_paths, tmp_path):
