@@ -121,6 +121,9 @@ class ServiceMetrics:
             ["outcome"],
             registry=registry,
         )
+        # Bound once: observed on the event loop after every request.
+        self._texts_encoded = self.encoded_texts.labels("encoded")
+        self._texts_reused = self.encoded_texts.labels("reused")
 
         self.trainer_items = Counter(
             "alarm_trainer_items_total",
@@ -172,5 +175,5 @@ class ServiceMetrics:
         self.dropped.labels(model, reason).inc(count)
 
     def observe_encodings(self, encoded: int, reused: int) -> None:
-        self.encoded_texts.labels("encoded").inc(encoded)
-        self.encoded_texts.labels("reused").inc(reused)
+        self._texts_encoded.inc(encoded)
+        self._texts_reused.inc(reused)

@@ -22,7 +22,7 @@ class RuleModel:
         self.name = spec.name
         self._spec = spec
         self._pattern = re.compile(spec.pattern) if spec.pattern else None
-        self._tokenizer = (
+        self._shared_tokenizer = (
             SharedTokenizer(load_tokenizer(resolved_tokenizer)) if resolved_tokenizer else None
         )
         self.fingerprint = fingerprint(resolved_tokenizer or "", spec.model_dump())
@@ -34,8 +34,8 @@ class RuleModel:
             return len(response)
         if self._spec.unit == "words":
             return len(response.split())
-        assert self._tokenizer is not None  # guaranteed by RuleAspect validation
-        (encoding,) = memo.encode(self._tokenizer, [response], add_special_tokens=False)
+        assert self._shared_tokenizer is not None  # guaranteed by RuleAspect validation
+        (encoding,) = memo.encode(self._shared_tokenizer, [response], add_special_tokens=False)
         return len(encoding.ids)
 
     def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
