@@ -83,6 +83,7 @@ def main() -> int:
     )
     parser.add_argument("--holistic", choices=["minilm", *HOLISTIC_SIZES], default="minilm")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "alarm-serve")
     parser.add_argument("--batch", type=int, default=64, help="items in a full batch")
     parser.add_argument("--repeats", type=int, default=20)
@@ -90,7 +91,13 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         config_path = Path(folder) / "config.yaml"
-        write_config(args.cache_dir, config_path, holistic=args.holistic, dtype=args.dtype)
+        write_config(
+            args.cache_dir,
+            config_path,
+            holistic=args.holistic,
+            dtype=args.dtype,
+            compile=args.compile,
+        )
         models = load_models(load_reward_config(config_path), args.cache_dir)
     items = load_items(256)
     figures = [
