@@ -17,6 +17,7 @@ from service.api.middleware import RequestContextMiddleware
 from service.auth import Authenticator
 from service.config import RewardConfig, ServiceSettings
 from service.engine import RewardEngine
+from service.gc_freeze import freeze_startup_objects, unfreeze_startup_objects
 from service.metrics import ServiceMetrics
 from service.models import load_models
 from service.rate_limit import RequestRateLimiter, rate_limiter_for
@@ -42,6 +43,8 @@ async def _load(state: AppState, on_fatal: Callable[[str], None] | None) -> None
         models = await asyncio.to_thread(load_models, state.config, state.settings.cache_dir)
         engine = RewardEngine(models, state.config, state.metrics)
         await engine.start()
+        frozen = freeze_startup_objects()  # before /readyz: its one collection takes a while
+        log.info("froze %d start-up objects out of the garbage collector's passes", frozen)
         state.engine = engine
         log.info("ready: %s", ", ".join(f"{m.name} on {m.device}" for m in models))
     except Exception as exc:
@@ -82,6 +85,7 @@ def create_app(
             state.loader.cancel()
             if state.engine is not None:
                 await state.engine.stop()
+                unfreeze_startup_objects()
 
     app = FastAPI(
         title="alarm-serve",
