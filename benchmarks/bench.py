@@ -256,7 +256,8 @@ def _peer_names(text: str) -> list[str]:
     return names
 
 
-def _gpu_name() -> str:
+def gpu_name() -> str:
+    """', <first GPU's name>' to append to a machine's label; empty without a GPU."""
     import torch
 
     return f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
@@ -332,7 +333,7 @@ def main() -> int:
     grid = args.points or (FULL_GRID if args.full else GRID)
     results: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}{_gpu_name()}",
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}{gpu_name()}",
         "models": {
             "holistic": args.holistic,
             "relevance": args.relevance_path,

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.bench import _gpu_name
-from benchmarks.limit import _padded_counter
+from benchmarks.bench import gpu_name
+from benchmarks.limit import padded_counter
 from benchmarks.models import HOLISTIC_SIZES, write_config
 from benchmarks.workload import load_items
 from service.config import load_reward_config
@@ -62,7 +62,7 @@ def measure_overhead(
     )
     middle = max(0, min(len(prepared) - batch, len(prepared) // 2 - batch // 2))
     full = prepared[middle : middle + batch]
-    padded = _padded_counter(model)
+    padded = padded_counter(model)
     single_s = _median_seconds(lambda: model.run(prepared[:1]), repeats)
     per_token_s = _median_seconds(lambda: model.run(full), repeats) / padded(full)
     return ForwardOverhead(
@@ -107,7 +107,7 @@ def main() -> int:
     ]
     for f in figures:
         print(
-            f"{f.model} on {f.device}{_gpu_name()}: one item ({f.single_item_tokens} tokens) "
+            f"{f.model} on {f.device}{gpu_name()}: one item ({f.single_item_tokens} tokens) "
             f"{f.single_item_ms:.2f} ms; {f.per_padded_token_us:.3f} us per padded token in "
             f"batches of {f.batch_items} ({f.batch_padded_tokens} tokens): a forward call "
             f"costs {f.overhead_tokens:.0f} tokens",
@@ -119,6 +119,7 @@ def main() -> int:
                 {
                     "holistic": args.holistic,
                     "dtype": args.dtype,
+                    "compile": args.compile,
                     "models": [asdict(f) for f in figures],
                 },
                 indent=2,

@@ -51,14 +51,14 @@ def _largest_in_halves(batches: list[list[Prepared]], model: RewardModel) -> lis
     slots runs a model's last pending batch (`split_in_two`)."""
     if model.device == HOST_DEVICE or not batches:
         return batches
-    largest = max(batches, key=_padded_counter(model))
+    largest = max(batches, key=padded_counter(model))
     if len(largest) < 2:
         return batches
     halves = [[w.payload for w in half] for half in split_in_two(_work_items(largest))]
     return [b for b in batches if b is not largest] + halves
 
 
-def _padded_counter(model: RewardModel) -> Callable[[list[Prepared]], int]:
+def padded_counter(model: RewardModel) -> Callable[[list[Prepared]], int]:
     """The model's own padding count where it lays rows out itself, as the server's is."""
     counter: Callable[[list[Prepared]], int] | None = getattr(model, "padded_tokens", None)
     return counter or (lambda batch: sum(len(p.rows) for p in batch) * max(p.length for p in batch))
@@ -108,7 +108,7 @@ def measure(
         durations.append((job[0].name, time.perf_counter() - started))
 
     def padded_tokens(job: Job) -> int:
-        return _padded_counter(job[0])(job[1])
+        return padded_counter(job[0])(job[1])
 
     total = 0.0
     padded = 0
