@@ -105,9 +105,10 @@ def main() -> int:
         for model in models
         if model.device != HOST_DEVICE
     ]
+    label = gpu_name()
     for f in figures:
         print(
-            f"{f.model} on {f.device}{gpu_name()}: one item ({f.single_item_tokens} tokens) "
+            f"{f.model} on {f.device}{label}: one item ({f.single_item_tokens} tokens) "
             f"{f.single_item_ms:.2f} ms; {f.per_padded_token_us:.3f} us per padded token in "
             f"batches of {f.batch_items} ({f.batch_padded_tokens} tokens): a forward call "
             f"costs {f.overhead_tokens:.0f} tokens",

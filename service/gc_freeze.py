@@ -1,7 +1,7 @@
 """Keep the cyclic garbage collector's full passes short: freeze what start-up built.
 
 A full (generation 2) collection walks every tracked object. With the models, tokenizers
-and app loaded, one took 300 to 400 ms on the 2-CPU VM (the benchmark's config, at 64
+and app loaded, one took 350 to 400 ms on the 2-CPU VM (the benchmark's config, at 64
 clients), holding the GIL the whole time: the event loop, the tokenizer threads and the
 device threads all stopped. Objects frozen once the models are warm are never walked
 again; whatever requests create is collected as before (freed by reference counting or by

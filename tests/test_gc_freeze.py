@@ -3,6 +3,7 @@ the app serves, and handed back at shutdown."""
 
 import gc
 
+import httpx
 from asgi_lifespan import LifespanManager
 from prometheus_client import CollectorRegistry
 
@@ -19,8 +20,6 @@ def _tracked(obj: object) -> bool:
 async def test_the_loaded_app_leaves_the_collectors_generations_until_shutdown(
     tiny_config, tmp_path
 ):
-    import httpx
-
     app = create_app(ServiceSettings(cache_dir=tmp_path), tiny_config, registry=CollectorRegistry())
     async with LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager:
         transport = httpx.ASGITransport(app=manager.app)
