@@ -131,6 +131,7 @@ def write_config(
     compile: bool = False,
     relevance_path: str = RELEVANCE_PATH,
     cpu_workers: int | None = None,
+    forward_overhead_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The benchmark's config: `holistic` is `minilm` or a key of HOLISTIC_SIZES; `dtype`
     and `compile` apply to both transformer models."""
@@ -165,6 +166,11 @@ def write_config(
             "max_wait_ms": max_wait_ms,
             "min_padding_efficiency": min_padding_efficiency,
             **({} if cpu_workers is None else {"cpu_workers": cpu_workers}),
+            **(
+                {}
+                if forward_overhead_tokens is None
+                else {"forward_overhead_tokens": forward_overhead_tokens}
+            ),
         },
         "limits": {"max_items_per_request": 512},
         # The load repeats the workload's items: a cache would answer them without a model,

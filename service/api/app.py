@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -19,11 +20,12 @@ from service.config import RewardConfig, ServiceSettings
 from service.engine import RewardEngine
 from service.gc_freeze import freeze_startup_objects, unfreeze_startup_objects
 from service.metrics import ServiceMetrics
-from service.models import load_models
+from service.models import RewardModel, load_models
 from service.rate_limit import RequestRateLimiter, rate_limiter_for
 
 log = logging.getLogger(__name__)
 API_VERSION = "0.1.0"
+ModelLoader = Callable[[RewardConfig, Path], list[RewardModel]]
 
 
 @dataclass
@@ -38,9 +40,9 @@ class AppState:
     loader: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
-async def _load(state: AppState, on_fatal: Callable[[str], None] | None) -> None:
+async def _load(state: AppState, load: ModelLoader, on_fatal: Callable[[str], None] | None) -> None:
     try:
-        models = await asyncio.to_thread(load_models, state.config, state.settings.cache_dir)
+        models = await asyncio.to_thread(load, state.config, state.settings.cache_dir)
         engine = RewardEngine(models, state.config, state.metrics)
         await engine.start()
         frozen = freeze_startup_objects()  # before /readyz: its one collection takes a while
@@ -60,13 +62,15 @@ def create_app(
     registry: CollectorRegistry | None = None,
     on_fatal: Callable[[str], None] | None = None,
     load_before_serving: bool = False,
+    load: ModelLoader = load_models,
 ) -> FastAPI:
     """Build the app. Models load in the background: /healthz answers at once, /readyz
     once every model is loaded and warm. `on_fatal` is called if loading fails.
 
     With `load_before_serving` the lifespan start-up itself waits for the models and raises
     if they fail to load: for hosts such as Ray Serve, which send a replica traffic as soon
-    as its start-up has finished and restart one whose start-up failed."""
+    as its start-up has finished and restart one whose start-up failed. `load` builds the
+    models (the benchmarks swap in networks that cost nothing, to time the host alone)."""
     auth = Authenticator.from_settings(settings)  # ConfigError here stops the start-up
     metrics = ServiceMetrics(registry or CollectorRegistry())
     metrics.register_trainers(auth.trainers)
@@ -74,7 +78,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.loader = asyncio.create_task(_load(state, on_fatal))
+        state.loader = asyncio.create_task(_load(state, load, on_fatal))
         if load_before_serving:
             await state.loader
             if state.engine is None:
@@ -94,6 +98,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.alarm = state
+    app.include_router(routes.scoring_router)
     app.include_router(routes.router)
     app.include_router(openrlhf.router)
     app.include_router(aspects.router)

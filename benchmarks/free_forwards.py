@@ -1,0 +1,81 @@
+"""alarm-serve with networks that cost nothing: what the host alone allows.
+
+On a GPU whose forward costs the same for 1 item as for 64 (session 10: a DeBERTa-large
+batch, 39 ms either way), throughput is bound by what the host does per request: HTTP,
+validation, tokenising, batching, padding, combining, JSON. Each network here returns
+zeros of the shape its adapter reads, at once, and everything around it runs as served:
+so the requests/s of this server bound the real one on any device, and its event loop's
+CPU per request says what the host spends. Embeddings come back 8 wide, not 384: pooling
+them is device work on a GPU, not host work.
+
+`python -m benchmarks.free_forwards --config C --port P --cache-dir D` serves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from service.config import RewardConfig, ServiceSettings, load_reward_config
+from service.models import RewardModel, load_models
+
+EMBEDDING_WIDTH = 8
+
+
+class FreeNetwork:
+    """Stands in for a transformers model: the output fields an adapter reads, as zeros."""
+
+    def __init__(self, real: Any, output: str) -> None:
+        self.config = real.config  # adapters describe themselves from it
+        self._output = output
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        rows, length = input_ids.shape
+        if self._output == "logits":
+            return SimpleNamespace(logits=torch.zeros(rows, self.config.num_labels))
+        return SimpleNamespace(last_hidden_state=torch.ones(rows, length, EMBEDDING_WIDTH))
+
+
+# What each adapter kind reads from its network's output.
+OUTPUT_BY_KIND = {"sequence_scalar": "logits", "embedding_similarity": "last_hidden_state"}
+
+
+def make_forwards_free(models: list[RewardModel]) -> list[RewardModel]:
+    """Swap every model's network for a `FreeNetwork`; host models have none to swap."""
+    for model in models:
+        real = getattr(model, "_model", None)
+        if real is None:
+            continue
+        if model.kind not in OUTPUT_BY_KIND:
+            raise ValueError(f"no free stand-in for a {model.kind} model ({model.name})")
+        model._model = FreeNetwork(real, OUTPUT_BY_KIND[model.kind])  # type: ignore[attr-defined]
+    return models
+
+
+def load_free_models(config: RewardConfig, cache_dir: Path) -> list[RewardModel]:
+    return make_forwards_free(load_models(config, cache_dir))
+
+
+def main() -> None:
+    import uvicorn
+
+    from service.api import create_app
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--cache-dir", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level="WARNING")
+    settings = ServiceSettings(port=args.port, cache_dir=args.cache_dir, log_level="warning")
+    app = create_app(settings, load_reward_config(args.config), load=load_free_models)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()
