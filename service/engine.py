@@ -171,6 +171,7 @@ class RewardEngine:
         self._caches: dict[str, ScoreCache[ModelOutput]] = {
             model.name: ScoreCache(config.cache.max_items) for model in self._models
         }
+        self._reward_definitions: dict[CombineMode, str] = {}
         self._in_flight = 0
         self._in_flight_by_trainer: dict[str, int] = {}
         self._accepting = False
@@ -235,7 +236,14 @@ class RewardEngine:
             pool.shutdown(wait=True)
 
     def reward_definition(self, mode: CombineMode) -> str:
-        """A hash of everything that determines a reward: models, versions, parameters."""
+        """A hash of everything that determines a reward: models, versions, parameters.
+
+        Fixed for the engine's life, so hashed once per mode: every response carries it."""
+        if mode not in self._reward_definitions:
+            self._reward_definitions[mode] = self._hash_definition(mode)
+        return self._reward_definitions[mode]
+
+    def _hash_definition(self, mode: CombineMode) -> str:
         definition = {
             "models": [(m.name, m.kind, m.role, m.fingerprint) for m in self._models],
             "holistic": asdict(self._holistic_params),

@@ -130,6 +130,54 @@ async def test_malformed_json_and_lone_surrogates_get_422(client):
     assert "Unicode" in assert_error(response, 422, "invalid_request")["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/rewards", "/get_reward"])
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("application/json", 200),
+        ("application/json; charset=utf-8", 200),
+        ("application/vnd.alarm+json", 200),
+        ("text/plain", 422),
+        (None, 422),
+    ],
+)
+async def test_scoring_bodies_are_read_as_json_only_when_declared_json(
+    client, path, content_type, status
+):
+    body = {"items": [{"prompt": "p", "response": "r"}]}
+    if path == "/get_reward":
+        body = {"query": ["p r"], "prompts": ["p"]}
+    headers = {} if content_type is None else {"content-type": content_type}
+    response = await client.post(path, content=json.dumps(body).encode(), headers=headers)
+    if status == 200:
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/json"
+    else:
+        error = assert_error(response, 422, "invalid_request")
+        assert "Content-Type" in error["message"] and error["details"][0]["loc"] == ["body"]
+
+
+async def test_an_empty_body_and_a_bad_deadline_header_get_422_located(client):
+    headers = {"content-type": "application/json"}
+    empty = assert_error(
+        await client.post("/v1/rewards", content=b"", headers=headers), 422, "invalid_request"
+    )
+    assert empty["details"][0]["loc"] == ["body"]
+    headers["X-Request-Deadline-Ms"] = "-1"
+    item = b'{"items": [{"prompt": "p", "response": "r"}]}'
+    response = await client.post("/v1/rewards", content=item, headers=headers)
+    late = assert_error(response, 422, "invalid_request")
+    assert late["details"][0]["loc"] == ["header", "X-Request-Deadline-Ms"]
+
+
+async def test_a_lone_surrogate_in_an_id_gets_422_not_a_broken_reply(client):
+    body = b'{"items": [{"prompt": "p", "response": "r", "id": "\\udc00"}]}'
+    response = await client.post(
+        "/v1/rewards", content=body, headers={"content-type": "application/json"}
+    )
+    assert "items.0.id" in assert_error(response, 422, "invalid_request")["message"]
+
+
 async def test_nul_bytes_and_unicode_are_scored(client):
     items = [{"prompt": "p\x00q", "response": "héllo \x00 wörld. 日本語です。"}]
     response = await client.post("/v1/rewards", json={"items": items})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from service.api.disconnect import cancel_on_disconnect
+from service.api.lean_route import LeanScoringRoute
 from service.api.routes import (
     DEADLINE_RESPONSE,
     ERROR_RESPONSES,
@@ -19,7 +20,7 @@ from service.engine import ScoreInput
 from service.errors import InvalidRequest
 from service.schemas import OpenRLHFRequest, OpenRLHFResponse
 
-router = APIRouter()
+router = APIRouter(route_class=LeanScoringRoute)  # a scoring hot path too
 
 
 def split_queries(body: OpenRLHFRequest, separator: str | None) -> list[ScoreInput]:

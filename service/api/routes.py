@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import WithJsonSchema
 
 from service.api.disconnect import cancel_on_disconnect
+from service.api.lean_route import DEADLINE_HEADER, LeanScoringRoute
 from service.combine import CombineMode
 from service.config import LimitsConfig
 from service.engine import RewardEngine, ScoredItem, ScoreInput
@@ -31,13 +32,15 @@ from service.schemas import (
 )
 
 router = APIRouter()
+# The scoring hot path: see service.api.lean_route.
+scoring_router = APIRouter(route_class=LeanScoringRoute)
 # A deadline as a header, for clients that cannot add a body field (or speak a fixed body).
 DeadlineHeaderMs = Annotated[
     float | None,
     # Absent means no deadline; a header cannot carry a JSON null, so don't document one.
     WithJsonSchema({"type": "number", "exclusiveMinimum": 0}),
     Header(
-        alias="X-Request-Deadline-Ms",
+        alias=DEADLINE_HEADER,
         gt=0,
         allow_inf_nan=False,
         description="Milliseconds from when the server receives the request; work not "
@@ -151,7 +154,7 @@ def _to_result(item: RewardItem, scored: ScoredItem) -> RewardResult:
     )
 
 
-@router.post(
+@scoring_router.post(
     "/v1/rewards",
     response_model=RewardResponse,
     responses={**ERROR_RESPONSES, **DEADLINE_RESPONSE},

@@ -1,0 +1,118 @@
+"""A route class for the scoring endpoints that skips FastAPI's generic per-request work.
+
+Per request, FastAPI solves an endpoint's parameters generically (a dependency graph, the
+body parsed into Python objects and then validated, the returned model validated again and
+serialised through its response field). On the scoring path that was about 0.6 ms of the
+event loop's 1.4 ms per single-item request, and the event loop is what bounds a host-bound
+GPU's throughput (benchmarks/RESULTS.md, session 11). `LeanScoringRoute` keeps everything
+FastAPI derives from the endpoint's signature (OpenAPI, 405s, the route label of the HTTP
+metrics, the error handlers) and does the per-request part itself: the trainer dependency
+the endpoint declares is called, the body is parsed and validated in one pass by
+pydantic-core, the deadline header is read, and the returned model is serialised as is.
+Bad input gets the same 422 `invalid_request` errors as through FastAPI (locations start
+with `body` or `header`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Coroutine, Sequence
+from email.message import Message
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+# What an endpoint served by this class takes, by name (checked when the route is built).
+SCORING_PARAMETERS = ("body", "request", "deadline_header_ms", "trainer")
+DEADLINE_HEADER = "X-Request-Deadline-Ms"
+M = TypeVar("M", bound=BaseModel)
+_DEADLINE_MS = TypeAdapter(Annotated[float, Field(gt=0, allow_inf_nan=False)])
+
+
+def _located(errors: Sequence[Any], *prefix: str) -> list[dict[str, Any]]:
+    return [{**error, "loc": (*prefix, *error.get("loc", ()))} for error in errors]
+
+
+def _is_json(content_type: str | None) -> bool:
+    """FastAPI's rule: `application/json` or `application/*+json`, parameters aside."""
+    if not content_type:
+        return False
+    message = Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
+
+
+def parse_json_body(model: type[M], raw: bytes, content_type: str | None) -> M:
+    """`raw` validated as `model`, or a `RequestValidationError` located in the body.
+
+    pydantic-core parses and validates in one pass. What it cannot parse goes through
+    Python's parser once more, for its reading of what it accepts and pydantic-core does
+    not (a lone surrogate escape, which the schema then refuses by name) and for its errors.
+    """
+    if not raw:
+        raise RequestValidationError(
+            [{"type": "missing", "loc": ("body",), "msg": "Field required"}]
+        )
+    if not _is_json(content_type):
+        message = f"expected Content-Type application/json, got {content_type or 'none'}"
+        raise RequestValidationError([{"type": "content_type", "loc": ("body",), "msg": message}])
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        if not any(error["type"] == "json_invalid" for error in exc.errors()):
+            raise RequestValidationError(_located(exc.errors(), "body")) from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        message = f"cannot be parsed as JSON ({type(exc).__name__}: {exc})"
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": message}]
+        ) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(_located(exc.errors(), "body")) from None
+
+
+def parse_deadline_header(value: str | None) -> float | None:
+    """The `X-Request-Deadline-Ms` header in milliseconds (> 0, finite), None if absent."""
+    if value is None:
+        return None
+    try:
+        return _DEADLINE_MS.validate_python(value)
+    except ValidationError as exc:
+        raise RequestValidationError(_located(exc.errors(), "header", DEADLINE_HEADER)) from None
+
+
+class LeanScoringRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint = self.endpoint
+        names = tuple(inspect.signature(endpoint).parameters)
+        if names != SCORING_PARAMETERS:
+            raise TypeError(f"{endpoint.__name__} takes {names}, expected {SCORING_PARAMETERS}")
+        body_model = self.body_field.field_info.annotation if self.body_field else None
+        if not (isinstance(body_model, type) and issubclass(body_model, BaseModel)):
+            raise TypeError(f"{endpoint.__name__}: `body` must be a pydantic model")
+        (trainer_dependency,) = [d for d in self.dependant.dependencies if d.name == "trainer"]
+        trainer_of = trainer_dependency.call
+        assert trainer_of is not None
+
+        async def handle(request: Request) -> Response:
+            trainer = await trainer_of(request)
+            body = parse_json_body(
+                body_model, await request.body(), request.headers.get("content-type")
+            )
+            deadline_ms = parse_deadline_header(request.headers.get(DEADLINE_HEADER))
+            result: BaseModel = await endpoint(
+                body=body, request=request, deadline_header_ms=deadline_ms, trainer=trainer
+            )
+            return Response(result.model_dump_json(), media_type="application/json")
+
+        return handle
