@@ -2,9 +2,10 @@
 
 Per request, FastAPI solves an endpoint's parameters generically (a dependency graph, the
 body parsed into Python objects and then validated, the returned model validated again and
-serialised through its response field). On the scoring path that was about 0.6 ms of the
-event loop's 1.4 ms per single-item request, and the event loop is what bounds a host-bound
-GPU's throughput (benchmarks/RESULTS.md, session 11). `LeanScoringRoute` keeps everything
+serialised through its response field). The event loop bounds a host-bound GPU's
+throughput, and in `benchmarks.host_ceiling` (single-item requests, C=64 and 256) it spent
+1.35 ms per request through FastAPI's generic route and 0.96 ms through this one
+(benchmarks/RESULTS.md, session 11). `LeanScoringRoute` keeps everything
 FastAPI derives from the endpoint's signature (OpenAPI, 405s, the route label of the HTTP
 metrics, the error handlers) and does the per-request part itself: the trainer dependency
 the endpoint declares is called, the body is parsed and validated in one pass by
