@@ -2,7 +2,9 @@
 
 A request's items are tokenised off the event loop (each distinct text once per tokenizer,
 however many items and models ask for it), submitted to every model's batcher at once (so
-all models of a request score concurrently), gathered, and combined per item.
+all models of a request score concurrently), gathered, and combined per item. Host models
+(rules, no tensors) compute while they prepare and gain nothing from batching: each scores
+a request's items in one tokenizer-thread call, without a batcher.
 Work whose deadline has passed is dropped before tokenising and again before a forward; a
 batch that runs out of device memory is halved and retried (`run_halving_on_oom`).
 """
@@ -41,7 +43,7 @@ from service.models.encoding_memo import EncodingMemo
 from service.models.loading import call_overhead_tokens, intra_op_threads, set_intra_op_threads
 from service.score_cache import ScoreCache, item_key
 
-HOST_DEVICE = "host"  # models without tensors run inline on the event loop
+HOST_DEVICE = "host"  # models without tensors: scored in a tokenizer thread, unbatched
 log = logging.getLogger(__name__)
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -163,10 +165,11 @@ class RewardEngine:
                 self._drop_observer(model.name),
                 getattr(model, "padded_tokens", None),
                 announced_arrivals=True,
-                device_turns=turns.get(model.device),
-                concurrent_batches=slots.get(model.device, 1),
+                device_turns=turns[model.device],
+                concurrent_batches=slots[model.device],
             )
             for model in self._models
+            if model.device != HOST_DEVICE
         }
         self._caches: dict[str, ScoreCache[ModelOutput]] = {
             model.name: ScoreCache(config.cache.max_items) for model in self._models
@@ -186,12 +189,6 @@ class RewardEngine:
     def _runner(
         self, model: RewardModel
     ) -> Callable[[list[Prepared]], Awaitable[Sequence[ModelOutput | BaseException]]]:
-        if model.device == HOST_DEVICE:
-
-            async def run_inline(batch: list[Prepared]) -> Sequence[ModelOutput | BaseException]:
-                return model.run(batch)
-
-            return run_inline
         pool = self._device_pools[model.device]
         splits = self._metrics.oom_splits.labels(model.name)
 
@@ -324,6 +321,8 @@ class RewardEngine:
         deadline: float | None,
         memo: EncodingMemo,
     ) -> list[ModelOutput]:
+        if model.device == HOST_DEVICE:
+            return await self._run_on_host(model, items, memo)
         loop = asyncio.get_running_loop()
         batcher = self._batchers[model.name]
         batcher.announce(len(items))  # so that a batch forming now waits for these
@@ -352,6 +351,44 @@ class RewardEngine:
                 log.error("model %s failed on a batch: %r", model.name, outcome)
                 raise ModelFailure(f"model {model.name!r} failed on this batch") from outcome
         return outcomes  # type: ignore[return-value]
+
+    def _score_on_host(
+        self, model: RewardModel, items: Sequence[ScoreInput], memo: EncodingMemo
+    ) -> tuple[list[ModelOutput], float, float]:
+        """(outputs, started, finished): a host model's whole work, in a tokenizer thread."""
+        started = time.monotonic()
+        outputs = model.run(self._prepare_all(model, items, memo))
+        return outputs, started, time.monotonic()
+
+    async def _run_on_host(
+        self, model: RewardModel, items: Sequence[ScoreInput], memo: EncodingMemo
+    ) -> list[ModelOutput]:
+        """A host model's outputs for `items`, reported to the metrics as one batch."""
+        submitted = time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            outputs, started, finished = await loop.run_in_executor(
+                self._tokenize_pool, self._score_on_host, model, items, memo
+            )
+        except asyncio.CancelledError:
+            self._metrics.observe_dropped(model.name, "cancelled", len(items))
+            raise
+        except Exception as exc:
+            log.exception("model %s failed", model.name)
+            raise ModelFailure(f"model {model.name!r} failed on this request") from exc
+        if len(outputs) != len(items):
+            raise ModelFailure(f"model {model.name!r} returned {len(outputs)} of {len(items)}")
+        stats = BatchStats(
+            size=len(items),
+            rows=len(items),
+            real_tokens=0,
+            padded_tokens=0,
+            queue_wait_s=(started - submitted,) * len(items),
+            run_s=finished - started,
+            failed=False,
+        )
+        self._metrics.observe_batch(model.name, stats)
+        return outputs
 
     def _admit(self, trainer: str, count: int) -> None:
         """Bounded queue (503) and per-trainer limit (429), checked before any work."""

@@ -251,6 +251,38 @@ async def test_a_model_failure_fails_that_request_and_the_service_stays_ready(cl
     assert (await client.post("/v1/rewards", json=body)).status_code == 200
 
 
+async def test_a_host_model_scores_each_request_in_one_call_off_the_event_loop(client, monkeypatch):
+    import threading
+
+    from service.models.rules import RuleModel
+
+    original = RuleModel.run
+    calls: list[tuple[int, str]] = []
+
+    def recording_run(self, batch):
+        calls.append((len(batch), threading.current_thread().name))
+        if len(calls) == 2:
+            raise ValueError("a rule that cannot count")
+        return original(self, batch)
+
+    def counted(metrics: str, name: str) -> float:
+        return float(metrics.split(f'{name}{{model="length"}} ')[1].split()[0])
+
+    scored = "alarm_items_scored_total"
+    before = (await client.get("/metrics")).text
+    monkeypatch.setattr(RuleModel, "run", recording_run)
+    items = [{"prompt": PROMPT, "response": f"{ANSWER} ({n})"} for n in range(5)]
+    assert (await client.post("/v1/rewards", json={"items": items})).status_code == 200
+    assert calls[0][0] == 5 and calls[0][1].startswith("tokenize")  # one call, every item
+    fresh = {"items": [{"prompt": PROMPT, "response": "Not cached."}]}  # the first are
+    error = assert_error(await client.post("/v1/rewards", json=fresh), 500, "model_failure")
+    assert "length" in error["message"]
+    after = (await client.get("/metrics")).text
+    assert counted(after, scored) - counted(before, scored) == 5  # the failed one: none
+    batches = "alarm_batch_size_items_count"
+    assert counted(after, batches) - counted(before, batches) == 1
+
+
 async def test_models_endpoint_reports_models_devices_and_limits(client):
     body = (await client.get("/v1/models")).json()
     assert [(m["name"], m["role"], m["device"]) for m in body["models"]] == [

@@ -1,7 +1,8 @@
 """The small protocol every reward-model adapter implements, and the values it returns.
 
 An adapter has two hooks: `prepare` (tokenise one item; runs in a tokenizer thread) and
-`run` (one padded forward over a batch of prepared items; runs in its device's thread).
+`run` (one padded forward over a batch of prepared items; runs in its device's thread; a
+host model, device "host", computes in `prepare` and its `run` only packs the results).
 It never sees a queue or HTTP; of the request it sees only the request's `EncodingMemo`,
 through which it encodes text so that no text is encoded twice in one request.
 """

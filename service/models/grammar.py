@@ -53,7 +53,7 @@ def error_segments(length: int, spans: Iterable[Sequence[int]]) -> tuple[Segment
 class GrammarModel:
     kind = "grammar"
     role: Role = "aspect"
-    device = "host"  # no tensors: runs inline, never queues behind a forward pass
+    device = "host"  # no tensors: scored in a tokenizer thread, never behind a forward
 
     def __init__(self, spec: GrammarAspect) -> None:
         self.name = spec.name
@@ -68,8 +68,7 @@ class GrammarModel:
         self.fingerprint = fingerprint(self._source, spec.model_dump())
 
     def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
-        # Checking is the whole computation, so it happens here, in a tokenizer thread:
-        # a host model's run() is called on the event loop.
+        # Checking is the whole computation, so it happens here (run() only packs it).
         segments = error_segments(len(response), self._check(response))
         return Prepared(rows=((),), truncated=False, meta=segments)
 

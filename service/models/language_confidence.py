@@ -31,7 +31,7 @@ def _identifier() -> Any:
 class LanguageConfidenceModel:
     kind = "language_confidence"
     role: Role = "aspect"
-    device = "host"  # no tensors: runs inline, never queues behind a forward pass
+    device = "host"  # no tensors: scored in a tokenizer thread, never behind a forward
 
     def __init__(self, spec: LanguageConfidenceAspect) -> None:
         self.name = spec.name

@@ -36,7 +36,7 @@ def flesch_reading_ease(text: str, hyphenator: Any) -> float | None:
 class ReadabilityModel:
     kind = "readability"
     role: Role = "aspect"
-    device = "host"  # no tensors: runs inline, never queues behind a forward pass
+    device = "host"  # no tensors: scored in a tokenizer thread, never behind a forward
 
     def __init__(self, spec: ReadabilityAspect) -> None:
         import pyphen

@@ -16,7 +16,7 @@ from service.models.loading import fingerprint, load_tokenizer
 class RuleModel:
     kind = "rule"
     role: Role = "aspect"
-    device = "host"  # no tensors: runs inline, never queues behind a forward pass
+    device = "host"  # no tensors: scored in a tokenizer thread, never behind a forward
 
     def __init__(self, spec: RuleAspect, resolved_tokenizer: str | None) -> None:
         self.name = spec.name
