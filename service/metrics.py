@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.batching import BatchStats, DropReason
@@ -16,6 +18,7 @@ class ServiceMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "alarm_requests_total",
             "HTTP requests by route and status",
@@ -150,6 +153,16 @@ class ServiceMetrics:
             registry=registry,
         )
 
+    def labelled(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, looked up once: `labels()` takes a lock and builds its
+        key on every call, and the scoring path calls it per request and per batch. Label
+        values are few (models, routes, statuses, configured trainers), so is this cache."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def register_trainers(self, trainers: list[str]) -> None:
         """Show every configured trainer at zero; no other label values are ever created."""
         for trainer in trainers:
@@ -158,21 +171,21 @@ class ServiceMetrics:
             self.trainer_rate_limited.labels(trainer)
 
     def observe_batch(self, model: str, stats: BatchStats) -> None:
-        self.batch_size.labels(model).observe(stats.size)
-        self.batch_tokens.labels(model).observe(stats.padded_tokens)
-        self.real_tokens.labels(model).inc(stats.real_tokens)
-        self.padded_tokens.labels(model).inc(stats.padded_tokens)
-        self.forward_seconds.labels(model).observe(stats.run_s)
-        wait = self.queue_wait_seconds.labels(model)
+        self.labelled(self.batch_size, model).observe(stats.size)
+        self.labelled(self.batch_tokens, model).observe(stats.padded_tokens)
+        self.labelled(self.real_tokens, model).inc(stats.real_tokens)
+        self.labelled(self.padded_tokens, model).inc(stats.padded_tokens)
+        self.labelled(self.forward_seconds, model).observe(stats.run_s)
+        wait = self.labelled(self.queue_wait_seconds, model)
         for seconds in stats.queue_wait_s:
             wait.observe(seconds)
         if stats.failed or stats.failed_items:
-            self.batch_failures.labels(model).inc()
+            self.labelled(self.batch_failures, model).inc()
         if not stats.failed:
-            self.items_scored.labels(model).inc(stats.size - stats.failed_items)
+            self.labelled(self.items_scored, model).inc(stats.size - stats.failed_items)
 
     def observe_dropped(self, model: str, reason: DropReason, count: int) -> None:
-        self.dropped.labels(model, reason).inc(count)
+        self.labelled(self.dropped, model, reason).inc(count)
 
     def observe_encodings(self, encoded: int, reused: int) -> None:
         self._texts_encoded.inc(encoded)

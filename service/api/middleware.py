@@ -58,8 +58,9 @@ class RequestContextMiddleware:
                 await self._app(scope, _capped(receive, self._max_request_bytes), send_with_id)
         finally:
             route = _route_template(scope)
-            self._metrics.requests.labels(route, str(status)).inc()
-            self._metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+            metrics = self._metrics
+            metrics.labelled(metrics.requests, route, str(status)).inc()
+            metrics.labelled(metrics.request_seconds, route).observe(time.perf_counter() - started)
 
 
 def _capped(receive: Receive, limit: int) -> Receive:
