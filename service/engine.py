@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -20,7 +21,6 @@ import math
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -42,6 +42,7 @@ from service.models import AspectScore, HolisticScore, ModelOutput, Prepared, Re
 from service.models.encoding_memo import EncodingMemo
 from service.models.loading import call_overhead_tokens, intra_op_threads, set_intra_op_threads
 from service.score_cache import ScoreCache, item_key
+from service.worker_threads import WorkerThreads
 
 HOST_DEVICE = "host"  # models without tensors: scored in a tokenizer thread, unbatched
 log = logging.getLogger(__name__)
@@ -144,15 +145,14 @@ class RewardEngine:
         self._metrics = metrics
         self._holistic_params = config.holistic_params()
         self._aspect_params = config.aspect_params()
-        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        self._tokenize_pool = WorkerThreads(2, "tokenize")
         devices = sorted({m.device for m in self._models} - {HOST_DEVICE})
         slots = {device: device_slots(device, config) for device in devices}
         self._device_pools = {
-            device: ThreadPoolExecutor(
-                max_workers=slots[device],
-                thread_name_prefix=f"device-{device}",
-                initializer=set_intra_op_threads,
-                initargs=(intra_op_threads(slots[device]),),
+            device: WorkerThreads(
+                slots[device],
+                f"device-{device}",
+                functools.partial(set_intra_op_threads, intra_op_threads(slots[device])),
             )
             for device in devices
         }
@@ -198,7 +198,7 @@ class RewardEngine:
         async def run_on_device(batch: list[Prepared]) -> Sequence[ModelOutput | BaseException]:
             # The halves run in the same worker thread: on a one-slot device (a GPU) nothing
             # else interleaves with them.
-            return await asyncio.get_running_loop().run_in_executor(pool, run_splitting, batch)
+            return await pool.run(run_splitting, batch)
 
         return run_on_device
 
@@ -214,11 +214,10 @@ class RewardEngine:
         )
 
     async def _trim_heap_periodically(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.HEAP_TRIM_INTERVAL_S)
             # In a worker thread: the event loop keeps answering while glibc walks its heap.
-            if not await loop.run_in_executor(self._tokenize_pool, release_free_heap):
+            if not await self._tokenize_pool.run(release_free_heap):
                 return  # not glibc: nothing to do, ever
 
     async def stop(self) -> None:
@@ -230,7 +229,7 @@ class RewardEngine:
         for batcher in self._batchers.values():
             await batcher.stop()
         for pool in (*self._device_pools.values(), self._tokenize_pool):
-            pool.shutdown(wait=True)
+            pool.shutdown()
 
     def reward_definition(self, mode: CombineMode) -> str:
         """A hash of everything that determines a reward: models, versions, parameters.
@@ -302,8 +301,10 @@ class RewardEngine:
             if output is None:
                 misses.setdefault(key, []).append(index)
         missed = sum(map(len, misses.values()))
-        self._metrics.cache_lookups.labels(model.name, "hit").inc(len(items) - missed)
-        self._metrics.cache_lookups.labels(model.name, "miss").inc(missed)
+        self._metrics.labelled(self._metrics.cache_lookups, model.name, "hit").inc(
+            len(items) - missed
+        )
+        self._metrics.labelled(self._metrics.cache_lookups, model.name, "miss").inc(missed)
         if misses:
             missed_items = [items[indices[0]] for indices in misses.values()]
             fresh = await self._run_model(model, missed_items, owner, deadline, memo)
@@ -323,13 +324,10 @@ class RewardEngine:
     ) -> list[ModelOutput]:
         if model.device == HOST_DEVICE:
             return await self._run_on_host(model, items, memo)
-        loop = asyncio.get_running_loop()
         batcher = self._batchers[model.name]
         batcher.announce(len(items))  # so that a batch forming now waits for these
         try:
-            prepared = await loop.run_in_executor(
-                self._tokenize_pool, self._prepare_all, model, items, memo
-            )
+            prepared = await self._tokenize_pool.run(self._prepare_all, model, items, memo)
         except asyncio.CancelledError:  # the caller left while its items were tokenised
             batcher.withdraw(len(items))
             self._metrics.observe_dropped(model.name, "cancelled", len(items))
@@ -341,9 +339,10 @@ class RewardEngine:
         futures = [
             batcher.submit(p, p.length, len(p.rows), p.tokens, owner, deadline) for p in prepared
         ]
-        self._metrics.queue_depth.labels(model.name).set(batcher.depth)
+        queue_depth = self._metrics.labelled(self._metrics.queue_depth, model.name)
+        queue_depth.set(batcher.depth)
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        self._metrics.queue_depth.labels(model.name).set(batcher.depth)
+        queue_depth.set(batcher.depth)
         for outcome in outcomes:
             if isinstance(outcome, AlarmError):  # a dropped deadline, or a failure with a reason
                 raise outcome
@@ -365,10 +364,9 @@ class RewardEngine:
     ) -> list[ModelOutput]:
         """A host model's outputs for `items`, reported to the metrics as one batch."""
         submitted = time.monotonic()
-        loop = asyncio.get_running_loop()
         try:
-            outputs, started, finished = await loop.run_in_executor(
-                self._tokenize_pool, self._score_on_host, model, items, memo
+            outputs, started, finished = await self._tokenize_pool.run(
+                self._score_on_host, model, items, memo
             )
         except asyncio.CancelledError:
             self._metrics.observe_dropped(model.name, "cancelled", len(items))
@@ -407,13 +405,14 @@ class RewardEngine:
             self._metrics.trainer_rejected.labels(trainer, "queue_full").inc(count)
             raise Overloaded(f"queue full ({self._in_flight} items in flight, limit {limit})")
         self._track(trainer, count)
-        self._metrics.trainer_items.labels(trainer).inc(count)
+        self._metrics.labelled(self._metrics.trainer_items, trainer).inc(count)
 
     def _track(self, trainer: str, delta: int) -> None:
         self._in_flight += delta
         self._in_flight_by_trainer[trainer] = self._in_flight_by_trainer.get(trainer, 0) + delta
         self._metrics.in_flight.set(self._in_flight)
-        self._metrics.trainer_in_flight.labels(trainer).set(self._in_flight_by_trainer[trainer])
+        in_flight = self._in_flight_by_trainer[trainer]
+        self._metrics.labelled(self._metrics.trainer_in_flight, trainer).set(in_flight)
 
     async def score(
         self,
