@@ -373,20 +373,26 @@ class RewardEngine:
             raise
         except Exception as exc:
             log.exception("model %s failed", model.name)
+            # When the call started is unknown: no queue waits, and the time since submitted.
+            elapsed = time.monotonic() - submitted
+            self._observe_host_batch(model, len(items), (), elapsed, failed=True)
             raise ModelFailure(f"model {model.name!r} failed on this request") from exc
         if len(outputs) != len(items):
             raise ModelFailure(f"model {model.name!r} returned {len(outputs)} of {len(items)}")
-        stats = BatchStats(
-            size=len(items),
-            rows=len(items),
-            real_tokens=0,
-            padded_tokens=0,
-            queue_wait_s=(started - submitted,) * len(items),
-            run_s=finished - started,
-            failed=False,
-        )
-        self._metrics.observe_batch(model.name, stats)
+        waits = (started - submitted,) * len(items)
+        self._observe_host_batch(model, len(items), waits, finished - started)
         return outputs
+
+    def _observe_host_batch(
+        self,
+        model: RewardModel,
+        size: int,
+        waits: tuple[float, ...],
+        run_s: float,
+        failed: bool = False,
+    ) -> None:
+        stats = BatchStats(size, size, 0, 0, waits, run_s, failed)
+        self._metrics.observe_batch(model.name, stats)
 
     def _admit(self, trainer: str, count: int) -> None:
         """Bounded queue (503) and per-trainer limit (429), checked before any work."""

@@ -266,7 +266,8 @@ async def test_a_host_model_scores_each_request_in_one_call_off_the_event_loop(c
         return original(self, batch)
 
     def counted(metrics: str, name: str) -> float:
-        return float(metrics.split(f'{name}{{model="length"}} ')[1].split()[0])
+        _, found, rest = metrics.partition(f'{name}{{model="length"}} ')
+        return float(rest.split()[0]) if found else 0.0
 
     scored = "alarm_items_scored_total"
     before = (await client.get("/metrics")).text
@@ -280,7 +281,9 @@ async def test_a_host_model_scores_each_request_in_one_call_off_the_event_loop(c
     after = (await client.get("/metrics")).text
     assert counted(after, scored) - counted(before, scored) == 5  # the failed one: none
     batches = "alarm_batch_size_items_count"
-    assert counted(after, batches) - counted(before, batches) == 1
+    assert counted(after, batches) - counted(before, batches) == 2  # the failed one too
+    failures = "alarm_batch_failures_total"
+    assert counted(after, failures) - counted(before, failures) == 1
 
 
 async def test_models_endpoint_reports_models_devices_and_limits(client):
