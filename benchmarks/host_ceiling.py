@@ -1,6 +1,6 @@
 """The host's ceiling: requests/s with forwards that cost nothing, over HTTP and without.
 
-    python -m benchmarks.host_ceiling --out benchmarks/out-host     (2 CPUs: about 4 minutes)
+    python -m benchmarks.host_ceiling --out benchmarks/out-host     (2 CPUs: about 3 minutes)
 
 A host-bound GPU (session 10: one H100 at 7-27 % utilisation) serves what its host allows.
 This measures that bound on any machine: the benchmark's reward definition with every
