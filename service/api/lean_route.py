@@ -93,6 +93,9 @@ def parse_deadline_header(value: str | None) -> float | None:
 
 
 class LeanScoringRoute(APIRoute):
+    """For endpoints taking exactly `SCORING_PARAMETERS`; `trainer` is the one declared
+    dependency, called with the request (`app.dependency_overrides` does not reach it)."""
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         endpoint = self.endpoint
         names = tuple(inspect.signature(endpoint).parameters)
