@@ -4,7 +4,13 @@ import pytest
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 
-from service.api.lean_route import LeanScoringRoute, parse_deadline_header, parse_json_body
+from service.api.lean_route import (
+    LeanScoringRoute,
+    deadline_header_adapter,
+    parse_deadline_header,
+    parse_json_body,
+)
+from service.api.routes import scoring_router
 from service.schemas import RewardRequest, RewardResponse
 
 
@@ -45,11 +51,13 @@ def test_a_valid_body_is_parsed_in_one_pass():
 
 @pytest.mark.parametrize(("value", "expected"), [(None, None), ("250", 250.0), ("0.5", 0.5)])
 def test_the_deadline_header_is_read_in_milliseconds(value, expected):
-    assert parse_deadline_header(value) == expected
+    adapter = deadline_header_adapter(scoring_router.routes[0])
+    assert parse_deadline_header(adapter, value) == expected
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
 def test_a_deadline_header_that_is_not_a_positive_finite_number_is_refused(value):
+    adapter = deadline_header_adapter(scoring_router.routes[0])  # the declared rule
     with pytest.raises(RequestValidationError) as caught:
-        parse_deadline_header(value)
+        parse_deadline_header(adapter, value)
     assert caught.value.errors()[0]["loc"] == ("header", "X-Request-Deadline-Ms")

@@ -16,6 +16,7 @@ with `body` or `header`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections.abc import Callable, Coroutine, Sequence
@@ -25,19 +26,19 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 # What an endpoint served by this class takes, by name (checked when the route is built).
 SCORING_PARAMETERS = ("body", "request", "deadline_header_ms", "trainer")
 DEADLINE_HEADER = "X-Request-Deadline-Ms"
 M = TypeVar("M", bound=BaseModel)
-_DEADLINE_MS = TypeAdapter(Annotated[float, Field(gt=0, allow_inf_nan=False)])
 
 
 def _located(errors: Sequence[Any], *prefix: str) -> list[dict[str, Any]]:
     return [{**error, "loc": (*prefix, *error.get("loc", ()))} for error in errors]
 
 
+@functools.lru_cache(maxsize=64)  # clients send a few spellings; parsing one is slow
 def _is_json(content_type: str | None) -> bool:
     """FastAPI's rule: `application/json` or `application/*+json`, parameters aside."""
     if not content_type:
@@ -82,12 +83,20 @@ def parse_json_body(model: type[M], raw: bytes, content_type: str | None) -> M:
         raise RequestValidationError(_located(exc.errors(), "body")) from None
 
 
-def parse_deadline_header(value: str | None) -> float | None:
-    """The `X-Request-Deadline-Ms` header in milliseconds (> 0, finite), None if absent."""
+def deadline_header_adapter(route: APIRoute) -> TypeAdapter[Any]:
+    """A validator for the deadline header as the endpoint declares it (type and limits),
+    so that the rule is stated once, in the signature that also becomes openapi.yaml."""
+    (field,) = [p for p in route.dependant.header_params if p.alias == DEADLINE_HEADER]
+    declared: Any = Annotated[field.field_info.annotation, *field.field_info.metadata]
+    return TypeAdapter(declared)
+
+
+def parse_deadline_header(adapter: TypeAdapter[Any], value: str | None) -> float | None:
+    """The deadline header in milliseconds, None if absent; a 422 located in the header."""
     if value is None:
         return None
     try:
-        return _DEADLINE_MS.validate_python(value)
+        return adapter.validate_python(value)
     except ValidationError as exc:
         raise RequestValidationError(_located(exc.errors(), "header", DEADLINE_HEADER)) from None
 
@@ -107,13 +116,16 @@ class LeanScoringRoute(APIRoute):
         (trainer_dependency,) = [d for d in self.dependant.dependencies if d.name == "trainer"]
         trainer_of = trainer_dependency.call
         assert trainer_of is not None
+        deadline_ms_of = deadline_header_adapter(self)
 
         async def handle(request: Request) -> Response:
             trainer = await trainer_of(request)
             body = parse_json_body(
                 body_model, await request.body(), request.headers.get("content-type")
             )
-            deadline_ms = parse_deadline_header(request.headers.get(DEADLINE_HEADER))
+            deadline_ms = parse_deadline_header(
+                deadline_ms_of, request.headers.get(DEADLINE_HEADER)
+            )
             result: BaseModel = await endpoint(
                 body=body, request=request, deadline_header_ms=deadline_ms, trainer=trainer
             )
