@@ -143,6 +143,11 @@ class EmbeddingSimilarityAspect(_TransformerSpec, _AspectShaping):
     granularity: ClassVar[Granularity] = "segment"
     kind: Literal["embedding_similarity"]
     split: SplitUnit = SplitUnit.sentence
+    pack_rows: bool = Field(
+        True,
+        description="pack a batch's rows end to end in one forward (each row attending to "
+        "itself only) where the encoder allows it, checked at load; else length-sorted forwards",
+    )
 
 
 class RuleAspect(_AspectShaping):

@@ -364,7 +364,12 @@ def test_rows_are_right_padded_with_a_mask_of_the_real_tokens():
 def test_the_relevance_aspect_cuts_its_rows_by_the_configured_call_cost(
     tiny_paths, tmp_path, overhead, padded
 ):
-    spec = {"name": "relevance", "kind": "embedding_similarity", "path": PACKAGED_PREFIX + MINILM}
+    spec = {
+        "name": "relevance",
+        "kind": "embedding_similarity",
+        "path": PACKAGED_PREFIX + MINILM,
+        "pack_rows": False,  # packed rows are one forward whatever the call cost
+    }
     config = RewardConfig.model_validate(
         {
             "holistic": llama_holistic(tiny_paths),

@@ -24,6 +24,8 @@ from transformers import (
     LlamaForSequenceClassification,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaModel,
 )
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "build_causal_lm",
     "build_deberta_scalar_rm",
     "build_llama_scalar_rm",
+    "build_roberta_encoder",
     "build_segment_classifier",
 ]
 
@@ -203,6 +206,27 @@ def build_segment_classifier(folder: Path | str, seed: int = SEED) -> Path:
     torch.manual_seed(seed)
     model = BertForTokenClassification(config)
     return _save(model, tok, folder)
+
+
+def build_roberta_encoder(folder: Path | str, seed: int = SEED) -> Path:
+    """Sentence encoder whose positions count from the pad id + 1 (RoBERTa, XLM-R, MPNet
+    style), unlike BERT's from 0: packed rows must restart their positions there."""
+    tok = _byte_tokenizer(
+        ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        template_specials=["<s>", "</s>"],
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        cls_token="<s>",
+        sep_token="</s>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
+    config = RobertaConfig.from_dict({**_sizes(tok), "type_vocab_size": 1})
+    torch.manual_seed(seed)
+    return _save(RobertaModel(config), tok, folder)
 
 
 def build_causal_lm(folder: Path | str, seed: int = SEED) -> Path:

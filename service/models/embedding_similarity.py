@@ -2,7 +2,8 @@
 
 A sentence-embedding encoder (e.g. all-MiniLM-L6-v2): mean pooling over real tokens and L2
 normalisation, as sentence-transformers does. One item is several rows (prompt first,
-then one per segment), so the batcher budgets it by rows x length.
+then one per segment), so the batcher budgets it by rows x length. Rows are packed end to
+end (`row_packing`) where the encoder allows it, else cut into length-sorted forwards.
 """
 
 from __future__ import annotations
@@ -28,7 +29,19 @@ from service.models.loading import (
     runtime_details,
     truncate_keeping_specials,
 )
+from service.models.row_packing import (
+    PackedLayout,
+    attention_span,
+    mean_pooled,
+    pack,
+    packed_batch,
+    packing_position_offset,
+)
 from service.segmentation import split_spans
+
+# Rows whose packed embeddings must match their embeddings alone, at load.
+_PACKING_PROBE = ("Where is it?", "It is here, by the door.", "Yes.", "Over there, on the left.")
+_PACKING_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
 
 
 class EmbeddingSimilarityModel:
@@ -54,6 +67,10 @@ class EmbeddingSimilarityModel:
         if spec.compile:
             self._model = compiled(self._model, resolved_path, device)
         self._overhead_tokens = overhead_tokens
+        config = self._model.config
+        self._span = attention_span(int(getattr(config, "hidden_size", 768)))
+        self._max_width = int(getattr(config, "max_position_embeddings", spec.max_length))
+        self._position_offset = self._packing_offset() if spec.pack_rows else None
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
     def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
@@ -69,9 +86,18 @@ class EmbeddingSimilarityModel:
         truncated = any(len(k) < len(f) for k, f in zip(kept, full, strict=True))
         return Prepared(rows=tuple(map(tuple, kept)), truncated=truncated, meta=tuple(spans))
 
+    @property
+    def packs_rows(self) -> bool:
+        return self._position_offset is not None
+
     def padded_tokens(self, batch: Sequence[Prepared]) -> int:
         lengths = [len(row) for p in batch for row in p.rows]
+        if self.packs_rows:
+            return self._layout(lengths).padded_tokens
         return chunked_padded_tokens(lengths, self._overhead_tokens)
+
+    def _layout(self, lengths: Sequence[int]) -> PackedLayout:
+        return pack(tuple(lengths), self._span, self._max_width)
 
     def _embed(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         ids, mask = pad_right(rows, self._pad_id, self.device)
@@ -80,16 +106,50 @@ class EmbeddingSimilarityModel:
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # (N, H)
         return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
 
-    @torch.inference_mode()
-    def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
+    def _embed_sorted_chunks(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         # Rows, not items, are sorted by length: an item's short prompt row would otherwise
         # be padded to its longest sentence, and every row to the batch's longest.
-        all_rows = [row for p in batch for row in p.rows]
-        chunks = length_sorted_chunks([len(row) for row in all_rows], self._overhead_tokens)
-        parts = [self._embed([all_rows[i] for i in chunk]) for chunk in chunks]
-        embeddings = torch.empty(len(all_rows), parts[0].shape[-1])
+        chunks = length_sorted_chunks([len(row) for row in rows], self._overhead_tokens)
+        parts = [self._embed([rows[i] for i in chunk]) for chunk in chunks]
+        embeddings = torch.empty(len(rows), parts[0].shape[-1])
         for chunk, part in zip(chunks, parts, strict=True):
             embeddings[chunk] = part
+        return embeddings
+
+    def _embed_packed(
+        self, rows: Sequence[Sequence[int]], layout: PackedLayout, position_offset: int
+    ) -> torch.Tensor:
+        dtype = self._model.dtype
+        packed = packed_batch(rows, layout, self._pad_id, position_offset, dtype, self.device)
+        hidden = self._model(
+            input_ids=packed.input_ids,
+            attention_mask=packed.attention_mask,
+            position_ids=packed.position_ids,
+        ).last_hidden_state  # (B, W, H)
+        pooled = mean_pooled(hidden, packed, len(rows))  # (N, H)
+        return torch.nn.functional.normalize(pooled, dim=-1).cpu()
+
+    @torch.inference_mode()
+    def _packing_offset(self) -> int | None:
+        """Whether (and with which position offset) this encoder embeds packed rows as it
+        embeds them alone; packing is off where it does not."""
+        rows = [self._tokenizer(text)["input_ids"] for text in _PACKING_PROBE]
+        return packing_position_offset(
+            self._embed_packed,
+            self._embed,
+            rows,
+            offsets=(0, self._pad_id + 1),
+            tolerance=_PACKING_TOLERANCE[self._spec.dtype],
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
+        all_rows = [row for p in batch for row in p.rows]
+        if self._position_offset is None:
+            embeddings = self._embed_sorted_chunks(all_rows)
+        else:
+            layout = self._layout([len(row) for row in all_rows])
+            embeddings = self._embed_packed(all_rows, layout, self._position_offset)
         results: list[ModelOutput] = []
         first = 0
         for p in batch:
@@ -106,4 +166,5 @@ class EmbeddingSimilarityModel:
         return {
             **runtime_details(self._model.config, self._spec.compile),
             "split": self._spec.split.value,
+            "packs_rows": self.packs_rows,
         }

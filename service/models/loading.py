@@ -63,9 +63,10 @@ def load_tokenizer(resolved_path: str, **kwargs: Any) -> Any:
         raise ConfigError(f"cannot load tokenizer from {resolved_path!r}: {exc}") from exc
 
 
-# Spec fields that change where and how fast a model runs, not what it scores: left out of
-# the fingerprint, so moving a model to another GPU or compiling it keeps its definition.
-PLACEMENT_FIELDS: set[str] = {"device", "compile"}
+# Spec fields that change where and how fast a model runs, not what it scores (to float
+# rounding): left out of the fingerprint, so moving a model to another GPU, compiling it or
+# packing its rows keeps its definition.
+PLACEMENT_FIELDS: set[str] = {"device", "compile", "pack_rows"}
 
 
 def load_pretrained(auto_class: Any, resolved_path: str, dtype: str, device: str) -> Any:

@@ -1,0 +1,140 @@
+"""Rows packed end to end: layouts that hold every row once, and encoders whose packed rows
+embed as they do alone (or that are left unpacked)."""
+
+import random
+
+import pytest
+import torch
+
+from benchmarks.workload import load_items
+from service.models import EncodingMemo
+from service.models.packaged import MINILM, PACKAGED_PREFIX
+from service.models.row_packing import (
+    PackedLayout,
+    mean_pooled,
+    pack,
+    pack_to_width,
+    packed_batch,
+    packing_position_offset,
+)
+from tests import tiny_models
+from tests.test_models import load_aspect
+
+
+def cost(layout: PackedLayout, span: int) -> float:
+    return layout.padded_tokens * (1 + layout.width / span)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_every_row_lands_in_one_bin_that_holds_it(seed):
+    rng = random.Random(seed)
+    lengths = tuple(rng.randint(1, 130) for _ in range(rng.randint(1, 300)))
+    span, max_width = rng.choice([50, 1000, 10**6]), rng.choice([64, 512])
+    layout = pack(lengths, span, max_width)
+    placed = sorted(index for members in layout.bins for index in members)
+    assert placed == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in members) <= layout.width for members in layout.bins)
+    assert max(lengths) <= layout.width <= max(max(lengths), max_width)
+    # Never costlier than bins as wide as the longest row, which are never wider than the
+    # rectangle the rows would be padded to unpacked.
+    narrowest = pack_to_width(lengths, max(lengths))
+    assert cost(layout, span) <= cost(narrowest, span)
+    assert narrowest.padded_tokens <= len(lengths) * max(lengths)
+
+
+def test_one_items_rows_share_one_bin_when_attention_is_cheap():
+    layout = pack((20, 12, 9, 7), span=1000, max_width=512)
+    assert layout == PackedLayout(48, ((0, 1, 2, 3),))
+
+
+def test_bins_stay_as_narrow_as_the_longest_row_when_attention_is_dear():
+    layout = pack((20, 12, 9, 7), span=1, max_width=512)
+    assert layout.width == 20
+    assert sorted(map(sorted, layout.bins)) == [[0], [1, 3], [2]]
+
+
+def test_bins_are_no_wider_than_the_positions_table_allows():
+    assert pack((5, 5, 4), span=10**6, max_width=14) == PackedLayout(14, ((0, 1, 2),))
+    assert pack((5, 5, 4), span=10**6, max_width=10).width == 5  # 15 tokens, not 14
+    assert pack((30, 5), span=10**6, max_width=10).width == 30  # one row longer: its width
+
+
+def test_packed_batch_lays_rows_end_to_end_with_restarting_positions():
+    rows = [(11, 12, 13), (14,), (15, 16)]
+    layout = PackedLayout(5, ((0, 2), (1,)))
+    batch = packed_batch(
+        rows, layout, pad_id=0, position_offset=2, dtype=torch.float32, device="cpu"
+    )
+    assert batch.input_ids.tolist() == [[11, 12, 13, 15, 16], [14, 0, 0, 0, 0]]
+    assert batch.position_ids.tolist() == [[2, 3, 4, 2, 3], [2, 0, 0, 0, 0]]
+    assert batch.row_of_token.tolist() == [0, 0, 0, 2, 2, 1, 3, 3, 3, 3]  # 3: padding
+    allowed = (batch.attention_mask == 0).squeeze(1).int().tolist()  # (B, W, W)
+    assert allowed[0] == [
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 0, 0],
+        [0, 0, 0, 1, 1],
+        [0, 0, 0, 1, 1],
+    ]
+    assert allowed[1][0] == [1, 0, 0, 0, 0] and allowed[1][1] == [0, 1, 1, 1, 1]
+    assert batch.attention_mask.min() == torch.finfo(torch.float32).min
+
+
+def test_mean_pooled_averages_each_rows_own_tokens():
+    rows = [(1, 1, 1), (1,), (1, 1)]
+    batch = packed_batch(rows, PackedLayout(5, ((0, 2), (1,))), 0, 0, torch.float32, "cpu")
+    hidden = torch.tensor([[1.0, 2, 3, 10, 20], [7, 100, 100, 100, 100]])[..., None]  # (B, W, 1)
+    assert mean_pooled(hidden, batch, 3).squeeze(-1).tolist() == [2.0, 7.0, 15.0]
+
+
+def test_no_offset_when_the_encoder_refuses_packed_inputs_or_never_matches():
+    rows = [(1, 2), (3,)]
+
+    def alone(probe):
+        return torch.zeros(len(probe), 4)
+
+    def refuses(probe, layout, offset):
+        raise TypeError("forward() got an unexpected keyword argument 'position_ids'")
+
+    def matches_at_two(probe, layout, offset):
+        return torch.zeros(len(probe), 4) + (offset != 2)
+
+    assert packing_position_offset(refuses, alone, rows, (0, 2), 1e-4) is None
+    assert packing_position_offset(matches_at_two, alone, rows, (0, 1), 1e-4) is None
+    assert packing_position_offset(matches_at_two, alone, rows, (0, 2), 1e-4) == 2
+
+
+def _relevance(path: str, tiny_paths, tmp_path, **extra):
+    spec = {"name": "relevance", "kind": "embedding_similarity", "path": path, "device": "cpu"}
+    return load_aspect({**spec, "max_length": 128, **extra}, tiny_paths, tmp_path)
+
+
+def _cosines(model, prepared) -> list[float]:
+    return [s.raw for score in model.run(prepared) for s in score.segments]
+
+
+def test_minilm_packs_its_rows_and_scores_as_unpacked_on_qa_feedback(tiny_paths, tmp_path):
+    packed = _relevance(PACKAGED_PREFIX + MINILM, tiny_paths, tmp_path)
+    unpacked = _relevance(PACKAGED_PREFIX + MINILM, tiny_paths, tmp_path, pack_rows=False)
+    assert packed.describe()["packs_rows"] and not unpacked.describe()["packs_rows"]
+    assert packed.fingerprint == unpacked.fingerprint  # how it runs, not what it scores
+    items = load_items(24)
+    prepared = [packed.prepare(i["prompt"], i["response"], EncodingMemo()) for i in items]
+    for size in (1, 8, 24):
+        for start in range(0, 24, size):
+            batch = prepared[start : start + size]
+            assert _cosines(packed, batch) == pytest.approx(_cosines(unpacked, batch), abs=1e-4)
+    rows = [len(row) for p in prepared for row in p.rows]
+    padded = packed.padded_tokens(prepared)
+    assert padded == pack(tuple(rows), packed._span, packed._max_width).padded_tokens
+    assert sum(rows) <= padded < unpacked.padded_tokens(prepared)
+
+
+def test_an_encoder_counting_positions_from_the_pad_id_packs_at_that_offset(tiny_paths, tmp_path):
+    path = str(tiny_models.build_roberta_encoder(tmp_path / "roberta"))
+    packed = _relevance(path, tiny_paths, tmp_path)
+    unpacked = _relevance(path, tiny_paths, tmp_path, pack_rows=False)
+    assert packed._position_offset == packed._pad_id + 1 == 2
+    memo = EncodingMemo()
+    prepared = [packed.prepare(i["prompt"], i["response"], memo) for i in load_items(8)]
+    assert _cosines(packed, prepared) == pytest.approx(_cosines(unpacked, prepared), abs=1e-4)
