@@ -31,10 +31,12 @@ class FreeNetwork:
     """Stands in for a transformers model: the output fields an adapter reads, as zeros."""
 
     def __init__(self, real: Any, output: str) -> None:
-        self.config = real.config  # adapters describe themselves from it
+        self.config, self.dtype = real.config, real.dtype  # what adapters read of a model
         self._output = output
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any
+    ) -> SimpleNamespace:
         rows, length = input_ids.shape
         if self._output == "logits":
             return SimpleNamespace(logits=torch.zeros(rows, self.config.num_labels))
