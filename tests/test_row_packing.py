@@ -138,3 +138,20 @@ def test_an_encoder_counting_positions_from_the_pad_id_packs_at_that_offset(tiny
     memo = EncodingMemo()
     prepared = [packed.prepare(i["prompt"], i["response"], memo) for i in load_items(8)]
     assert _cosines(packed, prepared) == pytest.approx(_cosines(unpacked, prepared), abs=1e-4)
+
+
+def test_the_packing_benchmark_compares_both_ways_on_the_same_batches(tmp_path):
+    from benchmarks.models import write_config
+    from benchmarks.row_packing import compare, relevance_models
+    from service.config import load_reward_config
+
+    config_path = tmp_path / "config.yaml"
+    write_config(tmp_path / "cache", config_path)
+    packed, unpacked = relevance_models(load_reward_config(config_path), tmp_path / "cache")
+    assert packed.packs_rows and not unpacked.packs_rows
+    prepared = [packed.prepare(i["prompt"], i["response"], EncodingMemo()) for i in load_items(8)]
+    figures = compare(packed, unpacked, prepared, size=4, rounds=1)
+    assert figures.batch_items == 4
+    assert figures.packed_items_per_s > 0 and figures.sorted_items_per_s > 0
+    assert figures.packed_over_sorted > 0
+    assert figures.sorted_padding_efficiency < figures.packed_padding_efficiency <= 1
