@@ -155,3 +155,14 @@ def test_the_packing_benchmark_compares_both_ways_on_the_same_batches(tmp_path):
     assert figures.packed_items_per_s > 0 and figures.sorted_items_per_s > 0
     assert figures.packed_over_sorted > 0
     assert figures.sorted_padding_efficiency < figures.packed_padding_efficiency <= 1
+
+
+def test_a_compiled_encoder_packs_its_rows_and_scores_like_the_eager_one(tiny_paths, tmp_path):
+    """The load-time check runs through the compiled module, so the packed call's graph
+    (4-D mask, position ids) is compiled at load, not in a trainer's request."""
+    path = str(tiny_models.build_roberta_encoder(tmp_path / "roberta"))
+    fast = _relevance(path, tiny_paths, tmp_path, compile=True)
+    eager = _relevance(path, tiny_paths, tmp_path)
+    assert fast.packs_rows and fast.describe()["compiled"]
+    prepared = [fast.prepare(i["prompt"], i["response"], EncodingMemo()) for i in load_items(8)]
+    assert _cosines(fast, prepared) == pytest.approx(_cosines(eager, prepared), abs=1e-4)
