@@ -99,9 +99,15 @@ def test_no_offset_when_the_encoder_refuses_packed_inputs_or_never_matches():
     def matches_at_two(probe, layout, offset):
         return torch.zeros(len(probe), 4) + (offset != 2)
 
-    assert packing_position_offset(refuses, alone, rows, (0, 2), 1e-4) is None
-    assert packing_position_offset(matches_at_two, alone, rows, (0, 1), 1e-4) is None
-    assert packing_position_offset(matches_at_two, alone, rows, (0, 2), 1e-4) == 2
+    def closest_at_two(probe, layout, offset):
+        return torch.zeros(len(probe), 4) + 0.01 * (offset != 2)
+
+    assert packing_position_offset(refuses, alone, rows, (0, 2), 1e-4, 512) is None
+    assert packing_position_offset(matches_at_two, alone, rows, (0, 1), 1e-4, 512) is None
+    assert packing_position_offset(matches_at_two, alone, rows, (0, 2), 1e-4, 512) == 2
+    assert packing_position_offset(matches_at_two, alone, rows, (0, 2), 1e-4, 3) is None
+    # Not the first offset within a loose tolerance: the closest one.
+    assert packing_position_offset(closest_at_two, alone, rows, (0, 2), 0.1, 512) == 2
 
 
 def _relevance(path: str, tiny_paths, tmp_path, **extra):

@@ -140,6 +140,7 @@ class EmbeddingSimilarityModel:
             rows,
             offsets=(0, self._pad_id + 1),
             tolerance=_PACKING_TOLERANCE[self._spec.dtype],
+            max_positions=self._max_width,
         )
 
     @torch.inference_mode()
