@@ -108,6 +108,24 @@ def build_byte_tokenizer(extra_specials: Sequence[str] = ()) -> PreTrainedTokeni
     )
 
 
+def _roberta_style_tokenizer(specials: Sequence[str]) -> PreTrainedTokenizerFast:
+    """<s> A </s> (pair: <s> A </s> </s> B </s>); `specials` in id order: the pad id differs
+    between the models built here (RoBERTa's own puts <pad> at 1)."""
+    return _byte_tokenizer(
+        specials,
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        template_specials=["<s>", "</s>"],
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        cls_token="<s>",
+        sep_token="</s>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
+
+
 def _save(model: PreTrainedModel, tok: PreTrainedTokenizerFast, folder: Path | str) -> Path:
     """Save model and tokenizer side by side, as a downloaded checkpoint would be."""
     path = Path(folder)
@@ -189,19 +207,7 @@ def build_segment_classifier(folder: Path | str, seed: int = SEED) -> Path:
 
     RoBERTa-like tokenizer (<s> ... </s>, sep_token == "</s>") on a BERT encoder, 2 labels.
     """
-    tok = _byte_tokenizer(
-        ["<pad>", "<s>", "</s>", "<unk>", "<mask>"],
-        single="<s> $A </s>",
-        pair="<s> $A </s> </s> $B </s>",
-        template_specials=["<s>", "</s>"],
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        cls_token="<s>",
-        sep_token="</s>",
-        unk_token="<unk>",
-        mask_token="<mask>",
-    )
+    tok = _roberta_style_tokenizer(["<pad>", "<s>", "</s>", "<unk>", "<mask>"])
     config = BertConfig.from_dict({**_sizes(tok), "type_vocab_size": 1, "num_labels": 2})
     torch.manual_seed(seed)
     model = BertForTokenClassification(config)
@@ -211,19 +217,7 @@ def build_segment_classifier(folder: Path | str, seed: int = SEED) -> Path:
 def build_roberta_encoder(folder: Path | str, seed: int = SEED) -> Path:
     """Sentence encoder whose positions count from the pad id + 1 (RoBERTa, XLM-R, MPNet
     style), unlike BERT's from 0: packed rows must restart their positions there."""
-    tok = _byte_tokenizer(
-        ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-        single="<s> $A </s>",
-        pair="<s> $A </s> </s> $B </s>",
-        template_specials=["<s>", "</s>"],
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        cls_token="<s>",
-        sep_token="</s>",
-        unk_token="<unk>",
-        mask_token="<mask>",
-    )
+    tok = _roberta_style_tokenizer(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     config = RobertaConfig.from_dict({**_sizes(tok), "type_vocab_size": 1})
     torch.manual_seed(seed)
     return _save(RobertaModel(config), tok, folder)
