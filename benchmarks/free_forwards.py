@@ -14,6 +14,7 @@ them is device work on a GPU, not host work.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +24,8 @@ import torch
 
 from service.config import RewardConfig, ServiceSettings, load_reward_config
 from service.models import RewardModel, load_models
+from service.models.packed_heads import PackedScalarHead
+from service.models.row_packing import PackedBatch
 
 EMBEDDING_WIDTH = 8
 
@@ -56,7 +59,16 @@ def make_forwards_free(models: list[RewardModel]) -> list[RewardModel]:
         if model.kind not in OUTPUT_BY_KIND:
             raise ValueError(f"no free stand-in for a {model.kind} model ({model.name})")
         model._model = FreeNetwork(real, OUTPUT_BY_KIND[model.kind])  # type: ignore[attr-defined]
+        head: PackedScalarHead | None = getattr(model, "_head", None)
+        if head is not None:  # packed rows: the backbone and the head are called apart
+            model._head = dataclasses.replace(  # type: ignore[attr-defined]
+                head, hidden=_free_packed_hidden, head=lambda read: torch.zeros(len(read), 1)
+            )
     return models
+
+
+def _free_packed_hidden(packed: PackedBatch) -> torch.Tensor:
+    return torch.zeros(*packed.input_ids.shape, EMBEDDING_WIDTH)
 
 
 def load_free_models(config: RewardConfig, cache_dir: Path) -> list[RewardModel]:

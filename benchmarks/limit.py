@@ -41,7 +41,7 @@ def _work_items(prepared: list[Prepared]) -> list[WorkItem[Prepared]]:
     return [WorkItem(p, p.length, len(p.rows), p.tokens, None, 0.0) for p in prepared]  # type: ignore[arg-type]
 
 
-def _sorted_batches(prepared: list[Prepared], limits: BatchLimits) -> list[list[Prepared]]:
+def sorted_batches(prepared: list[Prepared], limits: BatchLimits) -> list[list[Prepared]]:
     """The server's own batch formation, applied to the whole workload at once."""
     return [[w.payload for w in batch] for batch in form_batches(_work_items(prepared), limits)]
 
@@ -93,7 +93,7 @@ def measure(
         limits = limits_of(model)
         prepared = [model.prepare(i["prompt"], i["response"], EncodingMemo()) for i in items]
         for index, start in enumerate(range(0, len(prepared), window)):
-            batches = _sorted_batches(prepared[start : start + window], limits)
+            batches = sorted_batches(prepared[start : start + window], limits)
             layouts[index]["whole"] += [(model, batch) for batch in batches]
             layouts[index]["halved"] += [(model, b) for b in _largest_in_halves(batches, model)]
         real += sum(p.tokens for p in prepared)

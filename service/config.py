@@ -79,6 +79,14 @@ class _TransformerSpec(_Strict):
     truncation_side: Literal["left", "right"] = "right"
 
 
+class _RowPacking(_Strict):
+    pack_rows: bool = Field(
+        True,
+        description="pack a batch's rows end to end in one forward (each row attending to "
+        "itself only) where the model allows it, checked at load; else length-sorted forwards",
+    )
+
+
 class _HolisticNorm(_Strict):
     mu: float = 0.0
     sigma: float = Field(1.0, gt=0)
@@ -108,7 +116,7 @@ class _ScalarInput(_Strict):
     use_chat_template: bool = False
 
 
-class SequenceScalarHolistic(_TransformerSpec, _HolisticNorm, _ScalarInput):
+class SequenceScalarHolistic(_TransformerSpec, _HolisticNorm, _ScalarInput, _RowPacking):
     kind: Literal["sequence_scalar"]
 
 
@@ -118,7 +126,7 @@ class LmLikelihoodHolistic(_TransformerSpec, _HolisticNorm):
     prompt_template: str | None = None
 
 
-class SequenceScalarAspect(_TransformerSpec, _AspectShaping, _ScalarInput):
+class SequenceScalarAspect(_TransformerSpec, _AspectShaping, _ScalarInput, _RowPacking):
     granularity: ClassVar[Granularity] = "sequence"
     kind: Literal["sequence_scalar"]
 
@@ -139,15 +147,10 @@ class SegmentClassifierAspect(_TransformerSpec, _AspectShaping):
         return self
 
 
-class EmbeddingSimilarityAspect(_TransformerSpec, _AspectShaping):
+class EmbeddingSimilarityAspect(_TransformerSpec, _AspectShaping, _RowPacking):
     granularity: ClassVar[Granularity] = "segment"
     kind: Literal["embedding_similarity"]
     split: SplitUnit = SplitUnit.sentence
-    pack_rows: bool = Field(
-        True,
-        description="pack a batch's rows end to end in one forward (each row attending to "
-        "itself only) where the encoder allows it, checked at load; else length-sorted forwards",
-    )
 
 
 class RuleAspect(_AspectShaping):

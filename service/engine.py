@@ -104,7 +104,7 @@ def batch_limits(config: RewardConfig, model: RewardModel) -> BatchLimits:
     (they cut inside `run`)."""
     batching = config.batching
     overhead: int | None = None
-    if model.device != HOST_DEVICE and not hasattr(model, "padded_tokens"):
+    if model.device != HOST_DEVICE and getattr(model, "padded_tokens", None) is None:
         overhead = call_overhead_tokens(model.device, batching)
     return BatchLimits(
         max_batch_tokens=batching.max_batch_tokens,

@@ -29,6 +29,9 @@ SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "minilm": ("aspect", {"kind": "embedding_similarity", "max_length": 128}),
 }
 
+# Models whose batches are packed end to end: packed on every device and dtype.
+PACKING = {"llama_rm", "deberta_rm", "minilm"}
+
 
 def _load(which: str, device: str, dtype: str, paths, tmp_path: Path):
     role, extra = SPECS[which]
@@ -62,6 +65,8 @@ def test_scores_do_not_depend_on_the_batch_and_match_cpu_float32(
     model = _load(which, device, dtype, tiny_paths, tmp_path)
     reference = _load(which, "cpu", "float32", tiny_paths, tmp_path)
     assert model.device.startswith(device)
+    if which in PACKING:
+        assert model.packs_rows  # the load check passed on this device and dtype
     batch_tolerance, reference_tolerance = TOLERANCES[dtype]
     memo = EncodingMemo()
     prepared = [model.prepare(PROMPT, r, memo) for r in RESPONSES]

@@ -68,6 +68,7 @@ def test_packed_batch_lays_rows_end_to_end_with_restarting_positions():
     assert batch.input_ids.tolist() == [[11, 12, 13, 15, 16], [14, 0, 0, 0, 0]]
     assert batch.position_ids.tolist() == [[2, 3, 4, 2, 3], [2, 0, 0, 0, 0]]
     assert batch.row_of_token.tolist() == [0, 0, 0, 2, 2, 1, 3, 3, 3, 3]  # 3: padding
+    assert batch.row_start.tolist() == [0, 5, 3]  # each row's first cell, in row order
     allowed = (batch.attention_mask == 0).squeeze(1).int().tolist()  # (B, W, W)
     assert allowed[0] == [
         [1, 1, 1, 0, 0],
@@ -78,6 +79,22 @@ def test_packed_batch_lays_rows_end_to_end_with_restarting_positions():
     ]
     assert allowed[1][0] == [1, 0, 0, 0, 0] and allowed[1][1] == [0, 1, 1, 1, 1]
     assert batch.attention_mask.min() == torch.finfo(torch.float32).min
+
+
+def test_a_causal_packed_batch_lets_each_token_see_its_own_rows_earlier_tokens():
+    rows = [(11, 12), (13, 14, 15)]
+    layout = PackedLayout(6, ((0, 1),))
+    batch = packed_batch(rows, layout, 0, 0, torch.bool, "cpu", causal=True)
+    assert batch.attention_mask.dtype == torch.bool
+    assert batch.row_start.tolist() == [0, 2]
+    assert batch.attention_mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],  # padding sees itself only: no row of -inf
+    ]
 
 
 def test_mean_pooled_averages_each_rows_own_tokens():
@@ -146,18 +163,21 @@ def test_an_encoder_counting_positions_from_the_pad_id_packs_at_that_offset(tiny
     assert _cosines(packed, prepared) == pytest.approx(_cosines(unpacked, prepared), abs=1e-4)
 
 
-def test_the_packing_benchmark_compares_both_ways_on_the_same_batches(tmp_path):
+@pytest.mark.parametrize("name", ["relevance", "holistic"])
+def test_the_packing_benchmark_compares_both_ways_on_the_same_batches(name, tmp_path):
     from benchmarks.models import write_config
-    from benchmarks.row_packing import compare, relevance_models
+    from benchmarks.row_packing import compare, model_pair
     from service.config import load_reward_config
 
     config_path = tmp_path / "config.yaml"
     write_config(tmp_path / "cache", config_path)
-    packed, unpacked = relevance_models(load_reward_config(config_path), tmp_path / "cache")
-    assert packed.packs_rows and not unpacked.packs_rows
-    prepared = [packed.prepare(i["prompt"], i["response"], EncodingMemo()) for i in load_items(8)]
+    packed, unpacked = model_pair(load_reward_config(config_path), name, tmp_path / "cache")
+    assert packed.model.name == name and packed.model.packs_rows
+    assert not unpacked.model.packs_rows
+    memo = EncodingMemo()
+    prepared = [packed.model.prepare(i["prompt"], i["response"], memo) for i in load_items(8)]
     figures = compare(packed, unpacked, prepared, size=4, rounds=1)
-    assert figures.batch_items == 4
+    assert (figures.model, figures.batch_items) == (name, 4)
     assert figures.packed_items_per_s > 0 and figures.sorted_items_per_s > 0
     assert figures.packed_over_sorted > 0
     assert figures.sorted_padding_efficiency < figures.packed_padding_efficiency <= 1

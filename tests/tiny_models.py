@@ -16,6 +16,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     BertConfig,
+    BertForSequenceClassification,
     BertForTokenClassification,
     DebertaV2Config,
     DebertaV2ForSequenceClassification,
@@ -25,6 +26,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
     RobertaConfig,
+    RobertaForSequenceClassification,
     RobertaModel,
 )
 
@@ -33,6 +35,7 @@ __all__ = [
     "build_byte_tokenizer",
     "build_causal_lm",
     "build_deberta_scalar_rm",
+    "build_encoder_scalar_rm",
     "build_llama_scalar_rm",
     "build_roberta_encoder",
     "build_segment_classifier",
@@ -221,6 +224,19 @@ def build_roberta_encoder(folder: Path | str, seed: int = SEED) -> Path:
     config = RobertaConfig.from_dict({**_sizes(tok), "type_vocab_size": 1})
     torch.manual_seed(seed)
     return _save(RobertaModel(config), tok, folder)
+
+
+def build_encoder_scalar_rm(folder: Path | str, family: str, seed: int = SEED) -> Path:
+    """Encoder reward model with the head of `family`: "bert" (its pooler, then a linear
+    classifier) or "roberta" (a dense + out_proj head, positions from the pad id + 1)."""
+    torch.manual_seed(seed)
+    if family == "bert":
+        tok = _roberta_style_tokenizer(["<pad>", "<s>", "</s>", "<unk>", "<mask>"])
+        config = BertConfig.from_dict({**_sizes(tok), "type_vocab_size": 1, "num_labels": 1})
+        return _save(BertForSequenceClassification(config), tok, folder)
+    tok = _roberta_style_tokenizer(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    config = RobertaConfig.from_dict({**_sizes(tok), "type_vocab_size": 1, "num_labels": 1})
+    return _save(RobertaForSequenceClassification(config), tok, folder)
 
 
 def build_causal_lm(folder: Path | str, seed: int = SEED) -> Path:

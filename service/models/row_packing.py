@@ -1,13 +1,14 @@
 """Several short rows end to end in one row of a forward, each attending to itself only.
 
-An item of an embedding aspect is a short prompt row and one row per sentence. Padded into
-one rectangle, or cut into length-sorted forwards, a batch of them wasted 7 to 30 % of its
-tokens on padding (0.70 to 0.93 real / padded tokens on the benchmark's items) or paid for
-several forward calls. Packed, rows sit end to end in bins of one width: a block-diagonal
-attention mask keeps every row to its own tokens and position ids restart at each row, so
-each row's hidden states are those it has alone (to float rounding). Only for encoders
-whose attention takes a 4-D additive mask and whose positions come from `position_ids`:
-`packing_position_offset` finds out at load.
+An item of an embedding aspect is a short prompt row and one row per sentence; an item of a
+scalar RM is one row of every length. Padded into one rectangle, or cut into length-sorted
+forwards, a batch of them wasted 7 to 30 % of its tokens on padding (0.70 to 0.93 real /
+padded tokens on the benchmark's relevance items) or paid for several forward calls.
+Packed, rows sit end to end in bins of one width: a block-diagonal attention mask (causal
+within a row, for decoders) keeps every row to its own tokens and position ids restart at
+each row, so each row's hidden states are those it has alone (to float rounding). Only for
+models whose attention takes a 4-D mask and whose positions come from `position_ids` (or
+from distances, as DeBERTa's): `packing_position_offset` finds out at load.
 """
 
 from __future__ import annotations
@@ -105,8 +106,10 @@ class PackedBatch:
 
     input_ids: torch.Tensor  # (B, W)
     position_ids: torch.Tensor  # (B, W)
-    attention_mask: torch.Tensor  # (B, 1, W, W) additive: 0 within a row, dtype min across
+    attention_mask: torch.Tensor  # (B, 1, W, W) additive (0 within a row, dtype min across)
+    # or, for a boolean dtype, True where a token may attend
     row_of_token: torch.Tensor  # (B * W,) the row of each token; len(rows) for padding
+    row_start: torch.Tensor  # (N,) the cell of each row's first token, in (B * W,)
 
 
 def packed_batch(
@@ -116,9 +119,11 @@ def packed_batch(
     position_offset: int,
     dtype: torch.dtype,
     device: str,
+    causal: bool = False,
 ) -> PackedBatch:
     """Lay `rows` out as `layout` says. Ids, positions and row numbers are built on the host
-    in one step each and copied; the (B, 1, W, W) mask is built on the device from them."""
+    in one step each and copied; the (B, 1, W, W) mask is built on the device from them.
+    `causal`: a token attends to its own row's earlier tokens only (decoders)."""
     width, count = layout.width, len(rows)
     order = [index for members in layout.bins for index in members]
     lengths = np.array([len(rows[i]) for i in order], dtype=np.int64)
@@ -138,16 +143,23 @@ def packed_batch(
     positions[token_cell] = token_offset + position_offset
     row_of_token = np.full(cells, count, dtype=np.int64)
     row_of_token[token_cell] = np.repeat(np.array(order, dtype=np.int64), lengths)
+    row_start = np.empty(count, dtype=np.int64)
+    row_start[order] = bin_of_row * width + start_in_bin
     shape = (len(layout.bins), width)
-    tensors = [torch.from_numpy(a) for a in (ids, positions, row_of_token)]
+    tensors = [torch.from_numpy(a) for a in (ids, positions, row_of_token, row_start)]
     if device.startswith("cuda"):
         tensors = [t.pin_memory() for t in tensors]
-    ids_t, positions_t, rows_t = (t.to(device, non_blocking=True) for t in tensors)
+    ids_t, positions_t, rows_t, starts_t = (t.to(device, non_blocking=True) for t in tensors)
     row_grid = rows_t.view(shape)  # padding shares one number: it attends to padding only
-    same_row = row_grid[:, None, :, None] == row_grid[:, None, None, :]  # (B, 1, W, W)
-    mask = torch.zeros(same_row.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~same_row, torch.finfo(dtype).min)
-    return PackedBatch(ids_t.view(shape), positions_t.view(shape), mask, rows_t)
+    allowed = row_grid[:, None, :, None] == row_grid[:, None, None, :]  # (B, 1, W, W)
+    if causal:
+        allowed &= torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    if dtype == torch.bool:
+        mask = allowed
+    else:
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return PackedBatch(ids_t.view(shape), positions_t.view(shape), mask, rows_t, starts_t)
 
 
 def mean_pooled(hidden: torch.Tensor, batch: PackedBatch, count: int) -> torch.Tensor:
@@ -174,13 +186,14 @@ def packing_position_offset(
     tolerance: float,
     max_positions: int,
 ) -> int | None:
-    """The position offset at which packed rows embed as they do alone, or None if none
-    does, or if the encoder refuses a 4-D mask or position ids. Found once, at load.
+    """The position offset at which packed rows embed (or score) as they do alone, or None
+    if none does, or if the model refuses a 4-D mask or position ids. Found once, at load.
 
     BERT-like encoders count positions from 0, RoBERTa-like ones from the pad id + 1. The
     probe is packed into one bin and into bins as wide as its longest row.
     """
     alone = embed_alone(probe_rows)
+    scale = max(1.0, float(alone.abs().max()))  # relative to outputs larger than 1 (scores)
     lengths = [len(r) for r in probe_rows]
     layouts = [pack_to_width(lengths, sum(lengths)), pack_to_width(lengths, max(lengths))]
     errors: dict[int, float] = {}
@@ -192,7 +205,7 @@ def packing_position_offset(
         except Exception as exc:  # compilers and encoders raise no common base
             log.warning("rows not packed: the encoder refused packed inputs (%r)", exc)
             return None
-        errors[offset] = max(float((p - alone).abs().max()) for p in packed)
+        errors[offset] = max(float((p - alone).abs().max()) for p in packed) / scale
     # The closest offset, not the first within tolerance: in half precision a wrong offset
     # could pass a loose tolerance.
     best = min(errors, key=errors.__getitem__, default=None)

@@ -1,12 +1,13 @@
 """A scalar-head reward model (UltraRM-, Skywork- or DeBERTa-style) on the whole response.
 
-Works for encoders and decoders: inputs are right-padded and transformers'
-sequence-classification heads read decoders at the last non-pad token.
+Works for encoders and decoders. A batch's rows are packed end to end (`row_packing`, read
+by `packed_heads`) where the load check allows; else they are right-padded, and
+transformers' sequence-classification heads read decoders at the last non-pad token.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +28,22 @@ from service.models.loading import (
     runtime_details,
     truncate_keeping_specials,
 )
+from service.models.packed_heads import packed_scalar_head
+from service.models.row_packing import (
+    PackedLayout,
+    attention_span,
+    pack,
+    packed_batch,
+    packing_position_offset,
+)
+
+# (prompt, response) pairs whose packed scores must match their scores alone, at load.
+_PACKING_PROBE = (
+    ("Where is it?", "It is here, by the door."),
+    ("Why?", "Yes."),
+    ("Who wrote it, and when?", "A friend of mine, long ago, on a rainy night."),
+)
+_PACKING_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
 
 
 class SequenceScalarModel:
@@ -52,10 +69,18 @@ class SequenceScalarModel:
         if spec.use_chat_template and not self._tokenizer.chat_template:
             raise ConfigError(f"{spec.name}: use_chat_template set but tokenizer has none")
         self._pad_id = ensure_pad_token(self._tokenizer, self._model)
-        if spec.compile:
-            self._model = compiled(self._model, resolved_path, device)
         self._special_ids = set(self._tokenizer.all_special_ids)
         self._shared_tokenizer = SharedTokenizer(self._tokenizer)
+        config = self._model.config
+        self._span = attention_span(int(getattr(config, "hidden_size", 768)))
+        self._max_width = int(getattr(config, "max_position_embeddings", spec.max_length))
+        # Packed forwards call the backbone apart from the model: not with a compiled model.
+        self._head = (
+            packed_scalar_head(self._model) if spec.pack_rows and not spec.compile else None
+        )
+        self._position_offset = self._packing_offset() if self._head is not None else None
+        if spec.compile:
+            self._model = compiled(self._model, resolved_path, device)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
     def _text(self, prompt: str, response: str) -> tuple[str, bool]:
@@ -76,11 +101,60 @@ class SequenceScalarModel:
         )
         return Prepared(rows=(tuple(kept),), truncated=len(kept) < len(ids), meta=len(response))
 
+    @property
+    def packs_rows(self) -> bool:
+        return self._position_offset is not None
+
+    @property
+    def padded_tokens(self) -> Callable[[Sequence[Prepared]], int] | None:
+        """For the batcher: packed rows' padded tokens. None when rows are not packed: the
+        batcher then cuts length-sorted batches by the forward's call cost itself."""
+        return self._packed_padded_tokens if self.packs_rows else None
+
+    def _packed_padded_tokens(self, batch: Sequence[Prepared]) -> int:
+        return self._layout([len(p.rows[0]) for p in batch]).padded_tokens
+
+    def _layout(self, lengths: Sequence[int]) -> PackedLayout:
+        return pack(tuple(lengths), self._span, self._max_width)
+
+    def _scores(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        ids, mask = pad_right(rows, self._pad_id, self.device)
+        return self._model(input_ids=ids, attention_mask=mask).logits[:, 0].float()  # (B,)
+
+    def _scores_packed(
+        self, rows: Sequence[Sequence[int]], layout: PackedLayout, position_offset: int
+    ) -> torch.Tensor:
+        head = self._head
+        assert head is not None
+        mask_dtype = torch.bool if head.boolean_mask else self._model.dtype
+        packed = packed_batch(
+            rows, layout, self._pad_id, position_offset, mask_dtype, self.device, head.causal
+        )
+        return head.scores(packed, head.read_offsets(rows, self._pad_id)).float()  # (N,)
+
+    @torch.inference_mode()
+    def _packing_offset(self) -> int | None:
+        """Whether (and with which position offset) this model scores packed rows as it
+        scores them alone; packing is off where it does not."""
+        rows = [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in _PACKING_PROBE]
+        return packing_position_offset(
+            self._scores_packed,
+            self._scores,
+            rows,
+            offsets=(0, self._pad_id + 1),
+            tolerance=_PACKING_TOLERANCE[self._spec.dtype],
+            max_positions=self._max_width,
+        )
+
     @torch.inference_mode()
     def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
-        ids, mask = pad_right([p.rows[0] for p in batch], self._pad_id, self.device)
-        scores = self._model(input_ids=ids, attention_mask=mask).logits[:, 0]  # (B,)
-        values = scores.float().cpu().tolist()
+        rows = [p.rows[0] for p in batch]
+        if self._position_offset is None:
+            scores = self._scores(rows)
+        else:
+            layout = self._layout([len(row) for row in rows])
+            scores = self._scores_packed(rows, layout, self._position_offset)
+        values = scores.cpu().tolist()
         if self.role == "holistic":
             return [HolisticScore(v, p.truncated) for v, p in zip(values, batch, strict=True)]
         return [
@@ -92,4 +166,5 @@ class SequenceScalarModel:
         return {
             **runtime_details(self._model.config, self._spec.compile),
             "pad_token_id": self._pad_id,
+            "packs_rows": self.packs_rows,
         }

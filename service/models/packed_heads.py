@@ -1,0 +1,124 @@
+"""How a scalar reward model's head reads packed rows: which token, through which layers.
+
+transformers' sequence-classification models pool inside `forward`, at a fixed place of a
+padded row: the first token (BERT, RoBERTa, DeBERTa) or the last non-pad one (decoders).
+Packed rows (`row_packing`) put many rows in one, so the backbone runs packed and the head
+runs here on each row's own token. Which head a model has is read from its modules; a
+head not listed here leaves rows unpacked, and the load check in `SequenceScalarModel`
+compares packed scores with unpacked ones before any is served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from service.models.row_packing import PackedBatch
+
+
+@dataclass(frozen=True)
+class PackedScalarHead:
+    """A backbone run on packed rows, and the head that scores each row's pooled token."""
+
+    reads_last_token: bool  # decoders: the last non-pad token; encoders: the first token
+    causal: bool
+    boolean_mask: bool  # the backbone takes a True-may-attend mask, not an additive one
+    hidden: Callable[[PackedBatch], torch.Tensor]  # (B, W, H)
+    head: Callable[[torch.Tensor], torch.Tensor]  # (N, 1, H) -> (N, 1) logits
+
+    def read_offsets(self, rows: Sequence[Sequence[int]], pad_id: int) -> list[int]:
+        """Where in each row the head reads: transformers reads a decoder at its rightmost
+        token that is not the pad id (0 if every token is), an encoder at its first."""
+        if not self.reads_last_token:
+            return [0] * len(rows)
+        offsets = []
+        for row in rows:
+            last = len(row) - 1
+            while last > 0 and row[last] == pad_id:
+                last -= 1
+            offsets.append(last)
+        return offsets
+
+    def scores(self, packed: PackedBatch, offsets: Sequence[int]) -> torch.Tensor:
+        """(N,) each row's score, read at its own token."""
+        hidden = self.hidden(packed)  # (B, W, H)
+        cells = packed.row_start + torch.tensor(offsets, device=packed.row_start.device)
+        read = hidden.reshape(-1, hidden.shape[-1])[cells]  # (N, H)
+        return self.head(read[:, None, :])[:, 0]
+
+
+def packed_scalar_head(model: Any) -> PackedScalarHead | None:
+    """The packed head of a sequence-classification model, or None for heads not listed."""
+    base = getattr(model, "base_model", None)
+    if base is None:
+        return None
+    classifier = getattr(model, "classifier", None)
+    score = getattr(model, "score", None)
+    if isinstance(score, torch.nn.Linear):  # Llama, Qwen, Mistral, Gemma, GPT-2, ...
+        return PackedScalarHead(
+            reads_last_token=True,
+            causal=True,
+            boolean_mask=False,
+            hidden=lambda p: (
+                base(
+                    input_ids=p.input_ids,
+                    attention_mask=p.attention_mask,
+                    position_ids=p.position_ids,
+                    use_cache=False,
+                ).last_hidden_state
+            ),
+            head=lambda h: score(h[:, 0]),
+        )
+    pooler = getattr(model, "pooler", None)
+    if pooler is not None and isinstance(classifier, torch.nn.Linear):  # DeBERTa(-v2)
+        if getattr(base, "z_steps", 0) > 1 or not hasattr(base, "encoder"):
+            return None
+        return PackedScalarHead(
+            reads_last_token=False,
+            causal=False,
+            boolean_mask=True,
+            hidden=lambda p: _deberta_hidden(base, p),
+            head=lambda h: classifier(pooler(h)),
+        )
+    base_pooler = getattr(base, "pooler", None)
+    if base_pooler is not None and isinstance(classifier, torch.nn.Linear):  # BERT
+        return PackedScalarHead(
+            reads_last_token=False,
+            causal=False,
+            boolean_mask=False,
+            hidden=lambda p: _encoder_hidden(base, p),
+            head=lambda h: classifier(base_pooler(h)),
+        )
+    if classifier is not None and hasattr(classifier, "out_proj"):  # RoBERTa, XLM-R, ELECTRA
+        return PackedScalarHead(
+            reads_last_token=False,
+            causal=False,
+            boolean_mask=False,
+            hidden=lambda p: _encoder_hidden(base, p),
+            head=classifier,
+        )
+    return None
+
+
+def _encoder_hidden(base: Any, packed: PackedBatch) -> torch.Tensor:
+    return base(
+        input_ids=packed.input_ids,
+        attention_mask=packed.attention_mask,
+        position_ids=packed.position_ids,
+    ).last_hidden_state
+
+
+def _deberta_hidden(base: Any, packed: PackedBatch) -> torch.Tensor:
+    """DeBERTa's model hands one mask to its embeddings (a (B, W) token mask) and to its
+    encoder, so the two are called apart. Its relative positions depend on the distance
+    between two tokens only, the same within a packed row as alone."""
+    tokens = packed.row_of_token.view(packed.input_ids.shape) < packed.row_start.numel()
+    embedded = base.embeddings(
+        input_ids=packed.input_ids, position_ids=packed.position_ids, mask=tokens.long()
+    )
+    return base.encoder(
+        embedded, packed.attention_mask, output_hidden_states=False
+    ).last_hidden_state

@@ -1,0 +1,124 @@
+"""Scalar reward models scoring packed rows: each head reads its row's own token, so a
+packed batch scores as every row does alone, and a head not listed stays unpacked."""
+
+import dataclasses
+import types
+
+import pytest
+import torch
+
+from benchmarks.workload import load_items
+from service.models import EncodingMemo
+from service.models.packed_heads import packed_scalar_head
+from service.models.row_packing import PackedLayout, packed_batch
+from tests import tiny_models
+from tests.test_models import load_holistic
+
+REL, ABS = 1e-5, 1e-6  # packed against alone; the rounding seen is ~1e-8
+
+
+@pytest.fixture(scope="module")
+def scalar_rms(tiny_paths, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("scalar-rms")
+    return {
+        "llama": str(tiny_paths["llama_rm"]),
+        "deberta": str(tiny_paths["deberta_rm"]),
+        "bert": str(tiny_models.build_encoder_scalar_rm(root / "bert", "bert")),
+        "roberta": str(tiny_models.build_encoder_scalar_rm(root / "roberta", "roberta")),
+    }
+
+
+def _holistic(path: str, tmp_path, **extra):
+    spec = {"name": "h", "kind": "sequence_scalar", "path": path, "device": "cpu"}
+    return load_holistic({**spec, "max_length": 256, **extra}, tmp_path)
+
+
+def _short_items(count: int) -> list[tuple[str, str]]:
+    """qa-feedback pairs cut to mixed lengths of at most ~200 bytes: short enough for the
+    tiny models' byte tokens to share bins."""
+    items = load_items(count)
+    return [(i["prompt"][:60], i["response"][: 10 + 13 * (k % 11)]) for k, i in enumerate(items)]
+
+
+def _raw(model, prepared) -> list[float]:
+    return [score.raw for score in model.run(prepared)]
+
+
+@pytest.mark.parametrize("family", ["llama", "deberta", "bert", "roberta"])
+def test_a_packed_batch_scores_as_each_row_alone_unpacked(family, scalar_rms, tmp_path):
+    packed = _holistic(scalar_rms[family], tmp_path)
+    unpacked = _holistic(scalar_rms[family], tmp_path, pack_rows=False)
+    assert packed.describe()["packs_rows"] and not unpacked.describe()["packs_rows"]
+    assert packed.fingerprint == unpacked.fingerprint  # how it runs, not what it scores
+    assert unpacked.padded_tokens is None  # the batcher cuts its batches, as before packing
+    memo = EncodingMemo()
+    prepared = [packed.prepare(p, r, memo) for p, r in _short_items(24)]
+    alone = [_raw(unpacked, [p])[0] for p in prepared]
+    for size in (1, 5, 24):
+        together = [v for s in range(0, 24, size) for v in _raw(packed, prepared[s : s + size])]
+        assert together == pytest.approx(alone, rel=REL, abs=ABS)
+    layout = packed._layout([len(p.rows[0]) for p in prepared])
+    assert len(layout.bins) < 24  # rows really share bins
+    assert packed.padded_tokens(prepared) == layout.padded_tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "deberta", "bert", "roberta"])
+def test_the_comparison_would_see_rows_attending_to_each_other(family, scalar_rms, tmp_path):
+    """The tolerance above is far below what one row's tokens change in another's score:
+    the same packed forward with rows left to see each other scores differently (the tiny
+    DeBERTa's scores barely vary, so the margin is relative to the tolerance)."""
+    model = _holistic(scalar_rms[family], tmp_path)
+    memo = EncodingMemo()
+    rows = [model.prepare(p, r, memo).rows[0] for p, r in _short_items(6)]
+    layout = PackedLayout(sum(map(len, rows)), (tuple(range(6)),))
+    head = model._head
+    dtype = torch.bool if head.boolean_mask else torch.float32
+    batch = packed_batch(rows, layout, model._pad_id, model._position_offset, dtype, "cpu")
+    offsets = head.read_offsets(rows, model._pad_id)
+    seen = torch.ones(layout.width, layout.width, dtype=torch.bool)  # every row, every row
+    if head.causal:
+        seen = seen.tril()
+    leaking = seen if head.boolean_mask else torch.zeros(seen.shape).masked_fill(~seen, -1e30)
+    with torch.inference_mode():
+        apart = head.scores(batch, offsets)
+        mixed = head.scores(dataclasses.replace(batch, attention_mask=leaking[None, None]), offsets)
+    tolerance = ABS + REL * apart.abs()
+    assert ((apart - mixed).abs() > 10 * tolerance).any()
+
+
+def test_a_decoder_reads_its_last_token_that_is_not_padding(scalar_rms, tmp_path):
+    """transformers reads a decoder row at its rightmost non-pad token: a row that ends in
+    pad ids (a template closing with the pad token) is read before them, packed or not."""
+    template = "Human: {prompt}\nAssistant: {response}<pad><pad>"
+    packed = _holistic(scalar_rms["llama"], tmp_path, template=template)
+    unpacked = _holistic(scalar_rms["llama"], tmp_path, template=template, pack_rows=False)
+    memo = EncodingMemo()
+    prepared = [packed.prepare(p, r, memo) for p, r in _short_items(8)]
+    assert all(p.rows[0][-2:] == (packed._pad_id,) * 2 for p in prepared)
+    assert packed._head.read_offsets([p.rows[0] for p in prepared], packed._pad_id) == [
+        len(p.rows[0]) - 3 for p in prepared
+    ]
+    assert packed.packs_rows
+    assert _raw(packed, prepared) == pytest.approx(
+        [_raw(unpacked, [p])[0] for p in prepared], rel=REL, abs=ABS
+    )
+
+
+def test_read_offsets_follow_transformers_rule():
+    decoder = packed_scalar_head(
+        types.SimpleNamespace(base_model=object(), score=torch.nn.Linear(2, 1))
+    )
+    assert decoder is not None and decoder.causal
+    assert decoder.read_offsets([(5, 6, 0), (5,), (0, 0), (7, 0, 8)], pad_id=0) == [1, 0, 0, 2]
+
+
+def test_a_head_not_listed_is_not_packed():
+    assert packed_scalar_head(types.SimpleNamespace(classifier=torch.nn.Linear(2, 1))) is None
+    unlisted = types.SimpleNamespace(base_model=object(), classifier=torch.nn.Sequential())
+    assert packed_scalar_head(unlisted) is None
+
+
+def test_a_compiled_model_runs_unpacked(scalar_rms, tmp_path):
+    """The packed path calls the backbone apart from the compiled module: not combined."""
+    fast = _holistic(scalar_rms["bert"], tmp_path, compile=True)
+    assert fast.describe()["compiled"] and not fast.packs_rows
