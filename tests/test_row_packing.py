@@ -15,6 +15,7 @@ from service.models.row_packing import (
     pack,
     pack_to_width,
     packed_batch,
+    packed_forwards,
     packing_position_offset,
 )
 from tests import tiny_models
@@ -57,6 +58,27 @@ def test_bins_are_no_wider_than_the_positions_table_allows():
     assert pack((5, 5, 4), span=10**6, max_width=14) == PackedLayout(14, ((0, 1, 2),))
     assert pack((5, 5, 4), span=10**6, max_width=10).width == 5  # 15 tokens, not 14
     assert pack((30, 5), span=10**6, max_width=10).width == 30  # one row longer: its width
+
+
+def test_mixed_lengths_pack_into_one_forward():
+    lengths = (30, 4, 12, 25, 7, 18, 3, 9)
+    ((rows, layout),) = packed_forwards(lengths, span=1152, max_width=512, overhead_tokens=64)
+    assert rows == tuple(range(8)) and layout == pack(lengths, 1152, 512)
+
+
+def test_like_lengths_are_cut_where_one_width_would_pad_them_all():
+    """64 rows of 49 to 58 tokens: one width pads each to 58 (0.89 real / padded); cut
+    shortest first, each forward pads to its own longest."""
+    lengths = tuple(49 + (i * 7) % 10 for i in range(64))
+    forwards = packed_forwards(lengths, span=1152, max_width=512, overhead_tokens=64)
+    assert len(forwards) > 1
+    assert sorted(i for rows, _ in forwards for i in rows) == list(range(64))
+    for rows, layout in forwards:
+        assert layout == pack(tuple(lengths[i] for i in rows), 1152, 512)
+    whole = pack(lengths, 1152, 512)
+    padded = sum(layout.padded_tokens for _, layout in forwards)
+    assert padded < whole.padded_tokens
+    assert sum(lengths) / padded > 0.95 > sum(lengths) / whole.padded_tokens
 
 
 def test_packed_batch_lays_rows_end_to_end_with_restarting_positions():
@@ -149,7 +171,8 @@ def test_minilm_packs_its_rows_and_scores_as_unpacked_on_qa_feedback(tiny_paths,
             assert _cosines(packed, batch) == pytest.approx(_cosines(unpacked, batch), abs=1e-4)
     rows = [len(row) for p in prepared for row in p.rows]
     padded = packed.padded_tokens(prepared)
-    assert padded == pack(tuple(rows), packed._span, packed._max_width).padded_tokens
+    forwards = packed_forwards(tuple(rows), packed._span, packed._max_width, 64)
+    assert padded == sum(layout.padded_tokens for _, layout in forwards)
     assert sum(rows) <= padded < unpacked.padded_tokens(prepared)
 
 

@@ -18,7 +18,14 @@ from service.config import (
     SequenceScalarAspect,
     SequenceScalarHolistic,
 )
-from service.models.base import AspectScore, HolisticScore, ModelOutput, Prepared, RewardModel
+from service.models.base import (
+    AspectScore,
+    HolisticScore,
+    ModelOutput,
+    Prepared,
+    RewardModel,
+    Role,
+)
 from service.models.encoding_memo import EncodingMemo
 from service.models.loading import call_overhead_tokens, place
 from service.models.packaged import resolve_model_path
@@ -57,9 +64,9 @@ def _build(spec: ModelSpec, index: int, cache_dir: Path, batching: BatchingConfi
     if isinstance(spec, SequenceScalarHolistic | SequenceScalarAspect):
         from service.models.sequence_scalar import SequenceScalarModel
 
-        if isinstance(spec, SequenceScalarHolistic):
-            return SequenceScalarModel(spec, "holistic", path, device)
-        return SequenceScalarModel(spec, "aspect", path, device)
+        overhead = call_overhead_tokens(device, batching)
+        role: Role = "holistic" if isinstance(spec, SequenceScalarHolistic) else "aspect"
+        return SequenceScalarModel(spec, role, path, device, overhead)
     if isinstance(spec, LmLikelihoodHolistic):
         from service.models.lm_likelihood import LmLikelihoodModel
 

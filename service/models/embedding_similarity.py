@@ -30,12 +30,14 @@ from service.models.loading import (
     truncate_keeping_specials,
 )
 from service.models.row_packing import (
+    Forwards,
     PackedLayout,
     attention_span,
     mean_pooled,
-    pack,
     packed_batch,
+    packed_forwards,
     packing_position_offset,
+    takes_boolean_mask,
 )
 from service.segmentation import split_spans
 
@@ -93,11 +95,11 @@ class EmbeddingSimilarityModel:
     def padded_tokens(self, batch: Sequence[Prepared]) -> int:
         lengths = [len(row) for p in batch for row in p.rows]
         if self.packs_rows:
-            return self._layout(lengths).padded_tokens
+            return sum(layout.padded_tokens for _, layout in self._forwards(lengths))
         return chunked_padded_tokens(lengths, self._overhead_tokens)
 
-    def _layout(self, lengths: Sequence[int]) -> PackedLayout:
-        return pack(tuple(lengths), self._span, self._max_width)
+    def _forwards(self, lengths: Sequence[int]) -> Forwards:
+        return packed_forwards(tuple(lengths), self._span, self._max_width, self._overhead_tokens)
 
     def _embed(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         ids, mask = pad_right(rows, self._pad_id, self.device)
@@ -119,7 +121,7 @@ class EmbeddingSimilarityModel:
     def _embed_packed(
         self, rows: Sequence[Sequence[int]], layout: PackedLayout, position_offset: int
     ) -> torch.Tensor:
-        dtype = self._model.dtype
+        dtype = torch.bool if takes_boolean_mask(self._model.config) else self._model.dtype
         packed = packed_batch(rows, layout, self._pad_id, position_offset, dtype, self.device)
         hidden = self._model(
             input_ids=packed.input_ids,
@@ -128,6 +130,19 @@ class EmbeddingSimilarityModel:
         ).last_hidden_state  # (B, W, H)
         pooled = mean_pooled(hidden, packed, len(rows))  # (N, H)
         return torch.nn.functional.normalize(pooled, dim=-1).cpu()
+
+    def _embed_forwards(self, rows: Sequence[Sequence[int]], position_offset: int) -> torch.Tensor:
+        forwards = self._forwards([len(row) for row in rows])
+        parts = [
+            self._embed_packed([rows[i] for i in indices], layout, position_offset)
+            for indices, layout in forwards
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        embeddings = torch.empty(len(rows), parts[0].shape[-1])
+        for (indices, _), part in zip(forwards, parts, strict=True):
+            embeddings[list(indices)] = part
+        return embeddings
 
     @torch.inference_mode()
     def _packing_offset(self) -> int | None:
@@ -149,8 +164,7 @@ class EmbeddingSimilarityModel:
         if self._position_offset is None:
             embeddings = self._embed_sorted_chunks(all_rows)
         else:
-            layout = self._layout([len(row) for row in all_rows])
-            embeddings = self._embed_packed(all_rows, layout, self._position_offset)
+            embeddings = self._embed_forwards(all_rows, self._position_offset)
         results: list[ModelOutput] = []
         first = 0
         for p in batch:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from service.models.row_packing import PackedBatch
+from service.models.row_packing import PackedBatch, takes_boolean_mask
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class PackedScalarHead:
 
     reads_last_token: bool  # decoders: the last non-pad token; encoders: the first token
     causal: bool
-    boolean_mask: bool  # the backbone takes a True-may-attend mask, not an additive one
+    boolean_mask: bool  # the backbone takes a True-may-attend mask (DeBERTa's, SDPA's)
     hidden: Callable[[PackedBatch], torch.Tensor]  # (B, W, H)
     head: Callable[[torch.Tensor], torch.Tensor]  # (N, 1, H) -> (N, 1) logits
 
@@ -57,11 +57,12 @@ def packed_scalar_head(model: Any) -> PackedScalarHead | None:
         return None
     classifier = getattr(model, "classifier", None)
     score = getattr(model, "score", None)
+    boolean = takes_boolean_mask(getattr(model, "config", None))
     if isinstance(score, torch.nn.Linear):  # Llama, Qwen, Mistral, Gemma, GPT-2, ...
         return PackedScalarHead(
             reads_last_token=True,
             causal=True,
-            boolean_mask=False,
+            boolean_mask=boolean,
             hidden=lambda p: (
                 base(
                     input_ids=p.input_ids,
@@ -88,7 +89,7 @@ def packed_scalar_head(model: Any) -> PackedScalarHead | None:
         return PackedScalarHead(
             reads_last_token=False,
             causal=False,
-            boolean_mask=False,
+            boolean_mask=boolean,
             hidden=lambda p: _encoder_hidden(base, p),
             head=lambda h: classifier(base_pooler(h)),
         )
@@ -96,7 +97,7 @@ def packed_scalar_head(model: Any) -> PackedScalarHead | None:
         return PackedScalarHead(
             reads_last_token=False,
             causal=False,
-            boolean_mask=False,
+            boolean_mask=boolean,
             hidden=lambda p: _encoder_hidden(base, p),
             head=classifier,
         )

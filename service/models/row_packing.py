@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from service.models.loading import length_sorted_chunks
+
 log = logging.getLogger(__name__)
 
 
@@ -81,6 +83,38 @@ def pack(lengths: tuple[int, ...], span: int, max_width: int) -> PackedLayout:
     return best[1]
 
 
+Forwards = tuple[tuple[tuple[int, ...], PackedLayout], ...]  # (rows, their layout) per forward
+
+
+@functools.lru_cache(maxsize=256)
+def packed_forwards(
+    lengths: tuple[int, ...], span: int, max_width: int, overhead_tokens: int
+) -> Forwards:
+    """The forwards that run rows of these lengths: all packed in one, or cut shortest first
+    where a forward call costs less than the padding it saves (`length_sorted_chunks`),
+    each cut packed, whichever is estimated cheaper (a call: `overhead_tokens` + padded
+    tokens x (1 + width / `span`)).
+
+    One forward wins on mixed lengths; cuts win on a batch of like lengths (what a server
+    sorting a thousand pending items hands over), which no single width packs tightly: on
+    the benchmark's holistic rows, 0.95 real / padded tokens in one forward per 64 sorted
+    rows against 0.99 cut. Cached like `pack`: the batcher and the forward share it.
+    """
+    whole = pack(lengths, span, max_width)
+    chunks = length_sorted_chunks(lengths, overhead_tokens)
+    if len(chunks) > 1:
+        cut = tuple((tuple(c), pack(tuple(lengths[i] for i in c), span, max_width)) for c in chunks)
+        if sum(_call_cost(layout, span, overhead_tokens) for _, layout in cut) < _call_cost(
+            whole, span, overhead_tokens
+        ):
+            return cut
+    return ((tuple(range(len(lengths))), whole),)
+
+
+def _call_cost(layout: PackedLayout, span: int, overhead_tokens: int) -> float:
+    return overhead_tokens + layout.padded_tokens * (1 + layout.width / span)
+
+
 def _best_fit_decreasing(lengths: Sequence[int], width: int) -> list[list[int]]:
     """Rows longest first, each into the fullest bin it fits in (a new bin if none)."""
     rooms: list[tuple[int, int]] = []  # (room left, bin), ascending
@@ -98,6 +132,15 @@ def _best_fit_decreasing(lengths: Sequence[int], width: int) -> list[list[int]]:
         if room > 0:
             bisect.insort(rooms, (room, where))
     return bins
+
+
+def takes_boolean_mask(model_config: object) -> bool:
+    """Whether the packed mask goes in as booleans (True: may attend), not additive floats.
+
+    PyTorch's SDPA takes either; with booleans the benchmark's MiniLM ran 4 to 5 % faster
+    (a packed batch of 64 holistic rows on a 2-core CPU: 623 against 650 ms, about what no
+    mask at all costs). Eager attention adds the mask to its scores: floats there."""
+    return getattr(model_config, "_attn_implementation", None) == "sdpa"
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,11 @@ from service.models.loading import (
 )
 from service.models.packed_heads import packed_scalar_head
 from service.models.row_packing import (
+    Forwards,
     PackedLayout,
     attention_span,
-    pack,
     packed_batch,
+    packed_forwards,
     packing_position_offset,
 )
 
@@ -55,6 +56,7 @@ class SequenceScalarModel:
         role: Role,
         resolved_path: str,
         device: str,
+        overhead_tokens: int,  # what a forward call costs, in tokens: packed rows are cut by it
     ) -> None:
         from transformers import AutoModelForSequenceClassification
 
@@ -71,6 +73,7 @@ class SequenceScalarModel:
         self._pad_id = ensure_pad_token(self._tokenizer, self._model)
         self._special_ids = set(self._tokenizer.all_special_ids)
         self._shared_tokenizer = SharedTokenizer(self._tokenizer)
+        self._overhead_tokens = overhead_tokens
         config = self._model.config
         self._span = attention_span(int(getattr(config, "hidden_size", 768)))
         self._max_width = int(getattr(config, "max_position_embeddings", spec.max_length))
@@ -112,10 +115,11 @@ class SequenceScalarModel:
         return self._packed_padded_tokens if self.packs_rows else None
 
     def _packed_padded_tokens(self, batch: Sequence[Prepared]) -> int:
-        return self._layout([len(p.rows[0]) for p in batch]).padded_tokens
+        lengths = [len(p.rows[0]) for p in batch]
+        return sum(layout.padded_tokens for _, layout in self._forwards(lengths))
 
-    def _layout(self, lengths: Sequence[int]) -> PackedLayout:
-        return pack(tuple(lengths), self._span, self._max_width)
+    def _forwards(self, lengths: Sequence[int]) -> Forwards:
+        return packed_forwards(tuple(lengths), self._span, self._max_width, self._overhead_tokens)
 
     def _scores(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         ids, mask = pad_right(rows, self._pad_id, self.device)
@@ -152,8 +156,12 @@ class SequenceScalarModel:
         if self._position_offset is None:
             scores = self._scores(rows)
         else:
-            layout = self._layout([len(row) for row in rows])
-            scores = self._scores_packed(rows, layout, self._position_offset)
+            scores = torch.empty(len(rows))
+            for indices, layout in self._forwards([len(row) for row in rows]):
+                part = self._scores_packed(
+                    [rows[i] for i in indices], layout, self._position_offset
+                )
+                scores[list(indices)] = part.cpu()
         values = scores.cpu().tolist()
         if self.role == "holistic":
             return [HolisticScore(v, p.truncated) for v, p in zip(values, batch, strict=True)]
