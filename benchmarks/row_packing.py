@@ -137,7 +137,7 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "alarm-serve")
     parser.add_argument("--sizes", default="1,8,64", help="items per batch, comma-separated")
-    parser.add_argument("--items", type=int, default=128, help="workload items per round")
+    parser.add_argument("--items", type=int, default=256, help="workload items per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()

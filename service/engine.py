@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from service.batching import BatchLimits, BatchStats, DropReason, MicroBatcher
+from service.coalesced_calls import CoalescedCalls
 from service.combine import CombinedReward, CombineMode, combine_response
 from service.config import RewardConfig
 from service.device_turns import DeviceTurns
@@ -286,6 +287,7 @@ class RewardEngine:
         deadline: float | None,
         keys: Sequence[bytes] | None,
         memo: EncodingMemo,
+        prepare_calls: CoalescedCalls,
     ) -> list[ModelOutput]:
         """One model's outputs for `items`: from the cache where it has them, the rest
         scored once per distinct item (`keys=None`: no cache, every item scored)."""
@@ -293,7 +295,7 @@ class RewardEngine:
             self._metrics.observe_dropped(model.name, "deadline", len(items))
             raise DeadlineExceeded("the request's deadline passed before scoring started")
         if keys is None:
-            return await self._run_model(model, items, owner, deadline, memo)
+            return await self._run_model(model, items, owner, deadline, memo, prepare_calls)
         cache = self._caches[model.name]
         outputs: list[ModelOutput | None] = [cache.get(key) for key in keys]
         misses: dict[bytes, list[int]] = {}
@@ -307,7 +309,7 @@ class RewardEngine:
         self._metrics.labelled(self._metrics.cache_lookups, model.name, "miss").inc(missed)
         if misses:
             missed_items = [items[indices[0]] for indices in misses.values()]
-            fresh = await self._run_model(model, missed_items, owner, deadline, memo)
+            fresh = await self._run_model(model, missed_items, owner, deadline, memo, prepare_calls)
             for (key, indices), output in zip(misses.items(), fresh, strict=True):
                 cache.put(key, output)
                 for index in indices:
@@ -321,13 +323,16 @@ class RewardEngine:
         owner: str,
         deadline: float | None,
         memo: EncodingMemo,
+        prepare_calls: CoalescedCalls,
     ) -> list[ModelOutput]:
         if model.device == HOST_DEVICE:
             return await self._run_on_host(model, items, memo)
         batcher = self._batchers[model.name]
         batcher.announce(len(items))  # so that a batch forming now waits for these
         try:
-            prepared = await self._tokenize_pool.run(self._prepare_all, model, items, memo)
+            prepared = await prepare_calls.run(
+                functools.partial(self._prepare_all, model, items, memo)
+            )
         except asyncio.CancelledError:  # the caller left while its items were tokenised
             batcher.withdraw(len(items))
             self._metrics.observe_dropped(model.name, "cancelled", len(items))
@@ -452,8 +457,12 @@ class RewardEngine:
         keys: Sequence[bytes] | None = None,
     ) -> list[ScoredItem]:
         memo = EncodingMemo()
+        prepare_calls = CoalescedCalls(self._tokenize_pool)  # every model's inputs in one call
         per_model = await asyncio.gather(
-            *(self._score_with(m, items, owner, deadline, keys, memo) for m in self._models),
+            *(
+                self._score_with(m, items, owner, deadline, keys, memo, prepare_calls)
+                for m in self._models
+            ),
             return_exceptions=True,
         )
         self._metrics.observe_encodings(memo.encoded, memo.reused)
