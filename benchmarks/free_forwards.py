@@ -42,8 +42,12 @@ class FreeNetwork:
     ) -> SimpleNamespace:
         rows, length = input_ids.shape
         if self._output == "logits":
-            return SimpleNamespace(logits=torch.zeros(rows, self.config.num_labels))
-        return SimpleNamespace(last_hidden_state=torch.ones(rows, length, EMBEDDING_WIDTH))
+            return SimpleNamespace(
+                logits=torch.zeros(rows, self.config.num_labels, device=input_ids.device)
+            )
+        return SimpleNamespace(
+            last_hidden_state=torch.ones(rows, length, EMBEDDING_WIDTH, device=input_ids.device)
+        )
 
 
 # What each adapter kind reads from its network's output.
@@ -62,13 +66,15 @@ def make_forwards_free(models: list[RewardModel]) -> list[RewardModel]:
         head: PackedScalarHead | None = getattr(model, "_head", None)
         if head is not None:  # packed rows: the backbone and the head are called apart
             model._head = dataclasses.replace(  # type: ignore[attr-defined]
-                head, hidden=_free_packed_hidden, head=lambda read: torch.zeros(len(read), 1)
+                head,
+                hidden=_free_packed_hidden,
+                head=lambda read: torch.zeros(len(read), 1, device=read.device),
             )
     return models
 
 
 def _free_packed_hidden(packed: PackedBatch) -> torch.Tensor:
-    return torch.zeros(*packed.input_ids.shape, EMBEDDING_WIDTH)
+    return torch.zeros(*packed.input_ids.shape, EMBEDDING_WIDTH, device=packed.input_ids.device)
 
 
 def load_free_models(config: RewardConfig, cache_dir: Path) -> list[RewardModel]:

@@ -43,8 +43,12 @@ class CoalescedCalls:
         def settle(done: asyncio.Future[list[tuple[bool, Any]]]) -> None:
             if done.cancelled() or done.exception() is not None:  # the pool itself failed
                 for _, future in live:
-                    if not future.done():
-                        future.set_exception(done.exception() or asyncio.CancelledError())
+                    if future.done():
+                        continue
+                    if done.cancelled():
+                        future.cancel()
+                    else:
+                        future.set_exception(done.exception())  # type: ignore[arg-type]
                 return
             for (_, future), (ok, value) in zip(live, done.result(), strict=True):
                 if future.done():  # its caller left

@@ -58,6 +58,20 @@ async def test_one_failing_call_fails_its_own_caller_only(pool):
     assert isinstance(outcomes[1], ValueError)
 
 
+async def test_a_failing_thread_call_fails_every_caller_in_it():
+    class BrokenPool:
+        def run(self, function, *args):
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(RuntimeError("worker threads shut down"))
+            return future
+
+    calls = CoalescedCalls(BrokenPool())
+    outcomes = await asyncio.gather(
+        calls.run(lambda: 1), calls.run(lambda: 2), return_exceptions=True
+    )
+    assert [type(o) for o in outcomes] == [RuntimeError, RuntimeError]
+
+
 async def test_calls_in_later_turns_go_in_calls_of_their_own(pool):
     calls = CoalescedCalls(pool)
     assert await calls.run(lambda: 1) == 1

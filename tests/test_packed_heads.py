@@ -58,6 +58,7 @@ def test_a_packed_batch_scores_as_each_row_alone_unpacked(family, scalar_rms, tm
         together = [v for s in range(0, 24, size) for v in _raw(packed, prepared[s : s + size])]
         assert together == pytest.approx(alone, rel=REL, abs=ABS)
     forwards = packed._forwards([len(p.rows[0]) for p in prepared])
+    assert len(forwards) > 1  # the tiny models cut: `run` scatters each cut's scores back
     assert packed.padded_tokens(prepared) == sum(layout.padded_tokens for _, layout in forwards)
     # The tiny models' attention is dear beside their 64-wide layers, so their own layouts
     # keep rows apart: all 24 rows in one bin, end to end, score as alone too.
@@ -112,16 +113,55 @@ def test_a_decoder_reads_its_last_token_that_is_not_padding(scalar_rms, tmp_path
 
 def test_read_offsets_follow_transformers_rule():
     decoder = packed_scalar_head(
-        types.SimpleNamespace(base_model=object(), score=torch.nn.Linear(2, 1))
+        types.SimpleNamespace(base_model=object(), score=torch.nn.Linear(2, 1)), 512
     )
     assert decoder is not None and decoder.causal
     assert decoder.read_offsets([(5, 6, 0), (5,), (0, 0), (7, 0, 8)], pad_id=0) == [1, 0, 0, 2]
 
 
 def test_a_head_not_listed_is_not_packed():
-    assert packed_scalar_head(types.SimpleNamespace(classifier=torch.nn.Linear(2, 1))) is None
+    assert packed_scalar_head(types.SimpleNamespace(score=torch.nn.Linear(2, 1)), 512) is None
     unlisted = types.SimpleNamespace(base_model=object(), classifier=torch.nn.Sequential())
-    assert packed_scalar_head(unlisted) is None
+    assert packed_scalar_head(unlisted, 512) is None
+
+
+def test_a_decoder_whose_window_a_row_may_pass_is_not_packed():
+    """A custom 4-D mask replaces a sliding window (Mistral, Gemma): rows longer than the
+    window would score differently packed, and the load check's rows are short."""
+
+    def decoder(**config):
+        return types.SimpleNamespace(
+            base_model=object(), score=torch.nn.Linear(2, 1), config=types.SimpleNamespace(**config)
+        )
+
+    assert packed_scalar_head(decoder(sliding_window=256), 1024) is None
+    assert packed_scalar_head(decoder(sliding_window=4096), 1024) is not None
+    assert packed_scalar_head(decoder(sliding_window=256, use_sliding_window=False), 1024)
+    assert packed_scalar_head(decoder(sliding_window=None), 1024) is not None
+
+
+def test_a_batch_holding_the_pad_token_runs_unpacked_where_positions_skip_it(scalar_rms, tmp_path):
+    """RoBERTa-like models number positions over non-pad tokens only: a response holding a
+    literal pad token scores as alone, through the padded path."""
+    packed = _holistic(scalar_rms["roberta"], tmp_path)
+    unpacked = _holistic(scalar_rms["roberta"], tmp_path, pack_rows=False)
+    assert packed._position_offset == packed._pad_id + 1
+    pairs = [*_short_items(4), ("What is it?", "A <pad> token, in the middle.")]
+    prepared = [packed.prepare(p, r, EncodingMemo()) for p, r in pairs]
+    assert packed._pad_id in prepared[-1].rows[0]
+    alone = [_raw(unpacked, [p])[0] for p in prepared]
+    assert _raw(packed, prepared) == pytest.approx(alone, rel=REL, abs=ABS)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_an_additive_mask_scores_as_the_boolean_one(family, scalar_rms, tmp_path):
+    """Eager attention takes the packed mask as additive floats; SDPA takes either."""
+    model = _holistic(scalar_rms[family], tmp_path)
+    prepared = [model.prepare(p, r, EncodingMemo()) for p, r in _short_items(12)]
+    assert model._head.boolean_mask  # SDPA
+    boolean = _raw(model, prepared)
+    model._head = dataclasses.replace(model._head, boolean_mask=False)
+    assert _raw(model, prepared) == pytest.approx(boolean, rel=REL, abs=ABS)
 
 
 def test_a_compiled_model_runs_unpacked(scalar_rms, tmp_path):

@@ -33,6 +33,8 @@ from service.models.row_packing import (
     Forwards,
     PackedLayout,
     attention_span,
+    has_pad_inside,
+    max_bin_width,
     mean_pooled,
     packed_batch,
     packed_forwards,
@@ -71,7 +73,7 @@ class EmbeddingSimilarityModel:
         self._overhead_tokens = overhead_tokens
         config = self._model.config
         self._span = attention_span(int(getattr(config, "hidden_size", 768)))
-        self._max_width = int(getattr(config, "max_position_embeddings", spec.max_length))
+        self._max_width = max_bin_width(config, spec.max_length)
         self._position_offset = self._packing_offset() if spec.pack_rows else None
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
@@ -161,10 +163,11 @@ class EmbeddingSimilarityModel:
     @torch.inference_mode()
     def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
         all_rows = [row for p in batch for row in p.rows]
-        if self._position_offset is None:
+        offset = self._position_offset
+        if offset is None or (offset > 0 and has_pad_inside(all_rows, self._pad_id)):
             embeddings = self._embed_sorted_chunks(all_rows)
         else:
-            embeddings = self._embed_forwards(all_rows, self._position_offset)
+            embeddings = self._embed_forwards(all_rows, offset)
         results: list[ModelOutput] = []
         first = 0
         for p in batch:

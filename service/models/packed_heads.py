@@ -50,14 +50,20 @@ class PackedScalarHead:
         return self.head(read[:, None, :])[:, 0]
 
 
-def packed_scalar_head(model: Any) -> PackedScalarHead | None:
-    """The packed head of a sequence-classification model, or None for heads not listed."""
+def packed_scalar_head(model: Any, max_length: int) -> PackedScalarHead | None:
+    """The packed head of a sequence-classification model, or None for heads not listed and
+    for decoders with a sliding window narrower than a row may be (`max_length`): a custom
+    4-D mask replaces the window, and the load check's short rows would not show it."""
     base = getattr(model, "base_model", None)
     if base is None:
         return None
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < max_length and getattr(config, "use_sliding_window", True):
+        return None
     classifier = getattr(model, "classifier", None)
     score = getattr(model, "score", None)
-    boolean = takes_boolean_mask(getattr(model, "config", None))
+    boolean = takes_boolean_mask(config)
     if isinstance(score, torch.nn.Linear):  # Llama, Qwen, Mistral, Gemma, GPT-2, ...
         return PackedScalarHead(
             reads_last_token=True,

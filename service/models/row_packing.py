@@ -52,6 +52,23 @@ def attention_span(hidden_size: int) -> int:
 # Each try packs every row (~0.5 ms for 400 rows): a batch's layout costs a few ms at most.
 MAX_WIDTHS_TRIED = 8
 
+# No bin wider, unless one row is: a (bins, 1, W, W) mask and eager attention's scores grow
+# with W^2, and decoders' positions tables (32k and more) would not bound it.
+MAX_BIN_WIDTH = 1024
+
+
+def max_bin_width(model_config: object, max_length: int) -> int:
+    """Bins as wide as the positions table allows (BERT-like: a row's positions start
+    over, but the table bounds each row), at most MAX_BIN_WIDTH."""
+    return min(int(getattr(model_config, "max_position_embeddings", max_length)), MAX_BIN_WIDTH)
+
+
+def has_pad_inside(rows: Sequence[Sequence[int]], pad_id: int) -> bool:
+    """Whether a row holds the pad id among its tokens (a literal pad token in the text).
+    RoBERTa-like encoders count positions over non-pad tokens only; packed positions count
+    every token, so such a batch runs unpacked."""
+    return any(pad_id in row for row in rows)
+
 
 @functools.lru_cache(maxsize=256)
 def pack(lengths: tuple[int, ...], span: int, max_width: int) -> PackedLayout:

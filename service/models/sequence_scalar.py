@@ -33,6 +33,8 @@ from service.models.row_packing import (
     Forwards,
     PackedLayout,
     attention_span,
+    has_pad_inside,
+    max_bin_width,
     packed_batch,
     packed_forwards,
     packing_position_offset,
@@ -76,10 +78,12 @@ class SequenceScalarModel:
         self._overhead_tokens = overhead_tokens
         config = self._model.config
         self._span = attention_span(int(getattr(config, "hidden_size", 768)))
-        self._max_width = int(getattr(config, "max_position_embeddings", spec.max_length))
+        self._max_width = max_bin_width(config, spec.max_length)
         # Packed forwards call the backbone apart from the model: not with a compiled model.
         self._head = (
-            packed_scalar_head(self._model) if spec.pack_rows and not spec.compile else None
+            packed_scalar_head(self._model, spec.max_length)
+            if spec.pack_rows and not spec.compile
+            else None
         )
         self._position_offset = self._packing_offset() if self._head is not None else None
         if spec.compile:
@@ -145,7 +149,8 @@ class SequenceScalarModel:
             self._scores_packed,
             self._scores,
             rows,
-            offsets=(0, self._pad_id + 1),
+            # Decoders count from 0 (rotary positions would match at any offset, to rounding).
+            offsets=(0,) if self._head is not None and self._head.causal else (0, self._pad_id + 1),
             tolerance=_PACKING_TOLERANCE[self._spec.dtype],
             max_positions=self._max_width,
         )
@@ -153,15 +158,14 @@ class SequenceScalarModel:
     @torch.inference_mode()
     def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
         rows = [p.rows[0] for p in batch]
-        if self._position_offset is None:
+        offset = self._position_offset
+        if offset is None or (offset > 0 and has_pad_inside(rows, self._pad_id)):
             scores = self._scores(rows)
         else:
-            scores = torch.empty(len(rows))
+            scores = torch.empty(len(rows), device=self.device)
             for indices, layout in self._forwards([len(row) for row in rows]):
-                part = self._scores_packed(
-                    [rows[i] for i in indices], layout, self._position_offset
-                )
-                scores[list(indices)] = part.cpu()
+                part = self._scores_packed([rows[i] for i in indices], layout, offset)
+                scores[list(indices)] = part  # on the device: one copy to the host below
         values = scores.cpu().tolist()
         if self.role == "holistic":
             return [HolisticScore(v, p.truncated) for v, p in zip(values, batch, strict=True)]
