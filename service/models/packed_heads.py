@@ -83,31 +83,28 @@ def packed_scalar_head(model: Any, max_length: int) -> PackedScalarHead | None:
     if pooler is not None and isinstance(classifier, torch.nn.Linear):  # DeBERTa(-v2)
         if getattr(base, "z_steps", 0) > 1 or not hasattr(base, "encoder"):
             return None
-        return PackedScalarHead(
-            reads_last_token=False,
-            causal=False,
-            boolean_mask=True,
-            hidden=lambda p: _deberta_hidden(base, p),
-            head=lambda h: classifier(pooler(h)),
+        return _first_token_head(
+            lambda p: _deberta_hidden(base, p), lambda h: classifier(pooler(h)), True
         )
     base_pooler = getattr(base, "pooler", None)
     if base_pooler is not None and isinstance(classifier, torch.nn.Linear):  # BERT
-        return PackedScalarHead(
-            reads_last_token=False,
-            causal=False,
-            boolean_mask=boolean,
-            hidden=lambda p: _encoder_hidden(base, p),
-            head=lambda h: classifier(base_pooler(h)),
+        return _first_token_head(
+            lambda p: _encoder_hidden(base, p), lambda h: classifier(base_pooler(h)), boolean
         )
     if classifier is not None and hasattr(classifier, "out_proj"):  # RoBERTa, XLM-R, ELECTRA
-        return PackedScalarHead(
-            reads_last_token=False,
-            causal=False,
-            boolean_mask=boolean,
-            hidden=lambda p: _encoder_hidden(base, p),
-            head=classifier,
-        )
+        return _first_token_head(lambda p: _encoder_hidden(base, p), classifier, boolean)
     return None
+
+
+def _first_token_head(
+    hidden: Callable[[PackedBatch], torch.Tensor],
+    head: Callable[[torch.Tensor], torch.Tensor],
+    boolean_mask: bool,
+) -> PackedScalarHead:
+    """An encoder's head: it pools the first token of each row, which attends both ways."""
+    return PackedScalarHead(
+        reads_last_token=False, causal=False, boolean_mask=boolean_mask, hidden=hidden, head=head
+    )
 
 
 def _encoder_hidden(base: Any, packed: PackedBatch) -> torch.Tensor:
