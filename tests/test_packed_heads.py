@@ -57,7 +57,7 @@ def test_a_packed_batch_scores_as_each_row_alone_unpacked(family, scalar_rms, tm
     for size in (1, 5, 24):
         together = [v for s in range(0, 24, size) for v in _raw(packed, prepared[s : s + size])]
         assert together == pytest.approx(alone, rel=REL, abs=ABS)
-    forwards = packed._forwards([len(p.rows[0]) for p in prepared])
+    forwards = packed._packer.forwards([len(p.rows[0]) for p in prepared])
     assert len(forwards) > 1  # the tiny models cut: `run` scatters each cut's scores back
     assert packed.padded_tokens(prepared) == sum(layout.padded_tokens for _, layout in forwards)
     # The tiny models' attention is dear beside their 64-wide layers, so their own layouts
@@ -65,7 +65,7 @@ def test_a_packed_batch_scores_as_each_row_alone_unpacked(family, scalar_rms, tm
     rows = [p.rows[0] for p in prepared]
     one_bin = pack_to_width([len(row) for row in rows], sum(map(len, rows)))
     with torch.inference_mode():
-        in_one_bin = packed._scores_packed(rows, one_bin, packed._position_offset).tolist()
+        in_one_bin = packed._scores_packed(rows, one_bin, packed._packer.position_offset).tolist()
     assert in_one_bin == pytest.approx(alone, rel=REL, abs=ABS)
 
 
@@ -80,7 +80,7 @@ def test_the_comparison_would_see_rows_attending_to_each_other(family, scalar_rm
     layout = PackedLayout(sum(map(len, rows)), (tuple(range(6)),))
     head = model._head
     dtype = torch.bool if head.boolean_mask else torch.float32
-    batch = packed_batch(rows, layout, model._pad_id, model._position_offset, dtype, "cpu")
+    batch = packed_batch(rows, layout, model._pad_id, model._packer.position_offset, dtype, "cpu")
     offsets = head.read_offsets(rows, model._pad_id)
     seen = torch.ones(layout.width, layout.width, dtype=torch.bool)  # every row, every row
     if head.causal:
@@ -145,7 +145,7 @@ def test_a_batch_holding_the_pad_token_runs_unpacked_where_positions_skip_it(sca
     literal pad token scores as alone, through the padded path."""
     packed = _holistic(scalar_rms["roberta"], tmp_path)
     unpacked = _holistic(scalar_rms["roberta"], tmp_path, pack_rows=False)
-    assert packed._position_offset == packed._pad_id + 1
+    assert packed._packer.position_offset == packed._pad_id + 1
     pairs = [*_short_items(4), ("What is it?", "A <pad> token, in the middle.")]
     prepared = [packed.prepare(p, r, EncodingMemo()) for p, r in pairs]
     assert packed._pad_id in prepared[-1].rows[0]

@@ -171,7 +171,7 @@ def test_minilm_packs_its_rows_and_scores_as_unpacked_on_qa_feedback(tiny_paths,
             assert _cosines(packed, batch) == pytest.approx(_cosines(unpacked, batch), abs=1e-4)
     rows = [len(row) for p in prepared for row in p.rows]
     padded = packed.padded_tokens(prepared)
-    forwards = packed_forwards(tuple(rows), packed._span, packed._max_width, 64)
+    forwards = packed._packer.forwards(rows)
     assert padded == sum(layout.padded_tokens for _, layout in forwards)
     assert sum(rows) <= padded < unpacked.padded_tokens(prepared)
 
@@ -180,7 +180,7 @@ def test_an_encoder_counting_positions_from_the_pad_id_packs_at_that_offset(tiny
     path = str(tiny_models.build_roberta_encoder(tmp_path / "roberta"))
     packed = _relevance(path, tiny_paths, tmp_path)
     unpacked = _relevance(path, tiny_paths, tmp_path, pack_rows=False)
-    assert packed._position_offset == packed._pad_id + 1 == 2
+    assert packed._packer.position_offset == packed._pad_id + 1 == 2
     memo = EncodingMemo()
     prepared = [packed.prepare(i["prompt"], i["response"], memo) for i in load_items(8)]
     assert _cosines(packed, prepared) == pytest.approx(_cosines(unpacked, prepared), abs=1e-4)

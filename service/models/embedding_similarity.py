@@ -8,6 +8,7 @@ end (`row_packing`) where the encoder allows it, else cut into length-sorted for
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,14 +31,11 @@ from service.models.loading import (
     truncate_keeping_specials,
 )
 from service.models.row_packing import (
-    Forwards,
+    PACKING_TOLERANCE,
     PackedLayout,
-    attention_span,
-    has_pad_inside,
-    max_bin_width,
+    RowPacker,
     mean_pooled,
     packed_batch,
-    packed_forwards,
     packing_position_offset,
     takes_boolean_mask,
 )
@@ -45,7 +43,6 @@ from service.segmentation import split_spans
 
 # Rows whose packed embeddings must match their embeddings alone, at load.
 _PACKING_PROBE = ("Where is it?", "It is here, by the door.", "Yes.", "Over there, on the left.")
-_PACKING_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
 
 
 class EmbeddingSimilarityModel:
@@ -71,10 +68,12 @@ class EmbeddingSimilarityModel:
         if spec.compile:
             self._model = compiled(self._model, resolved_path, device)
         self._overhead_tokens = overhead_tokens
-        config = self._model.config
-        self._span = attention_span(int(getattr(config, "hidden_size", 768)))
-        self._max_width = max_bin_width(config, spec.max_length)
-        self._position_offset = self._packing_offset() if spec.pack_rows else None
+        self._packer = RowPacker.for_model(
+            self._model.config, spec.max_length, overhead_tokens, self._pad_id
+        )
+        if spec.pack_rows:
+            offset = self._packing_offset()
+            self._packer = dataclasses.replace(self._packer, position_offset=offset)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
     def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
@@ -92,16 +91,13 @@ class EmbeddingSimilarityModel:
 
     @property
     def packs_rows(self) -> bool:
-        return self._position_offset is not None
+        return self._packer.position_offset is not None
 
     def padded_tokens(self, batch: Sequence[Prepared]) -> int:
         lengths = [len(row) for p in batch for row in p.rows]
         if self.packs_rows:
-            return sum(layout.padded_tokens for _, layout in self._forwards(lengths))
+            return self._packer.padded_tokens(lengths)
         return chunked_padded_tokens(lengths, self._overhead_tokens)
-
-    def _forwards(self, lengths: Sequence[int]) -> Forwards:
-        return packed_forwards(tuple(lengths), self._span, self._max_width, self._overhead_tokens)
 
     def _embed(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         ids, mask = pad_right(rows, self._pad_id, self.device)
@@ -133,19 +129,6 @@ class EmbeddingSimilarityModel:
         pooled = mean_pooled(hidden, packed, len(rows))  # (N, H)
         return torch.nn.functional.normalize(pooled, dim=-1).cpu()
 
-    def _embed_forwards(self, rows: Sequence[Sequence[int]], position_offset: int) -> torch.Tensor:
-        forwards = self._forwards([len(row) for row in rows])
-        parts = [
-            self._embed_packed([rows[i] for i in indices], layout, position_offset)
-            for indices, layout in forwards
-        ]
-        if len(parts) == 1:
-            return parts[0]
-        embeddings = torch.empty(len(rows), parts[0].shape[-1])
-        for (indices, _), part in zip(forwards, parts, strict=True):
-            embeddings[list(indices)] = part
-        return embeddings
-
     @torch.inference_mode()
     def _packing_offset(self) -> int | None:
         """Whether (and with which position offset) this encoder embeds packed rows as it
@@ -156,18 +139,17 @@ class EmbeddingSimilarityModel:
             self._embed,
             rows,
             offsets=(0, self._pad_id + 1),
-            tolerance=_PACKING_TOLERANCE[self._spec.dtype],
-            max_positions=self._max_width,
+            tolerance=PACKING_TOLERANCE[self._spec.dtype],
+            max_positions=self._packer.max_width,
         )
 
     @torch.inference_mode()
     def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
         all_rows = [row for p in batch for row in p.rows]
-        offset = self._position_offset
-        if offset is None or (offset > 0 and has_pad_inside(all_rows, self._pad_id)):
-            embeddings = self._embed_sorted_chunks(all_rows)
+        if self._packer.packs(all_rows):
+            embeddings = self._packer.run(all_rows, self._embed_packed)
         else:
-            embeddings = self._embed_forwards(all_rows, offset)
+            embeddings = self._embed_sorted_chunks(all_rows)
         results: list[ModelOutput] = []
         first = 0
         for p in batch:

@@ -63,13 +63,6 @@ def max_bin_width(model_config: object, max_length: int) -> int:
     return min(int(getattr(model_config, "max_position_embeddings", max_length)), MAX_BIN_WIDTH)
 
 
-def has_pad_inside(rows: Sequence[Sequence[int]], pad_id: int) -> bool:
-    """Whether a row holds the pad id among its tokens (a literal pad token in the text).
-    RoBERTa-like encoders count positions over non-pad tokens only; packed positions count
-    every token, so such a batch runs unpacked."""
-    return any(pad_id in row for row in rows)
-
-
 @functools.lru_cache(maxsize=256)
 def pack(lengths: tuple[int, ...], span: int, max_width: int) -> PackedLayout:
     """The layout of least estimated cost: padded tokens x (1 + width / `span`).
@@ -130,6 +123,63 @@ def packed_forwards(
 
 def _call_cost(layout: PackedLayout, span: int, overhead_tokens: int) -> float:
     return overhead_tokens + layout.padded_tokens * (1 + layout.width / span)
+
+
+# Packed outputs against outputs alone, at load: float32 to summation order, half
+# precision to its rounding (relative to the outputs where they exceed 1).
+PACKING_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
+
+
+@dataclass(frozen=True)
+class RowPacker:
+    """One model's packing: its cost model's terms, and the position offset its load check
+    found (None: its rows are not packed)."""
+
+    span: int
+    max_width: int
+    overhead_tokens: int
+    pad_id: int
+    position_offset: int | None = None
+
+    @classmethod
+    def for_model(
+        cls, model_config: object, max_length: int, overhead_tokens: int, pad_id: int
+    ) -> RowPacker:
+        span = attention_span(int(getattr(model_config, "hidden_size", 768)))
+        return cls(span, max_bin_width(model_config, max_length), overhead_tokens, pad_id)
+
+    def forwards(self, lengths: Sequence[int]) -> Forwards:
+        return packed_forwards(tuple(lengths), self.span, self.max_width, self.overhead_tokens)
+
+    def padded_tokens(self, lengths: Sequence[int]) -> int:
+        return sum(layout.padded_tokens for _, layout in self.forwards(lengths))
+
+    def packs(self, rows: Sequence[Sequence[int]]) -> bool:
+        """Whether these rows run packed. RoBERTa-like models (offset pad id + 1) number
+        positions over non-pad tokens only, packed positions count every token: a batch
+        holding the pad id (a literal pad token in the text) runs unpacked."""
+        offset = self.position_offset
+        return offset is not None and not (offset > 0 and any(self.pad_id in r for r in rows))
+
+    def run(
+        self,
+        rows: Sequence[Sequence[int]],
+        forward: Callable[[Sequence[Sequence[int]], PackedLayout, int], torch.Tensor],
+    ) -> torch.Tensor:
+        """`forward`'s outputs (one per row, first dimension) over every packed forward of
+        `rows`, gathered back in the rows' order on the outputs' device."""
+        assert self.position_offset is not None
+        forwards = self.forwards([len(row) for row in rows])
+        parts = [
+            forward([rows[i] for i in indices], layout, self.position_offset)
+            for indices, layout in forwards
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        gathered = parts[0].new_empty((len(rows), *parts[0].shape[1:]))
+        for (indices, _), part in zip(forwards, parts, strict=True):
+            gathered[list(indices)] = part
+        return gathered
 
 
 def _best_fit_decreasing(lengths: Sequence[int], width: int) -> list[list[int]]:

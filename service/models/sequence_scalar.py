@@ -7,6 +7,7 @@ transformers' sequence-classification heads read decoders at the last non-pad to
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,13 +31,10 @@ from service.models.loading import (
 )
 from service.models.packed_heads import packed_scalar_head
 from service.models.row_packing import (
-    Forwards,
+    PACKING_TOLERANCE,
     PackedLayout,
-    attention_span,
-    has_pad_inside,
-    max_bin_width,
+    RowPacker,
     packed_batch,
-    packed_forwards,
     packing_position_offset,
 )
 
@@ -46,7 +44,6 @@ _PACKING_PROBE = (
     ("Why?", "Yes."),
     ("Who wrote it, and when?", "A friend of mine, long ago, on a rainy night."),
 )
-_PACKING_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
 
 
 class SequenceScalarModel:
@@ -75,17 +72,18 @@ class SequenceScalarModel:
         self._pad_id = ensure_pad_token(self._tokenizer, self._model)
         self._special_ids = set(self._tokenizer.all_special_ids)
         self._shared_tokenizer = SharedTokenizer(self._tokenizer)
-        self._overhead_tokens = overhead_tokens
-        config = self._model.config
-        self._span = attention_span(int(getattr(config, "hidden_size", 768)))
-        self._max_width = max_bin_width(config, spec.max_length)
+        self._packer = RowPacker.for_model(
+            self._model.config, spec.max_length, overhead_tokens, self._pad_id
+        )
         # Packed forwards call the backbone apart from the model: not with a compiled model.
         self._head = (
             packed_scalar_head(self._model, spec.max_length)
             if spec.pack_rows and not spec.compile
             else None
         )
-        self._position_offset = self._packing_offset() if self._head is not None else None
+        if self._head is not None:
+            offset = self._packing_offset()
+            self._packer = dataclasses.replace(self._packer, position_offset=offset)
         if spec.compile:
             self._model = compiled(self._model, resolved_path, device)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
@@ -110,7 +108,7 @@ class SequenceScalarModel:
 
     @property
     def packs_rows(self) -> bool:
-        return self._position_offset is not None
+        return self._packer.position_offset is not None
 
     @property
     def padded_tokens(self) -> Callable[[Sequence[Prepared]], int] | None:
@@ -119,11 +117,7 @@ class SequenceScalarModel:
         return self._packed_padded_tokens if self.packs_rows else None
 
     def _packed_padded_tokens(self, batch: Sequence[Prepared]) -> int:
-        lengths = [len(p.rows[0]) for p in batch]
-        return sum(layout.padded_tokens for _, layout in self._forwards(lengths))
-
-    def _forwards(self, lengths: Sequence[int]) -> Forwards:
-        return packed_forwards(tuple(lengths), self._span, self._max_width, self._overhead_tokens)
+        return self._packer.padded_tokens([len(p.rows[0]) for p in batch])
 
     def _scores(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         ids, mask = pad_right(rows, self._pad_id, self.device)
@@ -151,21 +145,17 @@ class SequenceScalarModel:
             rows,
             # Decoders count from 0 (rotary positions would match at any offset, to rounding).
             offsets=(0,) if self._head is not None and self._head.causal else (0, self._pad_id + 1),
-            tolerance=_PACKING_TOLERANCE[self._spec.dtype],
-            max_positions=self._max_width,
+            tolerance=PACKING_TOLERANCE[self._spec.dtype],
+            max_positions=self._packer.max_width,
         )
 
     @torch.inference_mode()
     def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
         rows = [p.rows[0] for p in batch]
-        offset = self._position_offset
-        if offset is None or (offset > 0 and has_pad_inside(rows, self._pad_id)):
-            scores = self._scores(rows)
+        if self._packer.packs(rows):
+            scores = self._packer.run(rows, self._scores_packed)  # on the device
         else:
-            scores = torch.empty(len(rows), device=self.device)
-            for indices, layout in self._forwards([len(row) for row in rows]):
-                part = self._scores_packed([rows[i] for i in indices], layout, offset)
-                scores[list(indices)] = part  # on the device: one copy to the host below
+            scores = self._scores(rows)
         values = scores.cpu().tolist()
         if self.role == "holistic":
             return [HolisticScore(v, p.truncated) for v, p in zip(values, batch, strict=True)]
