@@ -8,8 +8,11 @@ padded size (rows x longest length) stays under `max_batch_tokens`, and the batc
 the next item in fair order runs; the rest wait for the next choice, where items that
 arrived meanwhile join them (a wider choice of lengths, so less padding).
 On a device with several slots (a CPU's cores), a model's last pending batch runs as two
-halves, the second on the next slot to free up (`split_in_two`): otherwise the end of a
-burst of work runs on one core while the other has nothing left to do.
+halves side by side when another slot is free (`split_in_two`): otherwise the end of a
+burst of work runs on one core while the other has nothing left to do. When no slot is
+free (another model's forward holds it) the batch runs whole: halves one after the other
+cost more per item, and the requests of the second half would be answered a forward later
+than the rest, so concurrent clients fall out of step into smaller batches.
 Items whose caller went away (cancelled future) or whose deadline passed are dropped before
 they reach `run_batch`; the latter fail with `DeadlineExceeded`.
 """
@@ -373,41 +376,23 @@ class MicroBatcher(Generic[P, R]):
             if (
                 self._pending
                 or len(batch) < 2
-                or self._device_turns.slots < 2
                 or self._others_expect_work()
+                or not self._device_turns.take_free_slot()  # last: it takes the slot
             ):
                 await self._execute(batch)
-            else:  # this model's last batch, and no other model's work needs a slot
+            else:  # this model's last batch; a slot is free and no other model needs it
                 await self._execute_in_halves(batch)
             if self._device_turns.older_work_waits(self._oldest_pending()):
                 break
 
     async def _execute_in_halves(self, batch: list[WorkItem[P]]) -> None:
-        """Run the batch as two halves: this turn's slot runs the first; the second takes a
-        spare turn (a slot no other model's work needs) if one comes up before the first
-        half is done, or runs after it."""
+        """Run the batch as two halves at once: one on this turn's slot, the other on the
+        free slot the caller took for it (given back here)."""
         first, second = split_in_two(batch)
-        claimed = False
-
-        async def second_on_a_freed_slot() -> None:
-            nonlocal claimed
-            async with self._device_turns.spare_turn(self._others_expect_work):
-                if not claimed:
-                    claimed = True
-                    await self._execute(second)
-
-        helper = asyncio.create_task(second_on_a_freed_slot())
         try:
-            await self._execute(first)
-            if not claimed:  # no slot freed up meanwhile: this one runs it
-                claimed = True
-                helper.cancel()
-                await self._execute(second)
-            await asyncio.wait([helper])  # the second half, if a freed slot took it
-        finally:  # only matters when this batcher is being stopped:
-            helper.cancel()  # a running second half fails its own items (`_execute`)
-            if not claimed:
-                _fail_as_stopped(second)
+            await asyncio.gather(self._execute(first), self._execute(second))
+        finally:
+            self._device_turns.release_slot()
 
     async def _execute(self, batch: list[WorkItem[P]]) -> None:
         started = time.monotonic()

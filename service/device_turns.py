@@ -8,8 +8,9 @@ A waiting batcher's oldest item only gets older, so every batcher gets its turn.
 
 A device has `slots` turns at once: a CPU runs several forwards side by side (each on its
 share of the cores), a GPU one. A batcher takes a turn of its own for one slot at a time; a
-second slot (another batch of the same model, or the second half of its last batch) it
-takes only as a spare turn, one that no other model's work needs: while another model has
+second slot it takes only as a spare turn (another batch of the same model), one that no
+other model's work needs, or, for the second half of its last batch, only if one is free
+at that moment (`take_free_slot`): while another model has
 items pending or on their way (being tokenised), a slot stays for it (until those items
 arrive, or are withdrawn because their caller left). Traced on two CPU slots with 8
 single-item clients: a fast model otherwise took both slots for batches of one or two
@@ -36,6 +37,17 @@ class DeviceTurns:
     @property
     def slots(self) -> int:
         return self._slots
+
+    def take_free_slot(self) -> bool:
+        """Take a slot without waiting, if one is free now; hand it back with
+        `release_slot`. For work that is worth a second slot only if it can start at once."""
+        if self._in_use >= self._slots:
+            return False
+        self._in_use += 1
+        return True
+
+    def release_slot(self) -> None:
+        self._release()
 
     def join(self, expects_work: Callable[[], bool]) -> Callable[[], bool]:
         """Register a batcher by whether it has items pending or on their way; returns

@@ -371,22 +371,29 @@ async def score_on_shared_device(turns, model, other_holder_leaves_after_s):
     return results
 
 
-@pytest.mark.parametrize(
-    ("other_leaves_after_s", "halves_overlap"),
-    [(None, True), (0.02, True), (1.0, False)],
-    ids=["idle-slot", "slot-frees-during-first-half", "slot-stays-busy"],
-)
-async def test_on_two_slots_a_batch_runs_as_halves_the_second_on_the_next_free_slot(
-    other_leaves_after_s, halves_overlap
-):
+async def test_on_two_slots_a_last_batch_runs_as_halves_side_by_side_when_a_slot_is_free():
     model = HalvesModel(forward_s=0.1)
-    results = await score_on_shared_device(DeviceTurns(slots=2), model, other_leaves_after_s)
+    results = await score_on_shared_device(DeviceTurns(slots=2), model, None)
     assert results == [i * 10 for i in range(6)]  # each item's own result
     assert len(model.calls) == 2  # one batch, in two halves
     assert sorted(model.calls[0][0] + model.calls[1][0]) == list(range(6))
     assert {len(model.calls[0][0]), len(model.calls[1][0])} == {3}
-    # Side by side when a slot is (or becomes) free; else one after the other on one slot.
-    assert model.overlapped() == halves_overlap
+    assert model.overlapped()
+
+
+@pytest.mark.parametrize("other_leaves_after_s", [0.02, 1.0], ids=["briefly", "long"])
+async def test_while_another_model_holds_the_other_slot_a_last_batch_runs_whole(
+    other_leaves_after_s,
+):
+    """Halves one after the other on one slot would cost more per item and answer half
+    the requests a forward later; a slot that frees meanwhile is not waited for."""
+    model = HalvesModel(forward_s=0.1)
+    turns = DeviceTurns(slots=2)
+    results = await score_on_shared_device(turns, model, other_leaves_after_s)
+    assert results == [i * 10 for i in range(6)]
+    assert [sorted(payloads) for payloads, _, _ in model.calls] == [list(range(6))]
+    async with asyncio.timeout(1), turns.turn(lambda: 0.0), turns.turn(lambda: 0.0):
+        pass  # both slots are free again
 
 
 async def test_on_one_slot_a_batch_runs_whole():
@@ -409,66 +416,20 @@ def test_split_in_two_gives_halves_of_about_equal_padded_size():
     assert sizes[0] >= 0.4 * sum(i.rows * i.length for i in items)
 
 
-async def test_stopping_fails_both_halves_and_cancels_a_second_half_waiting_for_a_slot():
+async def test_stopping_fails_both_halves_and_frees_both_slots():
     turns = DeviceTurns(slots=2)
-    model = HalvesModel(forward_s=0.05)
+    model = HalvesModel(forward_s=10.0)
     limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=64, max_wait_s=0.001)
     batcher = MicroBatcher(model, limits, device_turns=turns)
-    other_holds = asyncio.Event()
-    release_other = asyncio.Event()
-
-    async def other_model() -> None:
-        async with turns.turn(lambda: 0.0):
-            other_holds.set()
-            await release_other.wait()
-
-    other = asyncio.create_task(other_model())
-    await other_holds.wait()
     batcher.start()
     futures = [batcher.submit(i, length=n) for i, n in enumerate([3, 9, 1, 7])]
-    await asyncio.sleep(0.02)  # the first half runs; the second waits for the other slot
+    await asyncio.sleep(0.02)  # both halves run, one on each slot
+    assert model.running == 2
     await asyncio.wait_for(batcher.stop(), 1)
     # No item is left hanging: both halves' callers hear the service is stopping (503).
     assert all(isinstance(f.exception(), NotReady) for f in futures)
-    release_other.set()
-    await asyncio.wait_for(other, 1)
-    await asyncio.sleep(0.1)
-    assert model.calls == []  # the waiting second half was cancelled, not run after stop
     async with asyncio.timeout(1), turns.turn(lambda: 0.0), turns.turn(lambda: 0.0):
         pass  # both slots are free again: nothing the batcher held is left taken
-
-
-async def test_a_freed_slot_goes_to_another_models_pending_work_before_a_second_half():
-    turns = DeviceTurns(slots=2)
-    model = HalvesModel(forward_s=0.1)
-    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=64, max_wait_s=0.001)
-    batcher = MicroBatcher(model, limits, device_turns=turns)
-    other_ran_at: list[float] = []
-
-    async def hold_a_slot(leave_after_s: float) -> None:
-        async with turns.turn(lambda: 0.0):
-            await asyncio.sleep(leave_after_s)
-
-    async def other_model_with_pending_work() -> None:
-        async with turns.turn(lambda: time.monotonic() + 100):  # younger than the batch
-            other_ran_at.append(time.monotonic())
-            await asyncio.sleep(0.2)
-
-    holder = asyncio.create_task(hold_a_slot(0.05))
-    await asyncio.sleep(0)
-    batcher.start()
-    try:
-        futures = [batcher.submit(i, length=n) for i, n in enumerate([3, 9, 1, 7, 5, 2])]
-        await asyncio.sleep(0.02)  # the first half runs; the second waits for a slot
-        other = asyncio.create_task(other_model_with_pending_work())
-        results = await asyncio.gather(*futures)
-    finally:
-        await batcher.stop()
-    await asyncio.gather(holder, other)
-    assert results == [i * 10 for i in range(6)]
-    assert len(model.calls) == 2 and not model.overlapped()  # halves, one after the other
-    second_half_started = max(started for _, started, _ in model.calls)
-    assert other_ran_at[0] < second_half_started  # the freed slot went to the other model
 
 
 async def test_a_last_batch_runs_whole_while_another_models_items_wait():
