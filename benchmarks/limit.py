@@ -47,8 +47,9 @@ def sorted_batches(prepared: list[Prepared], limits: BatchLimits) -> list[list[P
 
 
 def _largest_in_halves(batches: list[list[Prepared]], model: RewardModel) -> list[list[Prepared]]:
-    """The batches with the largest cut in two halves, as a server with several device
-    slots runs a model's last pending batch (`split_in_two`)."""
+    """The batches with the largest cut in two halves (`split_in_two`), as a server with
+    several device slots may run a model's last pending batch (side by side, when a slot
+    is free)."""
     if model.device == HOST_DEVICE or not batches:
         return batches
     largest = max(batches, key=padded_counter(model))
@@ -80,8 +81,8 @@ def measure(
     runs them (`cpu_workers`); all models' batches of a window share the workers, and a
     window starts once the last one's forwards are done (its items were all in flight).
     With several workers each window also runs with each model's largest batch in two
-    halves (what the server does with a model's last pending batch) and the faster of the
-    two counts: a limit must be one that the server's own way of running cannot beat.
+    halves (what the server may do with a model's last pending batch) and the faster of
+    the two counts: a limit must be one that the server's own way of running cannot beat.
     """
     window = window or len(items)
     real = 0

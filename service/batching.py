@@ -10,7 +10,7 @@ arrived meanwhile join them (a wider choice of lengths, so less padding).
 On a device with several slots (a CPU's cores), a model's last pending batch runs as two
 halves side by side when another slot is free (`split_in_two`): otherwise the end of a
 burst of work runs on one core while the other has nothing left to do. When no slot is
-free (another model's forward holds it) the batch runs whole: halves one after the other
+free (another forward holds it) the batch runs whole: halves one after the other
 cost more per item, and the requests of the second half would be answered a forward later
 than the rest, so concurrent clients fall out of step into smaller batches.
 Items whose caller went away (cancelled future) or whose deadline passed are dropped before
@@ -388,9 +388,14 @@ class MicroBatcher(Generic[P, R]):
     async def _execute_in_halves(self, batch: list[WorkItem[P]]) -> None:
         """Run the batch as two halves at once: one on this turn's slot, the other on the
         free slot the caller took for it (given back here)."""
-        first, second = split_in_two(batch)
         try:
-            await asyncio.gather(self._execute(first), self._execute(second))
+            first, second = split_in_two(batch)
+            async with asyncio.TaskGroup() as halves:  # waits for both, even when cancelled
+                halves.create_task(self._execute(first))
+                halves.create_task(self._execute(second))
+        except asyncio.CancelledError:  # stopped, perhaps before a half's task began
+            _fail_as_stopped(batch)
+            raise
         finally:
             self._device_turns.release_slot()
 

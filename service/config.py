@@ -292,7 +292,7 @@ class BatchingConfig(_Strict):
         description="forwards run at once on the CPU, each on cores / cpu_workers torch "
         "threads (GPUs run one at a time). A model takes a second slot only while no other "
         "model has items pending or being tokenised; its last pending batch then runs in "
-        "two halves side by side if the other slot is free, so that no core idles at the "
+        "two halves side by side if another slot is free, so that no core idles at the "
         "end of a burst. "
         "On the 2-core VM, 2 against 1 in paired rounds (before the second-slot rule): "
         "1.23x items/s with one single-item client, 1.19x with 256, 1.10-1.11x with 1 and "

@@ -40,7 +40,9 @@ class DeviceTurns:
 
     def take_free_slot(self) -> bool:
         """Take a slot without waiting, if one is free now; hand it back with
-        `release_slot`. For work that is worth a second slot only if it can start at once."""
+        `release_slot`. For work that is worth a second slot only if it can start at once;
+        unlike `spare_turn` it does not ask whether other batchers expect work (the caller
+        does)."""
         if self._in_use >= self._slots:
             return False
         self._in_use += 1

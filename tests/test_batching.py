@@ -327,10 +327,12 @@ class HalvesModel:
         self.forward_s = forward_s
         self.calls: list[tuple[list[int], float, float]] = []
         self.running = 0  # forwards under way
+        self.started = asyncio.Event()  # set when a forward begins
 
     async def __call__(self, payloads):
         started = time.monotonic()
         self.running += 1
+        self.started.set()
         try:
             await asyncio.sleep(self.forward_s)
         finally:
@@ -343,9 +345,9 @@ class HalvesModel:
         return start_a < end_b and start_b < end_a
 
 
-async def score_on_shared_device(turns, model, other_holder_leaves_after_s):
+async def score_on_shared_device(turns, model, other_holder_leaves=None):
     """Six items through a batcher on a two-slot device whose other slot is held by
-    another model's forward for `other_holder_leaves_after_s` (None: no other model)."""
+    another model's forward (None: no other model) until `other_holder_leaves` is set."""
     limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=64, max_wait_s=0.001)
     batcher = MicroBatcher(model, limits, device_turns=turns)
     held = asyncio.Event()
@@ -353,10 +355,10 @@ async def score_on_shared_device(turns, model, other_holder_leaves_after_s):
     async def other_model() -> None:
         async with turns.turn(lambda: 0.0):
             held.set()
-            await asyncio.sleep(other_holder_leaves_after_s)
+            await other_holder_leaves.wait()
 
     other = None
-    if other_holder_leaves_after_s is not None:
+    if other_holder_leaves is not None:
         other = asyncio.create_task(other_model())
         await held.wait()
     batcher.start()
@@ -365,6 +367,8 @@ async def score_on_shared_device(turns, model, other_holder_leaves_after_s):
         futures = [batcher.submit(i, length=n) for i, n in enumerate(lengths)]
         results = await asyncio.gather(*futures)
     finally:
+        if other_holder_leaves is not None:
+            other_holder_leaves.set()
         await batcher.stop()
     if other is not None:
         await other
@@ -381,19 +385,35 @@ async def test_on_two_slots_a_last_batch_runs_as_halves_side_by_side_when_a_slot
     assert model.overlapped()
 
 
-@pytest.mark.parametrize("other_leaves_after_s", [0.02, 1.0], ids=["briefly", "long"])
-async def test_while_another_model_holds_the_other_slot_a_last_batch_runs_whole(
-    other_leaves_after_s,
-):
+@pytest.mark.parametrize("leaves", ["as-the-forward-starts", "after-it"])
+async def test_while_another_model_holds_the_other_slot_a_last_batch_runs_whole(leaves):
     """Halves one after the other on one slot would cost more per item and answer half
     the requests a forward later; a slot that frees meanwhile is not waited for."""
     model = HalvesModel(forward_s=0.1)
     turns = DeviceTurns(slots=2)
-    results = await score_on_shared_device(turns, model, other_leaves_after_s)
+    holder_leaves = model.started if leaves == "as-the-forward-starts" else asyncio.Event()
+    results = await score_on_shared_device(turns, model, holder_leaves)
     assert results == [i * 10 for i in range(6)]
     assert [sorted(payloads) for payloads, _, _ in model.calls] == [list(range(6))]
     async with asyncio.timeout(1), turns.turn(lambda: 0.0), turns.turn(lambda: 0.0):
         pass  # both slots are free again
+
+
+async def test_with_a_slot_free_a_last_batch_runs_whole_while_another_model_expects_work():
+    """The free slot is kept for the other model's items on their way (being tokenised)."""
+    turns = DeviceTurns(slots=2)
+    model = HalvesModel(forward_s=0.05)
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=64, max_wait_s=0.001)
+    batcher = MicroBatcher(model, limits, device_turns=turns)
+    other = MicroBatcher(HalvesModel(forward_s=0.01), limits, device_turns=turns)
+    other.announce(1)
+    batcher.start()
+    try:
+        futures = [batcher.submit(i, length=n) for i, n in enumerate([3, 9, 1, 7, 5, 2])]
+        assert await asyncio.gather(*futures) == [i * 10 for i in range(6)]
+    finally:
+        await batcher.stop()
+    assert [sorted(payloads) for payloads, _, _ in model.calls] == [list(range(6))]
 
 
 async def test_on_one_slot_a_batch_runs_whole():
@@ -461,7 +481,8 @@ async def test_a_last_batch_runs_whole_while_another_models_items_wait():
         await other.stop()
     await holder
     assert results == [i * 10 for i in range(6)]
-    # The second batch is the model's last, but a freed slot would not idle: it runs whole.
+    # The second batch is the model's last, but no slot is free (the holder has one, the
+    # first batch the other): it runs whole.
     assert [len(payloads) for payloads, _, _ in model.calls] == [3, 3]
 
 

@@ -188,3 +188,24 @@ async def test_a_slot_kept_for_expected_work_goes_to_a_spare_once_that_work_is_w
         async with asyncio.timeout(1):
             await got_spare.wait()
         await task
+
+
+async def test_a_free_slot_is_taken_without_waiting_and_handed_on_when_given_back():
+    turns = DeviceTurns(slots=2)
+    assert turns.take_free_slot()  # one free: taken at once
+    async with turns.turn(lambda: 0.0):
+        assert not turns.take_free_slot()  # both taken: no waiting, just no
+        waiter_got_it = asyncio.Event()
+
+        async def waiter() -> None:
+            async with turns.turn(lambda: 0.0):
+                waiter_got_it.set()
+
+        task = asyncio.create_task(waiter())
+        await asyncio.sleep(0)
+        assert not waiter_got_it.is_set()
+        turns.release_slot()  # handed to the waiting batcher
+        await asyncio.wait_for(waiter_got_it.wait(), 1)
+        await task
+    assert turns.take_free_slot() and turns.take_free_slot()  # both free again
+    assert not turns.take_free_slot()
