@@ -10,9 +10,9 @@ A device has `slots` turns at once: a CPU runs several forwards side by side (ea
 share of the cores), a GPU one. A batcher takes a turn of its own for one slot at a time; a
 second slot it takes only as a spare turn (another batch of the same model), one that no
 other model's work needs, or, for the second half of its last batch, only if one is free
-at that moment (`take_free_slot`): while another model has
-items pending or on their way (being tokenised), a slot stays for it (until those items
-arrive, or are withdrawn because their caller left). Traced on two CPU slots with 8
+at that moment (`take_free_slot`): while another model has items pending or on their way
+(being tokenised), a slot stays for it (until those items arrive, or are withdrawn because
+their caller left). Traced on two CPU slots with 8
 single-item clients: a fast model otherwise took both slots for batches of one or two
 items just before the slow model's batch arrived, which then waited.
 """
@@ -33,10 +33,6 @@ class DeviceTurns:
         self._waiting: list[tuple[Callable[[], float], asyncio.Future[None]]] = []
         self._spare_waiting: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._members: list[Callable[[], bool]] = []
-
-    @property
-    def slots(self) -> int:
-        return self._slots
 
     def take_free_slot(self) -> bool:
         """Take a slot without waiting, if one is free now; hand it back with
