@@ -11,8 +11,8 @@ On a device with several slots (a CPU's cores), a model's last pending batch run
 halves side by side when another slot is free (`split_in_two`): otherwise the end of a
 burst of work runs on one core while the other has nothing left to do. When no slot is
 free (another forward holds it) the batch runs whole: halves one after the other cost
-more per item, and the requests of the second half would be answered a forward later than
-the rest, so concurrent clients fall out of step into smaller batches.
+more per item, and the requests of the second half would be answered later than the
+rest, so concurrent clients fall out of step into smaller batches.
 Items whose caller went away (cancelled future) or whose deadline passed are dropped before
 they reach `run_batch`; the latter fail with `DeadlineExceeded`.
 """
