@@ -57,9 +57,9 @@ def test_a_packed_batch_scores_as_each_row_alone_unpacked(family, scalar_rms, tm
     for size in (1, 5, 24):
         together = [v for s in range(0, 24, size) for v in _raw(packed, prepared[s : s + size])]
         assert together == pytest.approx(alone, rel=REL, abs=ABS)
-    forwards = packed._packer.forwards([len(p.rows[0]) for p in prepared])
-    assert len(forwards) > 1  # the tiny models cut: `run` scatters each cut's scores back
-    assert packed.padded_tokens(prepared) == sum(layout.padded_tokens for _, layout in forwards)
+    lengths = [len(p.rows[0]) for p in prepared]
+    assert len(packed._packer.forwards(lengths)) > 1  # cut: `run` scatters each cut back
+    assert sum(lengths) <= packed.padded_tokens(prepared) < len(lengths) * max(lengths)
     # The tiny models' attention is dear beside their 64-wide layers, so their own layouts
     # keep rows apart: all 24 rows in one bin, end to end, score as alone too.
     rows = [p.rows[0] for p in prepared]
