@@ -63,6 +63,27 @@ def _padding_efficiency(before: str, after: str) -> float:
     return real / padded if padded else float("nan")
 
 
+def _thread_cpu(metrics_text: str) -> dict[str, float]:
+    """alarm-serve's CPU seconds by thread group (`alarm_thread_cpu_seconds_total`)."""
+    prefix = 'alarm_thread_cpu_seconds_total{threads="'
+    return {
+        line[len(prefix) :].split('"', 1)[0]: float(line.split()[-1])
+        for line in metrics_text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
+def host_cpu_share(before: str, after: str) -> float:
+    """The host's share of the server's CPU between two scrapes: the event loop's (HTTP,
+    JSON, batching) and the tokenizer threads' seconds over theirs plus the forwards'
+    (NaN without per-thread clocks)."""
+    start, end = _thread_cpu(before), _thread_cpu(after)
+    used = {group: end[group] - start.get(group, 0.0) for group in end}
+    host = used.get("event_loop", 0.0) + used.get("tokenize", 0.0)
+    total = host + sum(seconds for group, seconds in used.items() if group.startswith("device:"))
+    return host / total if total > 0 else float("nan")
+
+
 @dataclass(frozen=True)
 class Peer:
     system: str  # its name in results.json and on the chart
@@ -99,10 +120,13 @@ def _load_once(
         )
     row = {"system": name, **asdict(result), "gpu_utilisation_percent": gpu.mean_percent}
     if name == "alarm-serve":
-        row["padding_efficiency"] = _padding_efficiency(before, httpx.get(f"{url}/metrics").text)
+        after = httpx.get(f"{url}/metrics").text
+        row["padding_efficiency"] = _padding_efficiency(before, after)
+        row["host_cpu_share"] = host_cpu_share(before, after)
     print(
         f"  {name:13s} {result.items_per_s:8.1f} items/s  p50 {result.p50_ms:8.1f} ms"
         f"  p99 {result.p99_ms:8.1f} ms  errors {result.errors}"
+        + (f"  host CPU {row['host_cpu_share']:.3f}" if "host_cpu_share" in row else "")
         + (f"  GPU {gpu.mean_percent:.0f}%" if gpu.mean_percent is not None else ""),
         flush=True,
     )
@@ -113,6 +137,8 @@ def _median_round(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The round with the median throughput (its latencies with it), every round beside it."""
     median = dict(sorted(rows, key=lambda row: row["items_per_s"])[len(rows) // 2])
     median["rounds_items_per_s"] = [row["items_per_s"] for row in rows]
+    if "host_cpu_share" in median:
+        median["rounds_host_cpu_share"] = [row["host_cpu_share"] for row in rows]
     return median
 
 
@@ -443,6 +469,7 @@ def main() -> int:
                     for name in args.peers
                 },
                 "padding_efficiency": ours["padding_efficiency"],
+                "host_cpu_share": statistics.median(ours["rounds_host_cpu_share"]),
             }
         )
     low_load = _low_load_latency(results, config.batching.max_wait_ms)
@@ -453,14 +480,14 @@ def main() -> int:
     print(
         "\nC     k    alarm/limit  alarm/in-flight"
         + "".join(f"  alarm/{n:9s}" for n in args.peers)
-        + "  pad-eff"
+        + "  pad-eff  host-CPU"
     )
     for r in results["ratios"]:
         print(
             f"{r['concurrency']:<5d} {r['items_per_request']:<4d} {r['alarm_over_limit']:11.2f}"
             f"  {r['alarm_over_in_flight_limit']:15.2f}"
             + "".join(f"  {r[f'alarm_over_{n}']:15.2f}" for n in args.peers)
-            + f"  {r['padding_efficiency']:7.3f}"
+            + f"  {r['padding_efficiency']:7.3f}  {r['host_cpu_share']:8.3f}"
         )
     if low_load is not None:
         print(

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
+from service.thread_cpu import own_cpu_clock
+
 T = TypeVar("T")
 _Job = tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]]
 
@@ -36,6 +38,7 @@ class WorkerThreads:
         self, count: int, name: str, initializer: Callable[[], None] | None = None
     ) -> None:
         self._jobs: SimpleQueue[_Job | None] = SimpleQueue()
+        self._cpu_clocks: list[int] = []  # appended by each thread as it starts
         self._threads = [
             threading.Thread(
                 target=self._work, args=(initializer,), name=f"{name}_{i}", daemon=True
@@ -52,6 +55,10 @@ class WorkerThreads:
         self._jobs.put((loop, future, function, args))
         return future
 
+    def cpu_clocks(self) -> list[int]:
+        """The CPU-time clocks of the threads started so far (for `ThreadCpu`)."""
+        return list(self._cpu_clocks)
+
     def shutdown(self) -> None:
         """Finish the calls already submitted, then stop the threads."""
         for _ in self._threads:
@@ -60,6 +67,8 @@ class WorkerThreads:
             thread.join()
 
     def _work(self, initializer: Callable[[], None] | None) -> None:
+        if (clock := own_cpu_clock()) is not None:
+            self._cpu_clocks.append(clock)
         if initializer is not None:
             initializer()
         while (job := self._jobs.get()) is not None:
