@@ -43,7 +43,7 @@ from service.models import AspectScore, HolisticScore, ModelOutput, Prepared, Re
 from service.models.encoding_memo import EncodingMemo
 from service.models.loading import call_overhead_tokens, intra_op_threads, set_intra_op_threads
 from service.score_cache import ScoreCache, item_key
-from service.thread_cpu import own_cpu_clock
+from service.thread_cpu import clock_seconds, own_cpu_clock
 from service.worker_threads import WorkerThreads
 
 HOST_DEVICE = "host"  # models without tensors: scored in a tokenizer thread, unbatched
@@ -158,9 +158,9 @@ class RewardEngine:
             )
             for device in devices
         }
-        metrics.thread_cpu.watch("tokenize", self._tokenize_pool.cpu_clocks)
+        metrics.thread_cpu.watch("tokenize", self._tokenize_pool.cpu_seconds)
         for device, pool in self._device_pools.items():
-            metrics.thread_cpu.watch(f"device:{device}", pool.cpu_clocks)
+            metrics.thread_cpu.watch(f"device:{device}", pool.cpu_seconds)
         turns = {device: DeviceTurns(slots[device]) for device in devices}
         self._batchers: dict[str, MicroBatcher[Prepared, ModelOutput]] = {
             model.name: MicroBatcher(
@@ -209,8 +209,9 @@ class RewardEngine:
 
     async def start(self) -> None:
         """Start the batchers and warm every model with one real item."""
-        if (loop_clock := own_cpu_clock()) is not None:  # this thread runs the event loop
-            self._metrics.thread_cpu.watch("event_loop", lambda: [loop_clock])
+        # This thread runs the event loop, which lives as long as the engine serves.
+        loop_clock = own_cpu_clock()
+        self._metrics.thread_cpu.watch("event_loop", lambda: clock_seconds(loop_clock))
         for batcher in self._batchers.values():
             batcher.start()
         self._accepting = True

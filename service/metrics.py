@@ -19,7 +19,13 @@ class ServiceMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.thread_cpu = ThreadCpu()
+        self.thread_cpu = ThreadCpu(
+            "alarm_thread_cpu_seconds",
+            "CPU seconds of the server's threads by group: event_loop (request handling, "
+            "JSON, batching), tokenize (tokenising, host-side rules), device:<device> (the "
+            "forwards with their inputs' packing and outputs' copies); threads a library "
+            "starts itself are in no group",
+        )
         registry.register(self.thread_cpu)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
-from service.thread_cpu import own_cpu_clock
+from service.thread_cpu import clock_seconds, own_cpu_clock
 
 T = TypeVar("T")
 _Job = tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]]
@@ -38,7 +39,10 @@ class WorkerThreads:
         self, count: int, name: str, initializer: Callable[[], None] | None = None
     ) -> None:
         self._jobs: SimpleQueue[_Job | None] = SimpleQueue()
-        self._cpu_clocks: list[int] = []  # appended by each thread as it starts
+        # Each running thread's CPU clock, and the seconds of threads that have ended.
+        self._cpu_lock = threading.Lock()
+        self._cpu_clocks: set[int | None] = set()
+        self._ended_cpu_seconds = 0.0
         self._threads = [
             threading.Thread(
                 target=self._work, args=(initializer,), name=f"{name}_{i}", daemon=True
@@ -55,9 +59,14 @@ class WorkerThreads:
         self._jobs.put((loop, future, function, args))
         return future
 
-    def cpu_clocks(self) -> list[int]:
-        """The CPU-time clocks of the threads started so far (for `ThreadCpu`)."""
-        return list(self._cpu_clocks)
+    def cpu_seconds(self) -> float:
+        """CPU seconds of this pool's threads so far, ended ones included (for `ThreadCpu`).
+
+        Under the lock, a clock in the set belongs to a thread that has not yet passed its
+        own exit: the clock is still valid."""
+        with self._cpu_lock:
+            running = sum(clock_seconds(clock) for clock in self._cpu_clocks)
+            return self._ended_cpu_seconds + running
 
     def shutdown(self) -> None:
         """Finish the calls already submitted, then stop the threads."""
@@ -67,8 +76,17 @@ class WorkerThreads:
             thread.join()
 
     def _work(self, initializer: Callable[[], None] | None) -> None:
-        if (clock := own_cpu_clock()) is not None:
-            self._cpu_clocks.append(clock)
+        clock = own_cpu_clock()
+        with self._cpu_lock:
+            self._cpu_clocks.add(clock)
+        try:
+            self._serve(initializer)
+        finally:
+            with self._cpu_lock:
+                self._cpu_clocks.discard(clock)
+                self._ended_cpu_seconds += time.thread_time() if clock is not None else 0.0
+
+    def _serve(self, initializer: Callable[[], None] | None) -> None:
         if initializer is not None:
             initializer()
         while (job := self._jobs.get()) is not None:

@@ -325,6 +325,8 @@ def _labels_of() -> dict[str, set[str]]:
         for suffix in _SUFFIXES.get(kind, ("",)):
             extra = {"le"} if suffix == "_bucket" else set()
             labels[metric._name + suffix] = set(names) | extra
+    for family in _service_metrics().thread_cpu.describe():  # a collector, not a wrapper
+        labels[family.name + "_total"] = set(family._labelnames)
     return labels
 
 
