@@ -65,7 +65,7 @@ def _padding_efficiency(before: str, after: str) -> float:
     return real / padded if padded else float("nan")
 
 
-def _thread_cpu(metrics_text: str) -> dict[str, float]:
+def thread_cpu_seconds(metrics_text: str) -> dict[str, float]:
     """alarm-serve's CPU seconds by thread group (`alarm_thread_cpu_seconds_total`)."""
     prefix = 'alarm_thread_cpu_seconds_total{threads="'
     return {
@@ -79,7 +79,7 @@ def host_cpu_share(before: str, after: str) -> float:
     """The host's share of the server's CPU between two scrapes: the event loop's (HTTP,
     JSON, batching) and the tokenizer threads' seconds over theirs plus the forwards'
     (NaN without per-thread clocks)."""
-    start, end = _thread_cpu(before), _thread_cpu(after)
+    start, end = thread_cpu_seconds(before), thread_cpu_seconds(after)
     used = {group: end[group] - start.get(group, 0.0) for group in end}
     host = used.get("event_loop", 0.0) + used.get("tokenize", 0.0)
     total = host + sum(seconds for group, seconds in used.items() if group.startswith("device:"))

@@ -8,6 +8,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from benchmarks.bench import thread_cpu_seconds
 from service.thread_cpu import ThreadCpu, clock_seconds, own_cpu_clock
 from service.worker_threads import WorkerThreads
 from tests.server_process import running_server
@@ -23,15 +24,6 @@ def burn(seconds: float) -> float:
     while time.thread_time() - started < seconds:
         sum(range(1000))
     return time.thread_time() - started
-
-
-def thread_cpu_samples(metrics: str) -> dict[str, float]:
-    samples = {}
-    for line in metrics.splitlines():
-        if line.startswith("alarm_thread_cpu_seconds_total{"):
-            group = line.split('threads="', 1)[1].split('"', 1)[0]
-            samples[group] = float(line.rsplit(" ", 1)[1])
-    return samples
 
 
 @needs_thread_clocks
@@ -96,13 +88,13 @@ def test_a_live_server_splits_its_cpu_between_event_loop_tokenizers_and_device(
     tiny_config_file, tmp_path
 ):
     with running_server(tiny_config_file, tmp_path) as base_url:
-        before = thread_cpu_samples(httpx.get(f"{base_url}/metrics").text)
+        before = thread_cpu_seconds(httpx.get(f"{base_url}/metrics").text)
         assert set(before) == {"event_loop", "tokenize", "device:cpu"}
         items = [{"prompt": "Who wrote Hamlet?", "response": "Shakespeare wrote it. " * 20}]
         for _ in range(20):
             reply = httpx.post(f"{base_url}/v1/rewards", json={"items": items * 16}, timeout=60)
             assert reply.status_code == 200, reply.text
-        after = thread_cpu_samples(httpx.get(f"{base_url}/metrics").text)
+        after = thread_cpu_seconds(httpx.get(f"{base_url}/metrics").text)
         # The event loop also served the scrapes; the other two only scoring.
         for group in ("tokenize", "device:cpu"):
             assert after[group] > before[group], group
