@@ -12,9 +12,9 @@ second slot it takes only as a spare turn (another batch of the same model), one
 other model's work needs, or, for the second half of its last batch, only if one is free
 at that moment (`take_free_slot`): while another model has items pending or on their way
 (being tokenised), a slot stays for it (until those items arrive, or are withdrawn because
-their caller left). Traced on two CPU slots with 8
-single-item clients: a fast model otherwise took both slots for batches of one or two
-items just before the slow model's batch arrived, which then waited.
+their caller left). Traced on two CPU slots with 8 single-item clients: a fast model
+otherwise took both slots for batches of one or two items just before the slow model's
+batch arrived, which then waited.
 """
 
 from __future__ import annotations
