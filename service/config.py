@@ -85,6 +85,12 @@ class _RowPacking(_Strict):
         description="pack a batch's rows end to end in one forward (each row attending to "
         "itself only) where the model allows it, checked at load; else length-sorted forwards",
     )
+    trace_packed: bool = Field(
+        True,
+        description="run packed forwards as one traced TorchScript graph, which holds no "
+        "GIL while it runs (eager forwards wait for it at every operator beside the event "
+        "loop), where the traced graph matches the eager one at load; not with compile",
+    )
 
 
 class _HolisticNorm(_Strict):

@@ -32,6 +32,7 @@ from service.models.loading import (
 )
 from service.models.row_packing import (
     PACKING_TOLERANCE,
+    PackedBatch,
     PackedLayout,
     RowPacker,
     mean_pooled,
@@ -39,6 +40,7 @@ from service.models.row_packing import (
     packing_position_offset,
     takes_boolean_mask,
 )
+from service.models.traced_forward import PackedHidden, probe_batches, traced_hidden
 from service.segmentation import split_spans
 
 # Rows whose packed embeddings must match their embeddings alone, at load.
@@ -71,9 +73,13 @@ class EmbeddingSimilarityModel:
         self._packer = RowPacker.for_model(
             self._model.config, spec.max_length, overhead_tokens, self._pad_id
         )
+        self._hidden: PackedHidden = self._eager_hidden
+        self.traced = False
         if spec.pack_rows:
             offset = self._packing_offset()
             self._packer = dataclasses.replace(self._packer, position_offset=offset)
+            if offset is not None and spec.trace_packed and not spec.compile:
+                self._trace(offset)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
     def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
@@ -116,18 +122,37 @@ class EmbeddingSimilarityModel:
             embeddings[chunk] = part
         return embeddings
 
-    def _embed_packed(
+    def _packed_inputs(
         self, rows: Sequence[Sequence[int]], layout: PackedLayout, position_offset: int
-    ) -> torch.Tensor:
+    ) -> PackedBatch:
         dtype = torch.bool if takes_boolean_mask(self._model.config) else self._model.dtype
-        packed = packed_batch(rows, layout, self._pad_id, position_offset, dtype, self.device)
-        hidden = self._model(
+        return packed_batch(rows, layout, self._pad_id, position_offset, dtype, self.device)
+
+    def _eager_hidden(self, packed: PackedBatch) -> torch.Tensor:
+        return self._model(
             input_ids=packed.input_ids,
             attention_mask=packed.attention_mask,
             position_ids=packed.position_ids,
         ).last_hidden_state  # (B, W, H)
-        pooled = mean_pooled(hidden, packed, len(rows))  # (N, H)
+
+    def _embed_packed(
+        self, rows: Sequence[Sequence[int]], layout: PackedLayout, position_offset: int
+    ) -> torch.Tensor:
+        packed = self._packed_inputs(rows, layout, position_offset)
+        pooled = mean_pooled(self._hidden(packed), packed, len(rows))  # (N, H)
         return torch.nn.functional.normalize(pooled, dim=-1).cpu()
+
+    @torch.inference_mode()
+    def _trace(self, position_offset: int) -> None:
+        rows = [self._tokenizer(text)["input_ids"] for text in _PACKING_PROBE]
+        probes = probe_batches(
+            rows, lambda some, layout: self._packed_inputs(some, layout, position_offset)
+        )
+        traced = traced_hidden(
+            self._model, self._eager_hidden, probes, PACKING_TOLERANCE[self._spec.dtype]
+        )
+        if traced is not None:
+            self._hidden, self.traced = traced, True
 
     @torch.inference_mode()
     def _packing_offset(self) -> int | None:
@@ -167,4 +192,5 @@ class EmbeddingSimilarityModel:
             **runtime_details(self._model.config, self._spec.compile),
             "split": self._spec.split.value,
             "packs_rows": self.packs_rows,
+            "traced": self.traced,
         }

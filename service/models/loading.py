@@ -66,7 +66,7 @@ def load_tokenizer(resolved_path: str, **kwargs: Any) -> Any:
 # Spec fields that change where and how fast a model runs, not what it scores (to float
 # rounding): left out of the fingerprint, so moving a model to another GPU, compiling it or
 # packing its rows keeps its definition.
-PLACEMENT_FIELDS: set[str] = {"device", "compile", "pack_rows"}
+PLACEMENT_FIELDS: set[str] = {"device", "compile", "pack_rows", "trace_packed"}
 
 
 def load_pretrained(auto_class: Any, resolved_path: str, dtype: str, device: str) -> Any:

@@ -119,7 +119,7 @@ def _deberta_hidden(base: Any, packed: PackedBatch) -> torch.Tensor:
     """DeBERTa's model hands one mask to its embeddings (a (B, W) token mask) and to its
     encoder, so the two are called apart. Its relative positions depend on the distance
     between two tokens only, the same within a packed row as alone."""
-    tokens = packed.row_of_token.view(packed.input_ids.shape) < packed.row_start.numel()
+    tokens = packed.row_of_token.view(packed.input_ids.shape) < packed.row_start.shape[0]
     embedded = base.embeddings(
         input_ids=packed.input_ids, position_ids=packed.position_ids, mask=tokens.long()
     )

@@ -32,11 +32,13 @@ from service.models.loading import (
 from service.models.packed_heads import packed_scalar_head
 from service.models.row_packing import (
     PACKING_TOLERANCE,
+    PackedBatch,
     PackedLayout,
     RowPacker,
     packed_batch,
     packing_position_offset,
 )
+from service.models.traced_forward import probe_batches, traced_hidden
 
 # (prompt, response) pairs whose packed scores must match their scores alone, at load.
 _PACKING_PROBE = (
@@ -81,9 +83,12 @@ class SequenceScalarModel:
             if spec.pack_rows and not spec.compile
             else None
         )
+        self.traced = False
         if self._head is not None:
             offset = self._packing_offset()
             self._packer = dataclasses.replace(self._packer, position_offset=offset)
+            if offset is not None and spec.trace_packed:
+                self._trace(offset)
         if spec.compile:
             self._model = compiled(self._model, resolved_path, device)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
@@ -123,16 +128,37 @@ class SequenceScalarModel:
         ids, mask = pad_right(rows, self._pad_id, self.device)
         return self._model(input_ids=ids, attention_mask=mask).logits[:, 0].float()  # (B,)
 
+    def _packed_inputs(
+        self, rows: Sequence[Sequence[int]], layout: PackedLayout, position_offset: int
+    ) -> PackedBatch:
+        head = self._head
+        assert head is not None
+        mask_dtype = torch.bool if head.boolean_mask else self._model.dtype
+        return packed_batch(
+            rows, layout, self._pad_id, position_offset, mask_dtype, self.device, head.causal
+        )
+
     def _scores_packed(
         self, rows: Sequence[Sequence[int]], layout: PackedLayout, position_offset: int
     ) -> torch.Tensor:
         head = self._head
         assert head is not None
-        mask_dtype = torch.bool if head.boolean_mask else self._model.dtype
-        packed = packed_batch(
-            rows, layout, self._pad_id, position_offset, mask_dtype, self.device, head.causal
-        )
+        packed = self._packed_inputs(rows, layout, position_offset)
         return head.scores(packed, head.read_offsets(rows, self._pad_id)).float()  # (N,)
+
+    @torch.inference_mode()
+    def _trace(self, position_offset: int) -> None:
+        head = self._head
+        assert head is not None
+        rows = [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in _PACKING_PROBE]
+        probes = probe_batches(
+            rows, lambda some, layout: self._packed_inputs(some, layout, position_offset)
+        )
+        traced = traced_hidden(
+            self._model, head.hidden, probes, PACKING_TOLERANCE[self._spec.dtype]
+        )
+        if traced is not None:
+            self._head, self.traced = dataclasses.replace(head, hidden=traced), True
 
     @torch.inference_mode()
     def _packing_offset(self) -> int | None:
@@ -169,4 +195,5 @@ class SequenceScalarModel:
             **runtime_details(self._model.config, self._spec.compile),
             "pad_token_id": self._pad_id,
             "packs_rows": self.packs_rows,
+            "traced": self.traced,
         }
