@@ -37,13 +37,13 @@ def probe_batches(
     build: Callable[[Sequence[Sequence[int]], PackedLayout], PackedBatch],
 ) -> list[PackedBatch]:
     """Packed batches of three shapes from the same rows: in bins as wide as the longest
-    row (several bins, padding), all in one bin, the first two in one bin."""
+    row (several bins, padding: the trace is taken on this one, whose mask hides tokens),
+    all in one bin, and the first row alone (a mask that hides nothing)."""
     lengths = [len(row) for row in rows]
-    pair = rows[:2]
     return [
         build(rows, pack_to_width(lengths, max(lengths))),
         build(rows, pack_to_width(lengths, sum(lengths))),
-        build(pair, pack_to_width(lengths[:2], sum(lengths[:2]))),
+        build(rows[:1], pack_to_width(lengths[:1], lengths[0])),
     ]
 
 

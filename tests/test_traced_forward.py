@@ -1,0 +1,157 @@
+"""Packed forwards traced into one TorchScript graph: the same scores as eager on every
+shape, eager where a trace would freeze a branch, and no GIL held while the graph runs."""
+
+import logging
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from benchmarks.workload import load_items
+from service.models import EncodingMemo
+from service.models.packaged import MINILM, PACKAGED_PREFIX
+from service.models.row_packing import PackedBatch, PackedLayout, pack_to_width, packed_batch
+from service.models.traced_forward import probe_batches, traced_hidden
+from tests.test_packed_heads import _holistic, _raw, _short_items, scalar_rms  # noqa: F401
+from tests.test_row_packing import _cosines, _relevance
+
+
+@pytest.mark.parametrize("family", ["llama", "deberta", "bert", "roberta"])
+def test_a_traced_scalar_rm_scores_every_batch_as_its_eager_forward(family, scalar_rms, tmp_path):
+    traced = _holistic(scalar_rms[family], tmp_path)
+    eager = _holistic(scalar_rms[family], tmp_path, trace_packed=False)
+    assert traced.describe()["traced"] and not eager.describe()["traced"]
+    assert eager.describe()["packs_rows"]  # both run packed: only the way of running differs
+    assert traced.fingerprint == eager.fingerprint
+    memo = EncodingMemo()
+    prepared = [traced.prepare(p, r, memo) for p, r in _short_items(30)]
+    for size in (1, 2, 7, 30):  # bin counts and widths the load check never saw
+        for start in range(0, 30, size):
+            batch = prepared[start : start + size]
+            assert _raw(traced, batch) == pytest.approx(_raw(eager, batch), rel=1e-5, abs=1e-6)
+
+
+def test_minilm_traced_embeds_qa_feedback_as_eager(tiny_paths, tmp_path):
+    path = PACKAGED_PREFIX + MINILM
+    traced = _relevance(path, tiny_paths, tmp_path)
+    eager = _relevance(path, tiny_paths, tmp_path, trace_packed=False)
+    assert traced.describe()["traced"] and not eager.describe()["traced"]
+    items = load_items(24)
+    prepared = [traced.prepare(i["prompt"], i["response"], EncodingMemo()) for i in items]
+    for size in (1, 5, 24):
+        for start in range(0, 24, size):
+            batch = prepared[start : start + size]
+            assert _cosines(traced, batch) == pytest.approx(_cosines(eager, batch), abs=1e-5)
+
+
+def test_compile_leaves_the_packed_forward_untraced(scalar_rms, tmp_path, monkeypatch):
+    monkeypatch.setattr("service.models.sequence_scalar.compiled", lambda model, *_: model)
+    model = _holistic(scalar_rms["bert"], tmp_path, compile=True)
+    assert not model.describe()["traced"]
+
+
+class _Embedder(torch.nn.Module):
+    """A stand-in encoder: an embedding, then `layers` linear layers on every token."""
+
+    def __init__(self, width: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(300, width)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
+
+    def hidden(self, packed: PackedBatch) -> torch.Tensor:
+        x = self.embed(packed.input_ids) + packed.position_ids[..., None]
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+    def branching_hidden(self, packed: PackedBatch) -> torch.Tensor:
+        """Another way when the mask hides nothing (transformers drops such a padding mask):
+        a branch on the data, which a trace freezes the way its own batch went."""
+        x = self.hidden(packed)
+        return x + 1.0 if bool(packed.attention_mask.all()) else x
+
+
+def _rows(count: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 40, (count,), generator=generator).tolist()
+    return [torch.randint(3, 300, (n,), generator=generator).tolist() for n in lengths]
+
+
+def _build(rows, layout: PackedLayout) -> PackedBatch:
+    return packed_batch(rows, layout, 0, 0, torch.bool, "cpu")
+
+
+def test_a_trace_holds_for_shapes_it_was_not_traced_on():
+    model = _Embedder()
+    traced = traced_hidden(model, model.hidden, probe_batches(_rows(5, 0), _build), 1e-5)
+    assert traced is not None
+    with torch.inference_mode():
+        for count, seed in ((1, 1), (9, 2), (40, 3)):
+            rows = _rows(count, seed)
+            layout = pack_to_width([len(r) for r in rows], 64)
+            batch = _build(rows, layout)
+            assert torch.allclose(traced(batch), model.hidden(batch), atol=1e-6)
+
+
+def test_a_branch_on_the_data_leaves_the_forward_eager(caplog):
+    model = _Embedder()
+    probes = probe_batches(_rows(5, 0), _build)  # traced on the first: its mask hides tokens
+    with caplog.at_level(logging.WARNING):
+        assert traced_hidden(model, model.branching_hidden, probes, 1e-5) is None
+    assert "left eager" in caplog.text
+
+
+def test_a_trace_that_raises_leaves_the_forward_eager(caplog):
+    model = _Embedder()
+
+    def failing(packed: PackedBatch) -> torch.Tensor:
+        raise ValueError("no 4-D masks here")
+
+    with caplog.at_level(logging.WARNING):
+        assert traced_hidden(model, failing, probe_batches(_rows(5, 0), _build), 1e-5) is None
+    assert "no 4-D masks here" in caplog.text
+
+
+def _worker_cpu_while_python_holds_the_gil(forward, batch: PackedBatch, spin_s: float) -> float:
+    """CPU seconds `forward` gets on its own thread while this thread spins in Python with
+    a switch interval longer than the spin: an eager forward waits for the GIL between
+    operators, a traced graph does not."""
+    ready, clock = threading.Event(), []
+
+    def work() -> None:
+        torch.set_num_threads(1)  # every operator on this thread: its own clock sees it all
+        clock.append(time.pthread_getcpuclockid(threading.get_ident()))
+        ready.set()
+        with torch.inference_mode():
+            forward(batch)
+
+    interval = sys.getswitchinterval()
+    worker = threading.Thread(target=work)
+    try:
+        sys.setswitchinterval(10 * spin_s)
+        worker.start()
+        ready.wait()
+        time.sleep(0.05)  # the worker is past `ready` and inside its forward
+        start = time.clock_gettime(clock[0])
+        end = time.perf_counter() + spin_s
+        while time.perf_counter() < end:
+            pass
+        used = time.clock_gettime(clock[0]) - start
+    finally:
+        sys.setswitchinterval(interval)
+        worker.join()
+    return used
+
+
+def test_a_traced_forward_runs_while_python_holds_the_gil():
+    model = _Embedder(width=256, layers=40)  # ~0.5 s of forward on one core
+    traced = traced_hidden(model, model.hidden, probe_batches(_rows(5, 0), _build), 1e-4)
+    assert traced is not None
+    rows = [[7] * 500 for _ in range(16)]
+    batch = _build(rows, pack_to_width([500] * 16, 512))
+    spin_s = 0.2
+    assert _worker_cpu_while_python_holds_the_gil(traced, batch, spin_s) > 0.5 * spin_s
+    assert _worker_cpu_while_python_holds_the_gil(model.hidden, batch, spin_s) < 0.25 * spin_s
