@@ -30,6 +30,18 @@ def tiny_paths(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def scalar_rms(tiny_paths, tmp_path_factory) -> dict[str, str]:
+    """Tiny scalar RMs of each head family the packed path reads."""
+    root = tmp_path_factory.mktemp("scalar-rms")
+    return {
+        "llama": str(tiny_paths["llama_rm"]),
+        "deberta": str(tiny_paths["deberta_rm"]),
+        "bert": str(tiny_models.build_encoder_scalar_rm(root / "bert", "bert")),
+        "roberta": str(tiny_models.build_encoder_scalar_rm(root / "roberta", "roberta")),
+    }
+
+
 def tiny_config_dict(paths: dict[str, Path], **sections) -> dict:
     """A full hierarchical config on tiny models: a decoder holistic RM and three aspects."""
     config = {

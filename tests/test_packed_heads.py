@@ -11,21 +11,9 @@ from benchmarks.workload import load_items
 from service.models import EncodingMemo
 from service.models.packed_heads import packed_scalar_head
 from service.models.row_packing import PackedLayout, pack_to_width, packed_batch
-from tests import tiny_models
 from tests.test_models import load_holistic
 
 REL, ABS = 1e-5, 1e-6  # packed against alone; the rounding seen is ~1e-8
-
-
-@pytest.fixture(scope="module")
-def scalar_rms(tiny_paths, tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("scalar-rms")
-    return {
-        "llama": str(tiny_paths["llama_rm"]),
-        "deberta": str(tiny_paths["deberta_rm"]),
-        "bert": str(tiny_models.build_encoder_scalar_rm(root / "bert", "bert")),
-        "roberta": str(tiny_models.build_encoder_scalar_rm(root / "roberta", "roberta")),
-    }
 
 
 def _holistic(path: str, tmp_path, **extra):

@@ -14,7 +14,7 @@ from service.models import EncodingMemo
 from service.models.packaged import MINILM, PACKAGED_PREFIX
 from service.models.row_packing import PackedBatch, PackedLayout, pack_to_width, packed_batch
 from service.models.traced_forward import probe_batches, traced_hidden
-from tests.test_packed_heads import _holistic, _raw, _short_items, scalar_rms  # noqa: F401
+from tests.test_packed_heads import _holistic, _raw, _short_items
 from tests.test_row_packing import _cosines, _relevance
 
 
