@@ -63,6 +63,8 @@ def make_forwards_free(models: list[RewardModel]) -> list[RewardModel]:
         if model.kind not in OUTPUT_BY_KIND:
             raise ValueError(f"no free stand-in for a {model.kind} model ({model.name})")
         model._model = FreeNetwork(real, OUTPUT_BY_KIND[model.kind])  # type: ignore[attr-defined]
+        if hasattr(model, "_hidden"):  # packed embeddings: back to the eager call, now free
+            model._hidden = model._eager_hidden  # type: ignore[attr-defined]
         head: PackedScalarHead | None = getattr(model, "_head", None)
         if head is not None:  # packed rows: the backbone and the head are called apart
             model._head = dataclasses.replace(  # type: ignore[attr-defined]
