@@ -386,6 +386,8 @@ def main() -> int:
 
     measured = items[:LIMIT_ITEMS]
     models = load_models(config, args.cache_dir)
+    # How each model runs (packed, traced, attention): the load checks' outcome on this machine.
+    results["models"]["runtime"] = {model.name: model.describe() for model in models}
     # Forwards at once, as the server runs them: `cpu_workers` on a CPU, one on a GPU.
     workers = max(device_slots(m.device, config) for m in models if m.device != HOST_DEVICE)
     best, all_sizes = best_limit(models, config, measured, [1, 8, 32, 64], sorted({1, workers}))
