@@ -25,7 +25,14 @@ from pydantic import BaseModel
 
 from service.combine import AspectParams, HolisticParams, combine_response
 from service.config import load_reward_config
-from service.models import AspectScore, EncodingMemo, HolisticScore, RewardModel, load_models
+from service.models import (
+    AspectScore,
+    EncodingMemo,
+    HolisticScore,
+    RewardModel,
+    load_models,
+    prepare_items,
+)
 
 
 def prepare_holistic(cache_dir: Path) -> Path:
@@ -214,7 +221,9 @@ class PeerScorer:
         lock = device_lock if device_lock is not None else nullcontext()
         outputs = []
         for model in self.models:
-            prepared = [model.prepare(i.prompt, i.response, EncodingMemo()) for i in items]
+            # One batched tokenizer call per batch, as a plain user's `tokenizer(texts)`.
+            pairs = [(i.prompt, i.response) for i in items]
+            prepared = prepare_items(model, pairs, EncodingMemo())
             with lock:
                 outputs.append(model.run(prepared))
         rewards = []

@@ -39,7 +39,14 @@ from service.errors import (
 )
 from service.memory import release_free_heap
 from service.metrics import ServiceMetrics
-from service.models import AspectScore, HolisticScore, ModelOutput, Prepared, RewardModel
+from service.models import (
+    AspectScore,
+    HolisticScore,
+    ModelOutput,
+    Prepared,
+    RewardModel,
+    prepare_items,
+)
 from service.models.encoding_memo import EncodingMemo
 from service.models.loading import call_overhead_tokens, intra_op_threads, set_intra_op_threads
 from service.score_cache import ScoreCache, item_key
@@ -284,7 +291,7 @@ class RewardEngine:
     def _prepare_all(
         self, model: RewardModel, items: Sequence[ScoreInput], memo: EncodingMemo
     ) -> list[Prepared]:
-        return [model.prepare(item.prompt, item.response, memo) for item in items]
+        return prepare_items(model, [(item.prompt, item.response) for item in items], memo)
 
     async def _score_with(
         self,

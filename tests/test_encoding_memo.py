@@ -8,6 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import RewardConfig
+from service.models import load_models, prepare_items
 from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import load_tokenizer
 from tests import tiny_models
@@ -25,8 +26,10 @@ class CountingTokenizer:
         self._tokenizer = tokenizer
         self._delay_s = delay_s
         self.texts: list[str] = []
+        self.calls = 0
 
     def __call__(self, texts, **kwargs):
+        self.calls += 1
         self.texts += texts
         time.sleep(self._delay_s)
         return self._tokenizer(texts, **kwargs)
@@ -114,6 +117,55 @@ def test_two_threads_asking_for_one_text_at_once_encode_it_once(segment_tokenize
         thread.join()
     assert counter.texts == RESPONSES
     assert results[0] == results[1] and (memo.encoded, memo.reused) == (4, 4)
+
+
+def test_encoding_ahead_fills_the_memo_in_one_call_and_counts_as_encode_alone_would(
+    tiny_paths,
+):
+    shared, counter = counted(load_tokenizer(str(tiny_paths["llama_rm"])))
+    ahead, alone = EncodingMemo(), EncodingMemo()
+    ahead.encode_ahead(shared, [PROMPT, *RESPONSES, PROMPT])
+    assert counter.calls == 1 and counter.texts == [PROMPT, *RESPONSES]
+    assert (ahead.encoded, ahead.reused) == (0, 0)  # nothing has been asked for yet
+    for memo in (ahead, alone):
+        for response in RESPONSES:
+            memo.encode(shared, [PROMPT, response])
+    assert counter.calls == 1 + len(RESPONSES)  # `alone` reached the tokenizer per item
+    assert (ahead.encoded, ahead.reused) == (alone.encoded, alone.reused) == (5, 3)
+    # Other switches are other encodings: encoded ahead only when asked for with them.
+    bare = ahead.encode(shared, [PROMPT], add_special_tokens=False)[0]
+    assert counter.calls == 6 and bare.ids != ahead.encode(shared, [PROMPT])[0].ids
+
+
+def test_a_requests_items_reach_each_tokenizer_in_one_call_and_prepare_as_alone(
+    tiny_paths, segment_tokenizer_paths, tmp_path
+):
+    """Every adapter that tokenises: the same inputs as item by item, one call per tokenizer
+    (two for the LM: prompts and responses are encoded with different switches)."""
+    aspects = [
+        {"name": "relevance", "kind": "embedding_similarity", "path": str(tiny_paths["llama_rm"])},
+        {"name": "factuality", "kind": "segment_classifier", "path": str(tiny_paths["segment"])},
+        {"name": "completeness", "kind": "sequence_scalar", "path": str(tiny_paths["deberta_rm"])},
+        {
+            "name": "tokens",
+            "kind": "rule",
+            "unit": "tokens",
+            "mean": 20,
+            "tokenizer_path": str(tiny_paths["causal_lm"]),
+        },
+    ]
+    holistic = {"name": "lm", "kind": "lm_likelihood", "path": str(tiny_paths["causal_lm"])}
+    config = RewardConfig.model_validate({"holistic": holistic, "aspects": aspects})
+    pairs = [(PROMPT, response) for response in RESPONSES] + [("Why?", "Because. It is so.")]
+    for model in load_models(config, tmp_path):
+        alone = [model.prepare(prompt, response, EncodingMemo()) for prompt, response in pairs]
+        shared, counter = counted(model._shared_tokenizer.tokenizer)
+        model._shared_tokenizer = shared
+        memo = EncodingMemo()
+        assert prepare_items(model, pairs, memo) == alone, model.kind
+        assert counter.calls == (2 if model.kind == "lm_likelihood" else 1), model.kind
+        # Each distinct text once: the LM's prompt and the relevance rows' prompt repeat.
+        assert len(counter.texts) == len(set(counter.texts)) == memo.encoded, model.kind
 
 
 def encoded_texts(metrics_text: str) -> dict[str, float]:

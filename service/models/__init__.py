@@ -25,6 +25,7 @@ from service.models.base import (
     Prepared,
     RewardModel,
     Role,
+    prepare_items,
 )
 from service.models.encoding_memo import EncodingMemo
 from service.models.loading import call_overhead_tokens, place
@@ -38,6 +39,7 @@ __all__ = [
     "Prepared",
     "RewardModel",
     "load_models",
+    "prepare_items",
 ]
 
 

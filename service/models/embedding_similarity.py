@@ -82,9 +82,17 @@ class EmbeddingSimilarityModel:
                 self._trace(offset)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
-    def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
+    def _texts(self, prompt: str, response: str) -> tuple[list[tuple[int, int]], list[str]]:
+        """The response's segment spans, and the rows' texts: the prompt, then each segment."""
         spans = split_spans(response, self._spec.split)
-        texts = [prompt, *(response[s:e] for s, e in spans)]
+        return spans, [prompt, *(response[s:e] for s, e in spans)]
+
+    def encode_ahead(self, pairs: Sequence[tuple[str, str]], memo: EncodingMemo) -> None:
+        texts = [text for prompt, response in pairs for text in self._texts(prompt, response)[1]]
+        memo.encode_ahead(self._shared_tokenizer, texts)
+
+    def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
+        spans, texts = self._texts(prompt, response)
         full = [encoding.ids for encoding in memo.encode(self._shared_tokenizer, texts)]
         kept = [
             truncate_keeping_specials(

@@ -71,6 +71,7 @@ class _TokenizerShelf:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     encodings: dict[tuple[bool, bool, str], Encoding] = field(default_factory=dict)
+    asked: set[tuple[bool, bool, str]] = field(default_factory=set)  # read by an `encode`
     encoded: int = 0
     reused: int = 0
 
@@ -91,20 +92,45 @@ class EncodingMemo:
         offsets: bool = False,
     ) -> list[Encoding]:
         """`texts` encoded, in order; only those this request has not encoded yet (with
-        this tokenizer and these switches) reach the tokenizer, in one call."""
-        with self._shelves_lock:
-            shelf = self._shelves.setdefault(tokenizer.key, _TokenizerShelf())
+        this tokenizer and these switches) reach the tokenizer, in one call. The first ask
+        for a text counts as encoded, later ones as reused (`encode_ahead` counts nothing)."""
+        shelf = self._shelf(tokenizer)
         keys = [(add_special_tokens, offsets, text) for text in texts]
         with shelf.lock:
-            missing = list(dict.fromkeys(key for key in keys if key not in shelf.encodings))
-            if missing:
-                fresh = tokenizer.encode(
-                    [text for _, _, text in missing], add_special_tokens, offsets
-                )
-                shelf.encodings.update(zip(missing, fresh, strict=True))
-            shelf.encoded += len(missing)
-            shelf.reused += len(keys) - len(missing)
+            self._fill(shelf, tokenizer, keys)
+            first_asks = set(keys) - shelf.asked
+            shelf.asked |= first_asks
+            shelf.encoded += len(first_asks)
+            shelf.reused += len(keys) - len(first_asks)
             return [shelf.encodings[key] for key in keys]
+
+    def encode_ahead(
+        self,
+        tokenizer: SharedTokenizer,
+        texts: Sequence[str],
+        add_special_tokens: bool = True,
+        offsets: bool = False,
+    ) -> None:
+        """Encode in one call the `texts` that later `encode` calls will ask for one or a
+        few at a time: one batched call costs far less than one call per item."""
+        shelf = self._shelf(tokenizer)
+        with shelf.lock:
+            self._fill(shelf, tokenizer, [(add_special_tokens, offsets, text) for text in texts])
+
+    def _shelf(self, tokenizer: SharedTokenizer) -> _TokenizerShelf:
+        with self._shelves_lock:
+            return self._shelves.setdefault(tokenizer.key, _TokenizerShelf())
+
+    @staticmethod
+    def _fill(
+        shelf: _TokenizerShelf, tokenizer: SharedTokenizer, keys: list[tuple[bool, bool, str]]
+    ) -> None:
+        """Encode the keys the shelf lacks, each once, in one call (under the shelf's lock)."""
+        missing = list(dict.fromkeys(key for key in keys if key not in shelf.encodings))
+        if missing:
+            add_special_tokens, offsets = missing[0][0], missing[0][1]
+            fresh = tokenizer.encode([text for _, _, text in missing], add_special_tokens, offsets)
+            shelf.encodings.update(zip(missing, fresh, strict=True))
 
     @property
     def encoded(self) -> int:

@@ -48,14 +48,28 @@ class LmLikelihoodModel:
             self._backbone = compiled(self._backbone, resolved_path, device)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
-    def _prompt_ids(self, prompt: str, memo: EncodingMemo) -> tuple[int, ...]:
+    def _prompt_text(self, prompt: str) -> str:
         if self._spec.prompt_template is not None:
-            text = self._spec.prompt_template.format(prompt=prompt)
-            return memo.encode(self._shared_tokenizer, [text])[0].ids
-        text = self._tokenizer.apply_chat_template(
+            return self._spec.prompt_template.format(prompt=prompt)
+        return self._tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-        return memo.encode(self._shared_tokenizer, [text], add_special_tokens=False)[0].ids
+
+    @property
+    def _prompt_special_tokens(self) -> bool:
+        """Whether the tokenizer adds its special tokens to the prompt: a chat template
+        writes its own."""
+        return self._spec.prompt_template is not None
+
+    def _prompt_ids(self, prompt: str, memo: EncodingMemo) -> tuple[int, ...]:
+        text = self._prompt_text(prompt)
+        return memo.encode(self._shared_tokenizer, [text], self._prompt_special_tokens)[0].ids
+
+    def encode_ahead(self, pairs: Sequence[tuple[str, str]], memo: EncodingMemo) -> None:
+        # A PPO request repeats its prompt: each distinct one is templated once.
+        prompts = [self._prompt_text(prompt) for prompt in dict.fromkeys(p for p, _ in pairs)]
+        memo.encode_ahead(self._shared_tokenizer, prompts, self._prompt_special_tokens)
+        memo.encode_ahead(self._shared_tokenizer, [r for _, r in pairs], add_special_tokens=False)
 
     def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
         """Prompt then response ids; the prompt is cut from the left first (the response is

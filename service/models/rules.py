@@ -38,6 +38,16 @@ class RuleModel:
         (encoding,) = memo.encode(self._shared_tokenizer, [response], add_special_tokens=False)
         return len(encoding.ids)
 
+    def encode_ahead(self, pairs: Sequence[tuple[str, str]], memo: EncodingMemo) -> None:
+        if self._counts_tokens:
+            assert self._shared_tokenizer is not None  # guaranteed by RuleAspect validation
+            responses = [response for _, response in pairs]
+            memo.encode_ahead(self._shared_tokenizer, responses, add_special_tokens=False)
+
+    @property
+    def _counts_tokens(self) -> bool:
+        return self._pattern is None and self._spec.unit == "tokens"
+
     def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
         # No model rows: the count is the whole computation.
         count = self._count(response, memo)

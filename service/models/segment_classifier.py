@@ -62,14 +62,24 @@ class SegmentClassifierModel:
         self._shared_tokenizer = SharedTokenizer(self._tokenizer)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
-    def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
-        spans = split_spans(response, self._spec.split)
+    def _text(self, prompt: str, response: str) -> tuple[str, list[tuple[int, int]], list[int]]:
+        """The one row's text (the prefix, then a separator before each segment), the
+        response's segment spans, and where each separator starts in the text."""
         text = self._spec.prefix_template.format(prompt=prompt)
+        spans = split_spans(response, self._spec.split)
         separator_chars: list[int] = []
         for start, end in spans:
             text += " "
             separator_chars.append(len(text))
             text += f"{self._separator} {response[start:end]}"
+        return text, spans, separator_chars
+
+    def encode_ahead(self, pairs: Sequence[tuple[str, str]], memo: EncodingMemo) -> None:
+        texts = [self._text(prompt, response)[0] for prompt, response in pairs]
+        memo.encode_ahead(self._shared_tokenizer, texts, offsets=True)
+
+    def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
+        text, spans, separator_chars = self._text(prompt, response)
         (encoding,) = memo.encode(self._shared_tokenizer, [text], offsets=True)
         ids, offsets = encoding.ids, encoding.offsets
         assert offsets is not None  # asked for above

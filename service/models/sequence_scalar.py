@@ -102,6 +102,11 @@ class SequenceScalarModel:
             return self._tokenizer.apply_chat_template(turns, tokenize=False), False
         return self._spec.template.format(prompt=prompt, response=response), True
 
+    def encode_ahead(self, pairs: Sequence[tuple[str, str]], memo: EncodingMemo) -> None:
+        texts = [self._text(prompt, response) for prompt, response in pairs]
+        if texts:  # one model templates every item alike: one `add_special` for all
+            memo.encode_ahead(self._shared_tokenizer, [text for text, _ in texts], texts[0][1])
+
     def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
         text, add_special = self._text(prompt, response)
         (encoding,) = memo.encode(self._shared_tokenizer, [text], add_special)
