@@ -126,7 +126,7 @@ class SequenceScalarHolistic(_TransformerSpec, _HolisticNorm, _ScalarInput, _Row
     kind: Literal["sequence_scalar"]
 
 
-class LmLikelihoodHolistic(_TransformerSpec, _HolisticNorm):
+class LmLikelihoodHolistic(_TransformerSpec, _HolisticNorm, _RowPacking):
     kind: Literal["lm_likelihood"]
     # None = the tokenizer's chat template (user turn + generation prompt).
     prompt_template: str | None = None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from service.config import RewardConfig
-from service.models import AspectScore, EncodingMemo, HolisticScore, load_models
+from service.models import AspectScore, EncodingMemo, HolisticScore, load_models, prepare_items
 from service.models.packaged import MINILM, PACKAGED_PREFIX
 from tests.conftest import tiny_config_dict
 
@@ -121,10 +121,12 @@ def lm_spec(paths, **extra):
     }
 
 
-def test_lm_likelihood_equals_mean_log_prob_of_the_response(tiny_paths, tmp_path):
+@pytest.mark.parametrize("pack_rows", [True, False])
+def test_lm_likelihood_equals_mean_log_prob_of_the_response(tiny_paths, tmp_path, pack_rows):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = load_holistic(lm_spec(tiny_paths), tmp_path)
+    model = load_holistic(lm_spec(tiny_paths, pack_rows=pack_rows), tmp_path)
+    assert model.describe()["packs_rows"] is pack_rows
     tokenizer = AutoTokenizer.from_pretrained(tiny_paths["causal_lm"])
     reference = AutoModelForCausalLM.from_pretrained(tiny_paths["causal_lm"])
     prompt_text = tokenizer.apply_chat_template(
@@ -141,8 +143,11 @@ def test_lm_likelihood_equals_mean_log_prob_of_the_response(tiny_paths, tmp_path
     assert score.raw == pytest.approx(per_token.mean().item(), abs=1e-4)
 
 
-def test_lm_likelihood_is_batch_invariant_and_empty_response_is_unscored(tiny_paths, tmp_path):
-    model = load_holistic(lm_spec(tiny_paths), tmp_path)
+@pytest.mark.parametrize("pack_rows", [True, False])
+def test_lm_likelihood_is_batch_invariant_and_empty_response_is_unscored(
+    tiny_paths, tmp_path, pack_rows
+):
+    model = load_holistic(lm_spec(tiny_paths, pack_rows=pack_rows), tmp_path)
     assert_batch_invariant(model, PROMPT, RESPONSES)
     (empty,) = model.run([model.prepare(PROMPT, "", EncodingMemo())])
     assert empty.raw is None
@@ -154,6 +159,41 @@ def test_lm_likelihood_is_batch_invariant_and_empty_response_is_unscored(tiny_pa
     assert mixed[1].raw == pytest.approx(alone.raw, abs=1e-5)
     both = model.run([model.prepare(PROMPT, "", memo), model.prepare("Q?", "", memo)])
     assert [b.raw for b in both] == [None, None]
+
+
+@pytest.mark.parametrize("forward_overhead_tokens", [100_000, 0])
+def test_lm_likelihood_rows_packed_and_traced_score_as_right_padded_rows(
+    tiny_paths, tmp_path, forward_overhead_tokens
+):
+    """Mixed lengths, an empty response (RESPONSES[2]) and a cut prompt, packed in one
+    forward (a call costing more than any padding) or cut into several (a call costing
+    nothing) whose outputs are gathered back in order."""
+    batching = {"forward_overhead_tokens": forward_overhead_tokens}
+    packed, padded = (
+        load_models(
+            RewardConfig.model_validate(
+                {
+                    "holistic": lm_spec(tiny_paths, max_length=96, pack_rows=pack),
+                    "batching": batching,
+                }
+            ),
+            tmp_path,
+        )[0]
+        for pack in (True, False)
+    )
+    assert (packed.describe()["packs_rows"], packed.describe()["traced"]) == (True, True)
+    assert not padded.describe()["packs_rows"] and packed.padded_tokens is not None
+    pairs = [(PROMPT, r) for r in RESPONSES]
+    pairs += [(PROMPT * 5, "Short answer."), ("Q?", "No."), ("Why?", "Because it is so. " * 4)]
+    items = prepare_items(packed, pairs, EncodingMemo())
+    assert items == prepare_items(padded, pairs, EncodingMemo())
+    forwards = packed._packer.forwards([item.length for item in items])
+    assert len(forwards) == 1 if forward_overhead_tokens else len(forwards) > 1
+    for got, want in zip(packed.run(items), padded.run(items), strict=True):
+        assert (got.raw is None) == (want.raw is None) and got.truncated == want.truncated
+        if want.raw is not None:
+            assert got.raw == pytest.approx(want.raw, abs=1e-4)
+    assert [item.raw is None for item in packed.run(items)].count(True) == 1
 
 
 def test_lm_likelihood_keeps_the_response_when_the_prompt_is_too_long(tiny_paths, tmp_path):

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from benchmarks.workload import load_items
-from service.models import EncodingMemo
-from service.models.packaged import MINILM, PACKAGED_PREFIX
+from service.config import RewardConfig
+from service.models import EncodingMemo, load_models, prepare_items
+from service.models.packaged import MINILM, PACKAGED_PREFIX, SMOLLM2
 from service.models.row_packing import PackedBatch, PackedLayout, pack_to_width, packed_batch
 from service.models.traced_forward import probe_batches, traced_hidden
 from tests.test_packed_heads import _holistic, _raw, _short_items
@@ -46,6 +47,29 @@ def test_minilm_traced_embeds_qa_feedback_as_eager(tiny_paths, tmp_path):
         for start in range(0, 24, size):
             batch = prepared[start : start + size]
             assert _cosines(traced, batch) == pytest.approx(_cosines(eager, batch), abs=1e-5)
+
+
+def test_default_smollm2_likelihood_packed_and_traced_scores_qa_feedback_as_padded(tmp_path):
+    """The embedded default's holistic model, on real weights: packed rows in one traced
+    graph score as right-padded rows do."""
+    spec = {
+        "name": "likelihood",
+        "kind": "lm_likelihood",
+        "path": PACKAGED_PREFIX + SMOLLM2,
+        "device": "cpu",
+        "max_length": 512,
+    }
+
+    def load(pack_rows: bool):
+        config = RewardConfig.model_validate({"holistic": {**spec, "pack_rows": pack_rows}})
+        return load_models(config, tmp_path)[0]
+
+    packed, padded = load(True), load(False)
+    assert (packed.describe()["packs_rows"], packed.describe()["traced"]) == (True, True)
+    items = [(i["prompt"], i["response"]) for i in load_items(8)]
+    prepared = prepare_items(packed, items, EncodingMemo())
+    for got, want in zip(packed.run(prepared), padded.run(prepared), strict=True):
+        assert got.raw == pytest.approx(want.raw, abs=1e-4)
 
 
 def test_compile_leaves_the_packed_forward_untraced(scalar_rms, tiny_paths, tmp_path, monkeypatch):

@@ -72,7 +72,7 @@ def _build(spec: ModelSpec, index: int, cache_dir: Path, batching: BatchingConfi
     if isinstance(spec, LmLikelihoodHolistic):
         from service.models.lm_likelihood import LmLikelihoodModel
 
-        return LmLikelihoodModel(spec, path, device)
+        return LmLikelihoodModel(spec, path, device, call_overhead_tokens(device, batching))
     if isinstance(spec, SegmentClassifierAspect):
         from service.models.segment_classifier import SegmentClassifierModel
 

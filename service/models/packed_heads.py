@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from service.models.row_packing import PackedBatch, takes_boolean_mask
+from service.models.row_packing import PackedBatch, narrower_sliding_window, takes_boolean_mask
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,7 @@ def packed_scalar_head(model: Any, max_length: int) -> PackedScalarHead | None:
     if base is None:
         return None
     config = getattr(model, "config", None)
-    window = getattr(config, "sliding_window", None)
-    if window is not None and window < max_length and getattr(config, "use_sliding_window", True):
+    if narrower_sliding_window(config, max_length):
         return None
     classifier = getattr(model, "classifier", None)
     score = getattr(model, "score", None)

@@ -168,15 +168,24 @@ class RowPacker:
     ) -> torch.Tensor:
         """`forward`'s outputs (one per row, first dimension) over every packed forward of
         `rows`, gathered back in the rows' order on the outputs' device."""
+        return self.run_indexed(
+            [len(row) for row in rows],
+            lambda indices, layout, offset: forward([rows[i] for i in indices], layout, offset),
+        )
+
+    def run_indexed(
+        self,
+        lengths: Sequence[int],
+        forward: Callable[[Sequence[int], PackedLayout, int], torch.Tensor],
+    ) -> torch.Tensor:
+        """As `run`, for a `forward` that takes the indices of its rows (and so can look up
+        whatever else belongs to each row)."""
         assert self.position_offset is not None
-        forwards = self.forwards([len(row) for row in rows])
-        parts = [
-            forward([rows[i] for i in indices], layout, self.position_offset)
-            for indices, layout in forwards
-        ]
+        forwards = self.forwards(lengths)
+        parts = [forward(indices, layout, self.position_offset) for indices, layout in forwards]
         if len(parts) == 1:
             return parts[0]
-        gathered = parts[0].new_empty((len(rows), *parts[0].shape[1:]))
+        gathered = parts[0].new_empty((len(lengths), *parts[0].shape[1:]))
         for (indices, _), part in zip(forwards, parts, strict=True):
             gathered[list(indices)] = part
         return gathered
@@ -199,6 +208,17 @@ def _best_fit_decreasing(lengths: Sequence[int], width: int) -> list[list[int]]:
         if room > 0:
             bisect.insort(rooms, (room, where))
     return bins
+
+
+def narrower_sliding_window(model_config: object, max_length: int) -> bool:
+    """Whether a decoder attends through a sliding window narrower than a row may be: a
+    packed 4-D mask replaces the window, and a load check's short rows would not show it."""
+    window = getattr(model_config, "sliding_window", None)
+    return (
+        window is not None
+        and window < max_length
+        and bool(getattr(model_config, "use_sliding_window", True))
+    )
 
 
 def takes_boolean_mask(model_config: object) -> bool:
