@@ -4,8 +4,9 @@ Needs no trained head, so a packaged instruct model gives a meaningful reward of
 The lm head is applied only at response positions, never to the whole (B, L, V) grid.
 A batch's rows are packed end to end (`row_packing`: causal within each row) and the packed
 backbone traced (`traced_forward`) where the load check allows; else rows are right-padded.
-On SmolLM2-135M (one thread, 4 and 16 of the benchmark's items) packed rows ran the
-backbone 1.38x and 1.41x as fast as right-padded ones, which were 0.70 and 0.63 real tokens.
+On SmolLM2-135M over 64 qa-feedback items in process, packed and traced forwards did 1.09x
+and 1.12x the items/s of the length-sorted, cut right-padded forwards the batcher forms
+otherwise (16 and 64 items sorted at a time, medians of 3 alternating rounds).
 """
 
 from __future__ import annotations
