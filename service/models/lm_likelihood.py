@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from service.config import LmLikelihoodHolistic
@@ -30,6 +31,7 @@ from service.models.loading import (
     load_tokenizer,
     pad_right,
     runtime_details,
+    to_device,
 )
 from service.models.row_packing import (
     PACKING_TOLERANCE,
@@ -39,6 +41,7 @@ from service.models.row_packing import (
     narrower_sliding_window,
     packed_batch,
     packing_position_offset,
+    row_start_cells,
     takes_boolean_mask,
 )
 from service.models.traced_forward import PackedHidden, probe_batches, traced_hidden
@@ -170,46 +173,50 @@ class LmLikelihoodModel:
         self,
         hidden: torch.Tensor,
         ids: torch.Tensor,
-        starts: torch.Tensor,
+        starts: np.ndarray,
         rows: Sequence[Sequence[int]],
-        firsts: Sequence[int],
+        first_scored: Sequence[int],
     ) -> torch.Tensor:
-        """(N, 2) float32: each row's summed log-probability of its tokens from `firsts`
-        on, and how many there are. `hidden` (..., H) and `ids` hold row r's tokens from
-        flat cell `starts[r]` on, padded or packed alike. Position t predicts token t + 1,
-        so the head reads each row from its first scored token's predecessor to its
-        second-last token, all rows in one step on the device."""
-        counts = [max(len(row) - first, 0) for row, first in zip(rows, firsts, strict=True)]
-        scored = torch.tensor(counts, device=self.device)  # (N,)
-        row_of = torch.repeat_interleave(torch.arange(len(rows), device=self.device), scored)
-        step = torch.arange(sum(counts), device=self.device)
-        step -= torch.repeat_interleave(scored.cumsum(0) - scored, scored)
-        begins = torch.tensor([first - 1 for first in firsts], device=self.device)
-        cells = starts[row_of] + begins[row_of] + step  # (T,) states that predict a token
+        """(N, 2) float32: each row's summed log-probability of its tokens from
+        `first_scored` on, and how many there are. `hidden` (..., H) and `ids` hold row r's
+        tokens from flat cell `starts[r]` on, padded or packed alike. Position t predicts
+        token t + 1, so the head reads each row from its first scored token's predecessor
+        to its second-last token, all rows in one step on the device. The cells are found
+        on the host: nothing here waits for the device."""
+        lengths = np.array([len(row) for row in rows], dtype=np.int64)
+        first = np.array(first_scored, dtype=np.int64)
+        counts = np.maximum(lengths - first, 0)  # (N,)
+        row_of = np.repeat(np.arange(len(rows)), counts)  # (T,)
+        step = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        cells = to_device(np.repeat(starts + first - 1, counts) + step, self.device)  # (T,)
         logits = self._model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[cells])
         targets = ids.reshape(-1)[cells + 1]  # (T,)
         log_probs = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
-        sums = torch.zeros(len(rows), device=self.device).index_add_(0, row_of, log_probs)
-        return torch.stack([sums, scored.float()], dim=1)
+        sums = torch.zeros(len(rows), device=self.device)
+        sums.index_add_(0, to_device(row_of, self.device), log_probs)
+        return torch.stack([sums, to_device(counts, self.device).float()], dim=1)
 
     def _padded_log_probs(
-        self, rows: Sequence[Sequence[int]], firsts: Sequence[int]
+        self, rows: Sequence[Sequence[int]], first_scored: Sequence[int]
     ) -> torch.Tensor:
         ids, mask = pad_right(rows, self._pad_id, self.device)
-        hidden = self._backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)
-        starts = torch.arange(len(rows), device=self.device) * ids.shape[1]
-        return self._response_log_probs(hidden, ids, starts, rows, firsts)
+        hidden = self._backbone(
+            input_ids=ids, attention_mask=mask, use_cache=False
+        ).last_hidden_state  # (B, L, H)
+        starts = np.arange(len(rows), dtype=np.int64) * ids.shape[1]
+        return self._response_log_probs(hidden, ids, starts, rows, first_scored)
 
     def _packed_log_probs(
         self,
         rows: Sequence[Sequence[int]],
-        firsts: Sequence[int],
+        first_scored: Sequence[int],
         layout: PackedLayout,
         position_offset: int,
     ) -> torch.Tensor:
         packed = self._packed_inputs(rows, layout, position_offset)
         hidden = self._hidden(packed)  # (B, W, H)
-        return self._response_log_probs(hidden, packed.input_ids, packed.row_start, rows, firsts)
+        starts = row_start_cells([len(row) for row in rows], layout)
+        return self._response_log_probs(hidden, packed.input_ids, starts, rows, first_scored)
 
     def _probe_rows(self) -> list[tuple[int, ...]]:
         return [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in _PACKING_PROBE]
@@ -247,16 +254,16 @@ class LmLikelihoodModel:
     @torch.inference_mode()
     def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
         rows = [p.rows[0] for p in batch]
-        firsts = [p.meta for p in batch]
+        first_scored = [p.meta for p in batch]
         if self._packer.packs(rows):
             sums_and_counts = self._packer.run_indexed(
                 [len(row) for row in rows],
                 lambda indices, layout, offset: self._packed_log_probs(
-                    [rows[i] for i in indices], [firsts[i] for i in indices], layout, offset
+                    [rows[i] for i in indices], [first_scored[i] for i in indices], layout, offset
                 ),
             )
         else:
-            sums_and_counts = self._padded_log_probs(rows, firsts)
+            sums_and_counts = self._padded_log_probs(rows, first_scored)
         # Read back once per batch, not once per item (on a GPU each read waits for it).
         pairs = sums_and_counts.double().cpu().tolist()
         return [

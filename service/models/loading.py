@@ -116,6 +116,15 @@ def ensure_pad_token(tokenizer: Any, model: Any) -> int:
     return int(tokenizer.pad_token_id)
 
 
+def to_device(array: np.ndarray, device: str) -> torch.Tensor:
+    """A host array on `device`; for a GPU through pinned memory, so the copy does not
+    wait for the GPU's queue."""
+    tensor = torch.from_numpy(array)
+    if device.startswith("cuda"):
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def pad_right(
     rows: Sequence[Sequence[int]], pad_id: int, device: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

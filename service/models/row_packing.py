@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.models.loading import length_sorted_chunks
+from service.models.loading import length_sorted_chunks, to_device
 
 log = logging.getLogger(__name__)
 
@@ -257,13 +257,9 @@ def packed_batch(
     width, count = layout.width, len(rows)
     order = [index for members in layout.bins for index in members]
     lengths = np.array([len(rows[i]) for i in order], dtype=np.int64)
-    bin_of_row = np.repeat(np.arange(len(layout.bins)), [len(m) for m in layout.bins])
-    start_in_bin = np.concatenate(
-        [np.cumsum([0, *(len(rows[i]) for i in m)])[:-1] for m in layout.bins]
-    )
-    token_bin = np.repeat(bin_of_row, lengths)
+    row_start = row_start_cells([len(row) for row in rows], layout)
     token_offset = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    token_cell = token_bin * width + np.repeat(start_in_bin, lengths) + token_offset
+    token_cell = np.repeat(row_start[order], lengths) + token_offset
     cells = len(layout.bins) * width
     ids = np.full(cells, pad_id, dtype=np.int64)
     ids[token_cell] = np.fromiter(
@@ -273,13 +269,10 @@ def packed_batch(
     positions[token_cell] = token_offset + position_offset
     row_of_token = np.full(cells, count, dtype=np.int64)
     row_of_token[token_cell] = np.repeat(np.array(order, dtype=np.int64), lengths)
-    row_start = np.empty(count, dtype=np.int64)
-    row_start[order] = bin_of_row * width + start_in_bin
     shape = (len(layout.bins), width)
-    tensors = [torch.from_numpy(a) for a in (ids, positions, row_of_token, row_start)]
-    if device.startswith("cuda"):
-        tensors = [t.pin_memory() for t in tensors]
-    ids_t, positions_t, rows_t, starts_t = (t.to(device, non_blocking=True) for t in tensors)
+    ids_t, positions_t, rows_t, starts_t = (
+        to_device(a, device) for a in (ids, positions, row_of_token, row_start)
+    )
     row_grid = rows_t.view(shape)  # padding shares one number: it attends to padding only
     allowed = row_grid[:, None, :, None] == row_grid[:, None, None, :]  # (B, 1, W, W)
     if causal:
@@ -290,6 +283,23 @@ def packed_batch(
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return PackedBatch(ids_t.view(shape), positions_t.view(shape), mask, rows_t, starts_t)
+
+
+def row_start_cells(lengths: Sequence[int], layout: PackedLayout) -> np.ndarray:
+    """(N,) the flat cell (bin x width + place in the bin) of each row's first token, rows
+    end to end in their bins in the layout's order. On the host: a forward that reads its
+    rows' tokens indexes them without reading anything back from the device."""
+    starts = np.empty(len(lengths), dtype=np.int64)
+    if not layout.bins:
+        return starts
+    bin_of_row = np.repeat(np.arange(len(layout.bins)), [len(m) for m in layout.bins])
+    start_in_bin = np.concatenate(
+        [np.cumsum([0, *(lengths[i] for i in m)])[:-1] for m in layout.bins]
+    )
+    starts[[index for members in layout.bins for index in members]] = (
+        bin_of_row * layout.width + start_in_bin
+    )
+    return starts
 
 
 def mean_pooled(hidden: torch.Tensor, batch: PackedBatch, count: int) -> torch.Tensor:
