@@ -4,15 +4,17 @@ Needs no trained head, so a packaged instruct model gives a meaningful reward of
 The lm head is applied only at response positions, never to the whole (B, L, V) grid.
 A batch's rows are packed end to end (`row_packing`: causal within each row) and the packed
 backbone traced (`traced_forward`) where the load check allows; else rows are right-padded.
-On SmolLM2-135M over 64 qa-feedback items in process, packed and traced forwards did 1.09x
-and 1.12x the items/s of the length-sorted, cut right-padded forwards the batcher forms
-otherwise (16 and 64 items sorted at a time, medians of 3 alternating rounds).
+On SmolLM2-135M over 64 qa-feedback items in process, with the batcher's own length-sorted
+cuts, packed and traced forwards did 1.17x and 1.00x the items/s of right-padded ones (16
+and 64 items sorted at a time, medians of 3 alternating rounds: 1.16 to 1.27, 0.91 to
+1.17); in the default config's server, 1.05x at one client sending 16 items and 1.09x at 8
+single-item clients (paired rounds).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -143,14 +145,13 @@ class LmLikelihoodModel:
     def packs_rows(self) -> bool:
         return self._packer.position_offset is not None
 
-    @property
-    def padded_tokens(self) -> Callable[[Sequence[Prepared]], int] | None:
-        """For the batcher: packed rows' padded tokens. None when rows are not packed: the
-        batcher then cuts length-sorted batches by the forward's call cost itself."""
-        return self._packed_padded_tokens if self.packs_rows else None
-
-    def _packed_padded_tokens(self, batch: Sequence[Prepared]) -> int:
-        return self._packer.padded_tokens([len(p.rows[0]) for p in batch])
+    # No `padded_tokens`, packed or not: the batcher cuts this model's length-sorted
+    # batches by a forward call's cost, as for right-padded rows, and each cut batch then
+    # runs packed. An LM is the costliest model of a typical config; handed a request's
+    # items as one packed batch it held one CPU slot while the other idled once the
+    # aspects were done (the default config, one client sending 16 items: 0.65x the
+    # right-padded server), where cut batches run on both slots (1.05x; 8 single-item
+    # clients 1.09x; scratch pair script, 3 rounds x 12 s).
 
     def _eager_hidden(self, packed: PackedBatch) -> torch.Tensor:
         return self._backbone(
