@@ -37,6 +37,7 @@ from service.models.loading import (
 )
 from service.models.row_packing import (
     PACKING_TOLERANCE,
+    PAIR_PROBE,
     PackedBatch,
     PackedLayout,
     RowPacker,
@@ -47,13 +48,6 @@ from service.models.row_packing import (
     takes_boolean_mask,
 )
 from service.models.traced_forward import PackedHidden, probe_batches, traced_hidden
-
-# (prompt, response) pairs whose packed scores must match their scores alone, at load.
-_PACKING_PROBE = (
-    ("Where is it?", "It is here, by the door."),
-    ("Why?", "Yes."),
-    ("Who wrote it, and when?", "A friend of mine, long ago, on a rainy night."),
-)
 
 
 class LmLikelihoodModel:
@@ -220,7 +214,7 @@ class LmLikelihoodModel:
         return self._response_log_probs(hidden, packed.input_ids, starts, rows, first_scored)
 
     def _probe_rows(self) -> list[tuple[int, ...]]:
-        return [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in _PACKING_PROBE]
+        return [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in PAIR_PROBE]
 
     @torch.inference_mode()
     def _packing_offset(self) -> int | None:

@@ -125,6 +125,14 @@ def _call_cost(layout: PackedLayout, span: int, overhead_tokens: int) -> float:
     return overhead_tokens + layout.padded_tokens * (1 + layout.width / span)
 
 
+# (prompt, response) pairs whose packed scores must match their scores alone, at load
+# (the scalar RMs and the LM; short and long, so that a probe packs several rows per bin).
+PAIR_PROBE = (
+    ("Where is it?", "It is here, by the door."),
+    ("Why?", "Yes."),
+    ("Who wrote it, and when?", "A friend of mine, long ago, on a rainy night."),
+)
+
 # Packed outputs against outputs alone, at load: float32 to summation order, half
 # precision to its rounding (relative to the outputs where they exceed 1).
 PACKING_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}

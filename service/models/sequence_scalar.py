@@ -32,6 +32,7 @@ from service.models.loading import (
 from service.models.packed_heads import packed_scalar_head
 from service.models.row_packing import (
     PACKING_TOLERANCE,
+    PAIR_PROBE,
     PackedBatch,
     PackedLayout,
     RowPacker,
@@ -39,13 +40,6 @@ from service.models.row_packing import (
     packing_position_offset,
 )
 from service.models.traced_forward import probe_batches, traced_hidden
-
-# (prompt, response) pairs whose packed scores must match their scores alone, at load.
-_PACKING_PROBE = (
-    ("Where is it?", "It is here, by the door."),
-    ("Why?", "Yes."),
-    ("Who wrote it, and when?", "A friend of mine, long ago, on a rainy night."),
-)
 
 
 class SequenceScalarModel:
@@ -155,7 +149,7 @@ class SequenceScalarModel:
     def _trace(self, position_offset: int) -> None:
         head = self._head
         assert head is not None
-        rows = [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in _PACKING_PROBE]
+        rows = [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in PAIR_PROBE]
         probes = probe_batches(
             rows, lambda some, layout: self._packed_inputs(some, layout, position_offset)
         )
@@ -169,7 +163,7 @@ class SequenceScalarModel:
     def _packing_offset(self) -> int | None:
         """Whether (and with which position offset) this model scores packed rows as it
         scores them alone; packing is off where it does not."""
-        rows = [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in _PACKING_PROBE]
+        rows = [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in PAIR_PROBE]
         return packing_position_offset(
             self._scores_packed,
             self._scores,
