@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from benchmarks.limit import _largest_in_halves, measure
+from benchmarks.limit import _largest_in_halves, faster_layout, measure
 from service.batching import BatchLimits
 from service.models import EncodingMemo, Prepared
 
@@ -53,3 +53,17 @@ def test_only_device_models_batches_are_halved():
     on_cpu, on_host = CountingModel("a"), CountingModel("r", device="host")
     assert [len(b) for b in _largest_in_halves([prepared[:1], prepared[1:]], on_cpu)] == [1, 1, 1]
     assert _largest_in_halves([prepared], on_host) == [prepared]
+
+
+def test_the_faster_layout_is_chosen_over_the_whole_workload_not_window_by_window():
+    # Each window's faster timing would add up to 3.5 s, less than either layout took.
+    seconds = {"whole": [1.0, 3.0], "halved": [2.0, 2.5]}
+    assert faster_layout(seconds) == "whole"
+    assert faster_layout({"whole": [1.0, 3.0], "halved": [2.0, 1.5]}) == "halved"
+
+
+def test_with_two_workers_the_windows_alternate_which_layout_runs_first():
+    model = CountingModel("a")
+    measure([model], items(8), lambda m: LIMITS, window=4, workers=2)
+    sizes = [len(batch) for batch in model.batches[1:]]  # after the warm-up
+    assert sizes == [4, 2, 2, 2, 2, 4]  # window 1: whole, halves; window 2: halves, whole
