@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from benchmarks.gpu_utilisation import GpuUtilisation
-from benchmarks.limit import LimitResult, best_limit, measure
+from benchmarks.limit import LimitResult, best_limit, measure, pooled
 from benchmarks.load import LoadResult, run_load
 from benchmarks.models import HOLISTIC_SIZES, RELEVANCE_PATH, write_config
 from benchmarks.servers import free_port, idle_cpu_share, paused, start_server, stop_server
@@ -164,18 +164,27 @@ def _measure_point(
 
     This VM's speed drifts by tens of per cent within minutes, so the systems and limits
     compared at a point are measured in turns, each round starting with a different
-    server, the limits right after alarm-serve, and each figure is the median of its
-    rounds. Whatever is not being measured is paused (`leaders`: each server's
-    process-group leader), so that no idle server's background work takes CPU from the
-    one under load or from the in-process limits.
+    server, the in-flight limit on both sides of alarm-serve (the two timings pooled) and
+    the full limit right after it, and each figure is the median of its rounds. Whatever
+    is not being measured is paused (`leaders`: each server's process-group leader), so
+    that no idle server's background work takes CPU from the one under load or from the
+    in-process limits.
     """
     window = _in_flight(*point)
     names = list(servers)
     by_system: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     limits: dict[str, list[LimitResult]] = {"in_flight": [], "full": []}
+    bracket: list[list[float]] = []  # each round's in-flight limit before and after, items/s
     for round_index in range(rounds):
         order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
+            before: list[LimitResult] = []
+            if name == "alarm-serve" and window > 1:
+                # The in-flight limit on both sides of alarm-serve's load: a drift of this
+                # VM's speed within the round moves both alike. (One item in flight runs the
+                # very items alarm-serve was sent, known only after its load.)
+                with paused(list(leaders.values())):
+                    before.append(limit_of(window, None))
             with paused([leader for other, leader in leaders.items() if other != name]):
                 by_system[name].append(_load_once(name, servers[name], items, point, seconds))
             if name != "alarm-serve":
@@ -186,17 +195,22 @@ def _measure_point(
             # the latency breakdown.
             sent = round(by_system[name][-1]["requests"] * point[1])
             with paused(list(leaders.values())):
-                limits["in_flight"].append(
-                    limit_of(window, items[: max(1, sent)] if window == 1 else None)
-                )
+                after = limit_of(window, items[: max(1, sent)] if window == 1 else None)
+                limits["in_flight"].append(pooled([*before, after]))
+                bracket.append([run.items_per_s for run in (*before, after)])
                 limits["full"].append(limit_of(LIMIT_ITEMS, None))
             print(
                 f"  in-process: {limits['in_flight'][-1].items_per_s:.1f} items/s with "
-                f"{window} in flight, {limits['full'][-1].items_per_s:.1f} with all "
-                f"{LIMIT_ITEMS}",
+                f"{window} in flight"
+                + (
+                    f" ({before[0].items_per_s:.1f} before, {after.items_per_s:.1f} after)"
+                    if before
+                    else ""
+                )
+                + f", {limits['full'][-1].items_per_s:.1f} with all {LIMIT_ITEMS}",
                 flush=True,
             )
-    return {
+    measured = {
         "systems": {name: _median_round(rows) for name, rows in by_system.items()},
         "limits": {
             key: {
@@ -207,6 +221,8 @@ def _measure_point(
             for key, results in limits.items()
         },
     }
+    measured["limits"]["in_flight"]["rounds_before_after_items_per_s"] = bracket
+    return measured
 
 
 def plot(results: dict[str, Any], systems: list[str], path: Path) -> None:

@@ -13,6 +13,7 @@ forward per item).
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -158,6 +159,20 @@ def faster_layout(seconds: dict[str, list[float]]) -> str:
     limit by 1.4 to 2.7 % at 8 and 16 items in flight on this VM (RESULTS, session 18).
     """
     return min(seconds, key=lambda name: sum(seconds[name]))
+
+
+def pooled(runs: list[LimitResult]) -> LimitResult:
+    """The same measurement run several times, as one: all its items over all its time."""
+    first = runs[0]
+    return replace(
+        first,
+        items_per_s=len(runs) / sum(1 / run.items_per_s for run in runs),
+        real_tokens_per_s=len(runs) / sum(1 / run.real_tokens_per_s for run in runs),
+        padding_efficiency=statistics.mean(run.padding_efficiency for run in runs),
+        seconds_by_model={
+            name: sum(run.seconds_by_model[name] for run in runs) for name in first.seconds_by_model
+        },
+    )
 
 
 def best_limit(

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from benchmarks.limit import _largest_in_halves, faster_layout, measure
+from benchmarks.limit import LimitResult, _largest_in_halves, faster_layout, measure, pooled
 from service.batching import BatchLimits
 from service.models import EncodingMemo, Prepared
 
@@ -67,3 +67,15 @@ def test_with_two_workers_the_windows_alternate_which_layout_runs_first():
     measure([model], items(8), lambda m: LIMITS, window=4, workers=2)
     sizes = [len(batch) for batch in model.batches[1:]]  # after the warm-up
     assert sizes == [4, 2, 2, 2, 2, 4]  # window 1: whole, halves; window 2: halves, whole
+
+
+def test_runs_of_the_same_measurement_pool_into_all_items_over_all_time():
+    fast, slow = (
+        LimitResult(4, 4, False, 2, items_per_s, 10 * items_per_s, efficiency, {"a": seconds})
+        for items_per_s, efficiency, seconds in ((40.0, 0.9, 1.0), (10.0, 0.8, 4.0))
+    )
+    both = pooled([fast, slow])
+    assert both.items_per_s == 16.0  # 2 runs of n items in n/40 + n/10 seconds
+    assert both.real_tokens_per_s == 160.0
+    assert abs(both.padding_efficiency - 0.85) < 1e-12 and both.seconds_by_model == {"a": 5.0}
+    assert pooled([fast]) == fast
