@@ -76,10 +76,11 @@ class EmbeddingSimilarityModel:
         self._hidden: PackedHidden = self._eager_hidden
         self.traced = False
         if spec.pack_rows:
-            offset = self._packing_offset()
+            probe = [self._tokenizer(text)["input_ids"] for text in _PACKING_PROBE]
+            offset = self._packing_offset(probe)
             self._packer = dataclasses.replace(self._packer, position_offset=offset)
             if offset is not None and spec.trace_packed and not spec.compile:
-                self._trace(offset)
+                self._trace(probe, offset)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
     def _texts(self, prompt: str, response: str) -> tuple[list[tuple[int, int]], list[str]]:
@@ -151,8 +152,7 @@ class EmbeddingSimilarityModel:
         return torch.nn.functional.normalize(pooled, dim=-1).cpu()
 
     @torch.inference_mode()
-    def _trace(self, position_offset: int) -> None:
-        rows = [self._tokenizer(text)["input_ids"] for text in _PACKING_PROBE]
+    def _trace(self, rows: Sequence[Sequence[int]], position_offset: int) -> None:
         probes = probe_batches(
             rows, lambda some, layout: self._packed_inputs(some, layout, position_offset)
         )
@@ -163,10 +163,9 @@ class EmbeddingSimilarityModel:
             self._hidden, self.traced = traced, True
 
     @torch.inference_mode()
-    def _packing_offset(self) -> int | None:
-        """Whether (and with which position offset) this encoder embeds packed rows as it
-        embeds them alone; packing is off where it does not."""
-        rows = [self._tokenizer(text)["input_ids"] for text in _PACKING_PROBE]
+    def _packing_offset(self, rows: Sequence[Sequence[int]]) -> int | None:
+        """Whether (and with which position offset) this encoder embeds `rows` packed as
+        it embeds them alone; packing is off where it does not."""
         return packing_position_offset(
             self._embed_packed,
             self._embed,

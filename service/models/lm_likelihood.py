@@ -84,10 +84,11 @@ class LmLikelihoodModel:
             and not spec.compile
             and not narrower_sliding_window(self._model.config, spec.max_length)
         ):
-            offset = self._packing_offset()
+            probe = [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in PAIR_PROBE]
+            offset = self._packing_offset(probe)
             self._packer = dataclasses.replace(self._packer, position_offset=offset)
             if offset is not None and spec.trace_packed:
-                self._trace(offset)
+                self._trace(probe, offset)
         if spec.compile:
             self._backbone = compiled(self._backbone, resolved_path, device)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
@@ -213,12 +214,9 @@ class LmLikelihoodModel:
         starts = row_start_cells([len(row) for row in rows], layout)
         return self._response_log_probs(hidden, packed.input_ids, starts, rows, first_scored)
 
-    def _probe_rows(self) -> list[tuple[int, ...]]:
-        return [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in PAIR_PROBE]
-
     @torch.inference_mode()
-    def _packing_offset(self) -> int | None:
-        """0 if packed rows score as they do alone, else None (packing off). The probe
+    def _packing_offset(self, rows: Sequence[Sequence[int]]) -> int | None:
+        """0 if `rows` packed score as they do alone, else None (packing off). The probe
         scores every token after the first: the prompt's as well as the response's."""
 
         def means(sums_and_counts: torch.Tensor) -> torch.Tensor:
@@ -229,16 +227,16 @@ class LmLikelihoodModel:
                 self._packed_log_probs(rows, [1] * len(rows), layout, offset)
             ),
             lambda rows: means(self._padded_log_probs(rows, [1] * len(rows))),
-            self._probe_rows(),
+            rows,
             offsets=(0,),  # rotary positions count from 0 (they would match at any offset)
             tolerance=PACKING_TOLERANCE[self._spec.dtype],
             max_positions=self._packer.max_width,
         )
 
     @torch.inference_mode()
-    def _trace(self, position_offset: int) -> None:
+    def _trace(self, rows: Sequence[Sequence[int]], position_offset: int) -> None:
         probes = probe_batches(
-            self._probe_rows(),
+            rows,
             lambda some, layout: self._packed_inputs(some, layout, position_offset),
         )
         tolerance = PACKING_TOLERANCE[self._spec.dtype]

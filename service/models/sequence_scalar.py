@@ -79,10 +79,11 @@ class SequenceScalarModel:
         )
         self.traced = False
         if self._head is not None:
-            offset = self._packing_offset()
+            probe = [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in PAIR_PROBE]
+            offset = self._packing_offset(probe)
             self._packer = dataclasses.replace(self._packer, position_offset=offset)
             if offset is not None and spec.trace_packed:
-                self._trace(offset)
+                self._trace(probe, offset)
         if spec.compile:
             self._model = compiled(self._model, resolved_path, device)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
@@ -146,10 +147,9 @@ class SequenceScalarModel:
         return head.scores(packed, head.read_offsets(rows, self._pad_id)).float()  # (N,)
 
     @torch.inference_mode()
-    def _trace(self, position_offset: int) -> None:
+    def _trace(self, rows: Sequence[Sequence[int]], position_offset: int) -> None:
         head = self._head
         assert head is not None
-        rows = [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in PAIR_PROBE]
         probes = probe_batches(
             rows, lambda some, layout: self._packed_inputs(some, layout, position_offset)
         )
@@ -160,10 +160,9 @@ class SequenceScalarModel:
             self._head, self.traced = dataclasses.replace(head, hidden=traced), True
 
     @torch.inference_mode()
-    def _packing_offset(self) -> int | None:
-        """Whether (and with which position offset) this model scores packed rows as it
+    def _packing_offset(self, rows: Sequence[Sequence[int]]) -> int | None:
+        """Whether (and with which position offset) this model scores `rows` packed as it
         scores them alone; packing is off where it does not."""
-        rows = [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in PAIR_PROBE]
         return packing_position_offset(
             self._scores_packed,
             self._scores,
