@@ -174,7 +174,7 @@ def _measure_point(
     names = list(servers)
     by_system: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     limits: dict[str, list[LimitResult]] = {"in_flight": [], "full": []}
-    bracket: list[list[float]] = []  # each round's in-flight limit before and after, items/s
+    before_after: list[list[float]] = []  # each round's in-flight limit timings, items/s
     for round_index in range(rounds):
         order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
@@ -189,7 +189,8 @@ def _measure_point(
                 by_system[name].append(_load_once(name, servers[name], items, point, seconds))
             if name != "alarm-serve":
                 continue
-            # The limits right after alarm-serve, so that each round's ratio compares
+            # The in-flight limit again (pooled with its timing before the load) and the
+            # full limit, right after alarm-serve, so that each round's ratio compares
             # figures taken seconds apart. One item in flight: single-item forwards of the
             # very items alarm-serve was sent (the load sends the workload in order), for
             # the latency breakdown.
@@ -197,7 +198,7 @@ def _measure_point(
             with paused(list(leaders.values())):
                 after = limit_of(window, items[: max(1, sent)] if window == 1 else None)
                 limits["in_flight"].append(pooled([*before, after]))
-                bracket.append([run.items_per_s for run in (*before, after)])
+                before_after.append([run.items_per_s for run in (*before, after)])
                 limits["full"].append(limit_of(LIMIT_ITEMS, None))
             print(
                 f"  in-process: {limits['in_flight'][-1].items_per_s:.1f} items/s with "
@@ -210,7 +211,7 @@ def _measure_point(
                 + f", {limits['full'][-1].items_per_s:.1f} with all {LIMIT_ITEMS}",
                 flush=True,
             )
-    measured = {
+    measured: dict[str, Any] = {
         "systems": {name: _median_round(rows) for name, rows in by_system.items()},
         "limits": {
             key: {
@@ -221,7 +222,7 @@ def _measure_point(
             for key, results in limits.items()
         },
     }
-    measured["limits"]["in_flight"]["rounds_before_after_items_per_s"] = bracket
+    measured["limits"]["in_flight"]["rounds_before_after_items_per_s"] = before_after
     return measured
 
 

@@ -13,9 +13,8 @@ forward per item).
 
 from __future__ import annotations
 
-import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -67,6 +66,7 @@ def padded_counter(model: RewardModel) -> Callable[[list[Prepared]], int]:
 
 
 Job = tuple[RewardModel, list[Prepared]]
+WindowTiming = tuple[float, list[tuple[str, float]]]  # seconds, each forward's (model, s)
 
 
 def measure(
@@ -115,28 +115,29 @@ def measure(
     def padded_tokens(job: Job) -> int:
         return padded_counter(job[0])(job[1])
 
-    timed: list[dict[str, tuple[float, list[tuple[str, float]]]]] = []  # window, layout
+    timed: list[dict[str, WindowTiming]] = []  # per window, per layout
     with ThreadPoolExecutor(
         workers, initializer=set_intra_op_threads, initargs=(intra_op_threads(workers),)
     ) as pool:
         first_of_each_model = {job[0].name: job for job in reversed(layouts[0]["whole"])}
         list(pool.map(forward, first_of_each_model.values()))  # warm-up
-        for index, layout in enumerate(layouts):
+        both_timed = 0
+        for layout in layouts:
+            names = list(layout)
+            if len(names) == 2:  # which runs first takes turns, so a drift falls on both
+                names = names if both_timed % 2 == 0 else names[::-1]
+                both_timed += 1
             timed.append({})
-            for name in list(layout) if index % 2 == 0 else list(layout)[::-1]:  # drift shared
+            for name in names:
                 durations.clear()
                 started = time.perf_counter()
                 # The largest forwards first, so the workers finish together.
                 list(pool.map(forward, sorted(layout[name], key=padded_tokens, reverse=True)))
                 timed[-1][name] = (time.perf_counter() - started, list(durations))
-    # A window with nothing to halve takes the same time either way: timed once, for both.
-    by_layout = {name: [t.get(name, t["whole"]) for t in timed] for name in ("whole", "halved")}
-    faster = faster_layout({name: [s for s, _ in runs] for name, runs in by_layout.items()})
-    total = sum(s for s, _ in by_layout[faster])
+    faster, total, kept = faster_layout_timing(timed)
     padded = sum(
         map(padded_tokens, (j for layout in layouts for j in layout.get(faster, layout["whole"])))
     )
-    kept = [span for _, spans in by_layout[faster] for span in spans]
     return LimitResult(
         window=window,
         batch_size=limits.max_batch_size,
@@ -151,6 +152,18 @@ def measure(
     )
 
 
+def faster_layout_timing(
+    timed: Sequence[dict[str, WindowTiming]],
+) -> tuple[str, float, list[tuple[str, float]]]:
+    """The faster layout over all windows (`faster_layout`), its seconds in all, and its
+    forwards' (model, seconds). A window with nothing to halve has only its "whole"
+    timing: the same work either way, timed once, it counts for both layouts."""
+    by_layout = {name: [t.get(name, t["whole"]) for t in timed] for name in ("whole", "halved")}
+    faster = faster_layout({name: [s for s, _ in runs] for name, runs in by_layout.items()})
+    spans = [span for _, window_spans in by_layout[faster] for span in window_spans]
+    return faster, sum(s for s, _ in by_layout[faster]), spans
+
+
 def faster_layout(seconds: dict[str, list[float]]) -> str:
     """The layout whose windows took least time in all, from each layout's time per window.
 
@@ -162,13 +175,15 @@ def faster_layout(seconds: dict[str, list[float]]) -> str:
 
 
 def pooled(runs: list[LimitResult]) -> LimitResult:
-    """The same measurement run several times, as one: all its items over all its time."""
+    """The same measurement run several times, as one: all its items (and real tokens) over
+    all its time (and padded tokens); `seconds_by_model` is then the forwards' time over
+    all the runs."""
     first = runs[0]
     return replace(
         first,
         items_per_s=len(runs) / sum(1 / run.items_per_s for run in runs),
         real_tokens_per_s=len(runs) / sum(1 / run.real_tokens_per_s for run in runs),
-        padding_efficiency=statistics.mean(run.padding_efficiency for run in runs),
+        padding_efficiency=len(runs) / sum(1 / run.padding_efficiency for run in runs),
         seconds_by_model={
             name: sum(run.seconds_by_model[name] for run in runs) for name in first.seconds_by_model
         },

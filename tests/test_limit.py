@@ -2,7 +2,16 @@
 
 from dataclasses import dataclass, field
 
-from benchmarks.limit import LimitResult, _largest_in_halves, faster_layout, measure, pooled
+import pytest
+
+from benchmarks.limit import (
+    LimitResult,
+    _largest_in_halves,
+    faster_layout,
+    faster_layout_timing,
+    measure,
+    pooled,
+)
 from service.batching import BatchLimits
 from service.models import EncodingMemo, Prepared
 
@@ -71,11 +80,33 @@ def test_with_two_workers_the_windows_alternate_which_layout_runs_first():
 
 def test_runs_of_the_same_measurement_pool_into_all_items_over_all_time():
     fast, slow = (
-        LimitResult(4, 4, False, 2, items_per_s, 10 * items_per_s, efficiency, {"a": seconds})
-        for items_per_s, efficiency, seconds in ((40.0, 0.9, 1.0), (10.0, 0.8, 4.0))
+        LimitResult(
+            window=4,
+            batch_size=4,
+            forward_overhead_cut=False,
+            workers=2,
+            items_per_s=items_per_s,
+            real_tokens_per_s=10 * items_per_s,
+            padding_efficiency=efficiency,
+            seconds_by_model={"a": seconds},
+        )
+        for items_per_s, efficiency, seconds in ((40.0, 0.9, 1.0), (10.0, 0.6, 4.0))
     )
     both = pooled([fast, slow])
-    assert both.items_per_s == 16.0  # 2 runs of n items in n/40 + n/10 seconds
-    assert both.real_tokens_per_s == 160.0
-    assert abs(both.padding_efficiency - 0.85) < 1e-12 and both.seconds_by_model == {"a": 5.0}
-    assert pooled([fast]) == fast
+    assert both.items_per_s == pytest.approx(16.0)  # 2 runs of n items in n/40 + n/10 s
+    assert both.real_tokens_per_s == pytest.approx(160.0)
+    # The same real tokens r twice over padded r/0.9 + r/0.6: 0.72, not the mean 0.75.
+    assert both.padding_efficiency == pytest.approx(0.72)
+    assert both.seconds_by_model == {"a": 5.0}
+    assert pooled([fast]).items_per_s == pytest.approx(fast.items_per_s)
+
+
+def test_a_window_with_nothing_to_halve_counts_its_one_timing_for_both_layouts():
+    whole_a, whole_b, halves_b = [("a", 1.0)], [("a", 2.0)], [("a", 0.5), ("a", 0.4)]
+    timed = [
+        {"whole": (1.0, whole_a)},  # nothing to halve: timed once
+        {"whole": (2.0, whole_b), "halved": (1.5, halves_b)},
+    ]
+    assert faster_layout_timing(timed) == ("halved", 2.5, whole_a + halves_b)
+    slower_halves = [timed[0], {"whole": (2.0, whole_b), "halved": (2.5, halves_b)}]
+    assert faster_layout_timing(slower_halves) == ("whole", 3.0, whole_a + whole_b)

@@ -76,11 +76,11 @@ class EmbeddingSimilarityModel:
         self._hidden: PackedHidden = self._eager_hidden
         self.traced = False
         if spec.pack_rows:
-            probe = [self._tokenizer(text)["input_ids"] for text in _PACKING_PROBE]
-            offset = self._packing_offset(probe)
+            probe_rows = [self._tokenizer(text)["input_ids"] for text in _PACKING_PROBE]
+            offset = self._packing_offset(probe_rows)
             self._packer = dataclasses.replace(self._packer, position_offset=offset)
             if offset is not None and spec.trace_packed and not spec.compile:
-                self._trace(probe, offset)
+                self._trace(probe_rows, offset)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
 
     def _texts(self, prompt: str, response: str) -> tuple[list[tuple[int, int]], list[str]]:

@@ -84,11 +84,11 @@ class LmLikelihoodModel:
             and not spec.compile
             and not narrower_sliding_window(self._model.config, spec.max_length)
         ):
-            probe = [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in PAIR_PROBE]
-            offset = self._packing_offset(probe)
+            probe_rows = [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in PAIR_PROBE]
+            offset = self._packing_offset(probe_rows)
             self._packer = dataclasses.replace(self._packer, position_offset=offset)
             if offset is not None and spec.trace_packed:
-                self._trace(probe, offset)
+                self._trace(probe_rows, offset)
         if spec.compile:
             self._backbone = compiled(self._backbone, resolved_path, device)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
@@ -223,10 +223,10 @@ class LmLikelihoodModel:
             return sums_and_counts[:, 0] / sums_and_counts[:, 1].clamp(min=1)
 
         return packing_position_offset(
-            lambda rows, layout, offset: means(
-                self._packed_log_probs(rows, [1] * len(rows), layout, offset)
+            lambda some, layout, offset: means(
+                self._packed_log_probs(some, [1] * len(some), layout, offset)
             ),
-            lambda rows: means(self._padded_log_probs(rows, [1] * len(rows))),
+            lambda some: means(self._padded_log_probs(some, [1] * len(some))),
             rows,
             offsets=(0,),  # rotary positions count from 0 (they would match at any offset)
             tolerance=PACKING_TOLERANCE[self._spec.dtype],

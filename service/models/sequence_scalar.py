@@ -79,11 +79,11 @@ class SequenceScalarModel:
         )
         self.traced = False
         if self._head is not None:
-            probe = [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in PAIR_PROBE]
-            offset = self._packing_offset(probe)
+            probe_rows = [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in PAIR_PROBE]
+            offset = self._packing_offset(probe_rows)
             self._packer = dataclasses.replace(self._packer, position_offset=offset)
             if offset is not None and spec.trace_packed:
-                self._trace(probe, offset)
+                self._trace(probe_rows, offset)
         if spec.compile:
             self._model = compiled(self._model, resolved_path, device)
         self.fingerprint = fingerprint(resolved_path, spec.model_dump(exclude=PLACEMENT_FIELDS))
