@@ -86,7 +86,7 @@ def measure(
     is faster over the whole workload counts: a limit must be one that the server's own
     way of running cannot beat. Not the faster of the two in each window: where both take
     about as long, that is the lesser of two noisy timings, which flattered the limit
-    (`faster_layout`).
+    (`faster_layout_timing`).
     """
     window = window or len(items)
     real = 0
@@ -155,23 +155,18 @@ def measure(
 def faster_layout_timing(
     timed: Sequence[dict[str, WindowTiming]],
 ) -> tuple[str, float, list[tuple[str, float]]]:
-    """The faster layout over all windows (`faster_layout`), its seconds in all, and its
+    """The layout whose windows took least time in all, its seconds in all, and its
     forwards' (model, seconds). A window with nothing to halve has only its "whole"
-    timing: the same work either way, timed once, it counts for both layouts."""
-    by_layout = {name: [t.get(name, t["whole"]) for t in timed] for name in ("whole", "halved")}
-    faster = faster_layout({name: [s for s, _ in runs] for name, runs in by_layout.items()})
-    spans = [span for _, window_spans in by_layout[faster] for span in window_spans]
-    return faster, sum(s for s, _ in by_layout[faster]), spans
-
-
-def faster_layout(seconds: dict[str, list[float]]) -> str:
-    """The layout whose windows took least time in all, from each layout's time per window.
+    timing: the same work either way, timed once, it counts for both layouts.
 
     One choice for the whole workload: the lesser of two timings per window would, where
     both layouts take about as long, pick each window's luckier timing, and flatter the
     limit by 1.4 to 2.7 % at 8 and 16 items in flight on this VM (RESULTS, session 18).
     """
-    return min(seconds, key=lambda name: sum(seconds[name]))
+    by_layout = {name: [t.get(name, t["whole"]) for t in timed] for name in ("whole", "halved")}
+    faster = min(by_layout, key=lambda name: sum(s for s, _ in by_layout[name]))
+    spans = [span for _, window_spans in by_layout[faster] for span in window_spans]
+    return faster, sum(s for s, _ in by_layout[faster]), spans
 
 
 def pooled(runs: list[LimitResult]) -> LimitResult:

@@ -7,7 +7,6 @@ import pytest
 from benchmarks.limit import (
     LimitResult,
     _largest_in_halves,
-    faster_layout,
     faster_layout_timing,
     measure,
     pooled,
@@ -65,10 +64,12 @@ def test_only_device_models_batches_are_halved():
 
 
 def test_the_faster_layout_is_chosen_over_the_whole_workload_not_window_by_window():
+    def timed(whole: list[float], halved: list[float]) -> list[dict]:
+        return [{"whole": (w, []), "halved": (h, [])} for w, h in zip(whole, halved, strict=True)]
+
     # Each window's faster timing would add up to 3.5 s, less than either layout took.
-    seconds = {"whole": [1.0, 3.0], "halved": [2.0, 2.5]}
-    assert faster_layout(seconds) == "whole"
-    assert faster_layout({"whole": [1.0, 3.0], "halved": [2.0, 1.5]}) == "halved"
+    assert faster_layout_timing(timed([1.0, 3.0], [2.0, 2.5]))[:2] == ("whole", 4.0)
+    assert faster_layout_timing(timed([1.0, 3.0], [2.0, 1.5]))[:2] == ("halved", 3.5)
 
 
 def test_with_two_workers_the_windows_alternate_which_layout_runs_first():
