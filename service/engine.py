@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from service.batching import BatchLimits, BatchStats, DropReason, MicroBatcher
-from service.coalesced_calls import CoalescedCalls
+from service.coalesced_calls import CoalescedCalls, Outcomes
 from service.combine import CombinedReward, CombineMode, combine_response
 from service.config import RewardConfig
 from service.device_turns import DeviceTurns
@@ -47,6 +47,7 @@ from service.models import (
     RewardModel,
     prepare_items,
 )
+from service.models.base import PrepareCall, prepare_together
 from service.models.encoding_memo import EncodingMemo
 from service.models.loading import call_overhead_tokens, intra_op_threads, set_intra_op_threads
 from service.score_cache import ScoreCache, item_key
@@ -155,6 +156,11 @@ class RewardEngine:
         self._holistic_params = config.holistic_params()
         self._aspect_params = config.aspect_params()
         self._tokenize_pool = WorkerThreads(2, "tokenize")
+        # Every model's inputs for every request that arrives in one turn of the event
+        # loop: one thread call, one batched call per tokenizer, forwards that start together.
+        self._preparation: CoalescedCalls[PrepareCall, list[Prepared]] = CoalescedCalls(
+            self._tokenize_pool, self._prepare_together
+        )
         devices = sorted({m.device for m in self._models} - {HOST_DEVICE})
         slots = {device: device_slots(device, config) for device in devices}
         self._device_pools = {
@@ -288,10 +294,13 @@ class RewardEngine:
             for m in self._models
         ]
 
-    def _prepare_all(
-        self, model: RewardModel, items: Sequence[ScoreInput], memo: EncodingMemo
-    ) -> list[Prepared]:
-        return prepare_items(model, [(item.prompt, item.response) for item in items], memo)
+    def _prepare_together(self, calls: list[PrepareCall]) -> Outcomes:
+        """In a tokenizer thread: the calls queued in one turn of the event loop (every
+        model's, of every request that arrived in it), their texts encoded together."""
+        memo = EncodingMemo()
+        outcomes = prepare_together(calls, memo)
+        self._metrics.observe_encodings(memo.encoded, memo.reused)
+        return outcomes
 
     async def _score_with(
         self,
@@ -300,8 +309,6 @@ class RewardEngine:
         owner: str,
         deadline: float | None,
         keys: Sequence[bytes] | None,
-        memo: EncodingMemo,
-        prepare_calls: CoalescedCalls,
     ) -> list[ModelOutput]:
         """One model's outputs for `items`: from the cache where it has them, the rest
         scored once per distinct item (`keys=None`: no cache, every item scored)."""
@@ -309,7 +316,7 @@ class RewardEngine:
             self._metrics.observe_dropped(model.name, "deadline", len(items))
             raise DeadlineExceeded("the request's deadline passed before scoring started")
         if keys is None:
-            return await self._run_model(model, items, owner, deadline, memo, prepare_calls)
+            return await self._run_model(model, items, owner, deadline)
         cache = self._caches[model.name]
         outputs: list[ModelOutput | None] = [cache.get(key) for key in keys]
         misses: dict[bytes, list[int]] = {}
@@ -323,7 +330,7 @@ class RewardEngine:
         self._metrics.labelled(self._metrics.cache_lookups, model.name, "miss").inc(missed)
         if misses:
             missed_items = [items[indices[0]] for indices in misses.values()]
-            fresh = await self._run_model(model, missed_items, owner, deadline, memo, prepare_calls)
+            fresh = await self._run_model(model, missed_items, owner, deadline)
             for (key, indices), output in zip(misses.items(), fresh, strict=True):
                 cache.put(key, output)
                 for index in indices:
@@ -336,16 +343,14 @@ class RewardEngine:
         items: Sequence[ScoreInput],
         owner: str,
         deadline: float | None,
-        memo: EncodingMemo,
-        prepare_calls: CoalescedCalls,
     ) -> list[ModelOutput]:
         if model.device == HOST_DEVICE:
-            return await self._run_on_host(model, items, memo)
+            return await self._run_on_host(model, items)
         batcher = self._batchers[model.name]
         batcher.announce(len(items))  # so that a batch forming now waits for these
         try:
-            prepared = await prepare_calls.run(
-                functools.partial(self._prepare_all, model, items, memo)
+            prepared = await self._preparation.run(
+                (model, [(item.prompt, item.response) for item in items])
             )
         except asyncio.CancelledError:  # the caller left while its items were tokenised
             batcher.withdraw(len(items))
@@ -371,21 +376,23 @@ class RewardEngine:
         return outcomes  # type: ignore[return-value]
 
     def _score_on_host(
-        self, model: RewardModel, items: Sequence[ScoreInput], memo: EncodingMemo
+        self, model: RewardModel, items: Sequence[ScoreInput]
     ) -> tuple[list[ModelOutput], float, float]:
         """(outputs, started, finished): a host model's whole work, in a tokenizer thread."""
         started = time.monotonic()
-        outputs = model.run(self._prepare_all(model, items, memo))
+        memo = EncodingMemo()
+        outputs = model.run(prepare_items(model, [(i.prompt, i.response) for i in items], memo))
+        self._metrics.observe_encodings(memo.encoded, memo.reused)
         return outputs, started, time.monotonic()
 
     async def _run_on_host(
-        self, model: RewardModel, items: Sequence[ScoreInput], memo: EncodingMemo
+        self, model: RewardModel, items: Sequence[ScoreInput]
     ) -> list[ModelOutput]:
         """A host model's outputs for `items`, reported to the metrics as one batch."""
         submitted = time.monotonic()
         try:
             outputs, started, finished = await self._tokenize_pool.run(
-                self._score_on_host, model, items, memo
+                self._score_on_host, model, items
             )
         except asyncio.CancelledError:
             self._metrics.observe_dropped(model.name, "cancelled", len(items))
@@ -470,16 +477,10 @@ class RewardEngine:
         deadline: float | None = None,
         keys: Sequence[bytes] | None = None,
     ) -> list[ScoredItem]:
-        memo = EncodingMemo()
-        prepare_calls = CoalescedCalls(self._tokenize_pool)  # every model's inputs in one call
         per_model = await asyncio.gather(
-            *(
-                self._score_with(m, items, owner, deadline, keys, memo, prepare_calls)
-                for m in self._models
-            ),
+            *(self._score_with(m, items, owner, deadline, keys) for m in self._models),
             return_exceptions=True,
         )
-        self._metrics.observe_encodings(memo.encoded, memo.reused)
         outputs_by_model: list[list[ModelOutput]] = []
         for outputs in per_model:
             if isinstance(outputs, BaseException):

@@ -129,11 +129,12 @@ class ServiceMetrics:
         self.encoded_texts = Counter(
             "alarm_encoded_texts_total",
             "Texts the models asked to tokenise, by outcome: encoded, or reused (the same "
-            "request had already encoded that text with an identical tokenizer)",
+            "request, or one tokenised with it, had already encoded that text with an "
+            "identical tokenizer)",
             ["outcome"],
             registry=registry,
         )
-        # Bound once: observed on the event loop after every request.
+        # Bound once: observed by the tokenizer threads after every call.
         self._texts_encoded = self.encoded_texts.labels("encoded")
         self._texts_reused = self.encoded_texts.labels("reused")
 

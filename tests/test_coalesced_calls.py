@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from service.coalesced_calls import CoalescedCalls
+from service.coalesced_calls import CoalescedCalls, Outcomes
 from service.worker_threads import WorkerThreads
 
 
@@ -22,6 +22,17 @@ class CountingPool(WorkerThreads):
         return super().run(function, *args)
 
 
+def call_each(functions) -> Outcomes:
+    """Plain calls as the payloads: each function's outcome, one failing leaves the rest."""
+    outcomes: Outcomes = []
+    for function in functions:
+        try:
+            outcomes.append((True, function()))
+        except Exception as exc:
+            outcomes.append((False, exc))
+    return outcomes
+
+
 @pytest.fixture
 def pool():
     workers = CountingPool()
@@ -30,7 +41,7 @@ def pool():
 
 
 async def test_calls_queued_together_run_in_one_thread_call_in_order(pool):
-    calls = CoalescedCalls(pool)
+    calls = CoalescedCalls(pool, call_each)
     ran: list[tuple[str, int]] = []
 
     def record(name: str) -> str:
@@ -46,7 +57,7 @@ async def test_calls_queued_together_run_in_one_thread_call_in_order(pool):
 
 
 async def test_one_failing_call_fails_its_own_caller_only(pool):
-    calls = CoalescedCalls(pool)
+    calls = CoalescedCalls(pool, call_each)
 
     def fails() -> None:
         raise ValueError("bad input")
@@ -65,7 +76,7 @@ async def test_a_failing_thread_call_fails_every_caller_in_it():
             future.set_exception(RuntimeError("worker threads shut down"))
             return future
 
-    calls = CoalescedCalls(BrokenPool())
+    calls = CoalescedCalls(BrokenPool(), call_each)
     outcomes = await asyncio.gather(
         calls.run(lambda: 1), calls.run(lambda: 2), return_exceptions=True
     )
@@ -73,7 +84,7 @@ async def test_a_failing_thread_call_fails_every_caller_in_it():
 
 
 async def test_calls_in_later_turns_go_in_calls_of_their_own(pool):
-    calls = CoalescedCalls(pool)
+    calls = CoalescedCalls(pool, call_each)
     assert await calls.run(lambda: 1) == 1
     assert await calls.run(lambda: 2) == 2
     assert pool.calls == 2
@@ -82,7 +93,7 @@ async def test_calls_in_later_turns_go_in_calls_of_their_own(pool):
 async def test_a_caller_that_left_before_the_call_is_skipped_and_one_that_left_during_it_is_ignored(
     pool,
 ):
-    calls = CoalescedCalls(pool)
+    calls = CoalescedCalls(pool, call_each)
     ran: list[str] = []
     release = threading.Event()
 
@@ -103,46 +114,53 @@ async def test_a_caller_that_left_before_the_call_is_skipped_and_one_that_left_d
     assert leaves_during.cancelled()
 
 
-async def test_a_request_prepares_every_device_models_items_in_one_tokenizer_call(
-    tiny_config, tmp_path
+async def test_requests_arriving_together_prepare_every_device_models_items_in_one_thread_call(
+    tiny_paths, tmp_path
 ):
-    """Three device models (holistic, factuality, completeness) and a host rule: their
-    inputs are tokenised in one thread call, so that their forwards start together; the
-    host rule, which computes while it prepares, keeps a call of its own."""
+    """Two requests sent in one turn of the event loop; three device models (holistic,
+    factuality, completeness) and a host rule: every device model's inputs of both requests
+    are tokenised in one thread call, so that their forwards start together; the host rule,
+    which computes while it prepares, keeps a call of its own per request. Each request
+    scores as it does alone."""
     from prometheus_client import CollectorRegistry
 
+    from service.config import RewardConfig
     from service.engine import RewardEngine, ScoreInput
     from service.metrics import ServiceMetrics
     from service.models import load_models
+    from tests.conftest import tiny_config_dict
 
-    engine = RewardEngine(
-        load_models(tiny_config, tmp_path), tiny_config, ServiceMetrics(CollectorRegistry())
-    )
-    prepared_in: dict[str, int] = {}
-    prepare_all = engine._prepare_all
-
-    def recording(model, items, memo):
-        prepared_in[model.name] = threading.get_ident()
-        return prepare_all(model, items, memo)
-
-    engine._prepare_all = recording
-    handed: list[str] = []
+    # No output cache: the requests scored together are those scored alone before.
+    config = RewardConfig.model_validate(tiny_config_dict(tiny_paths, cache={"max_items": 0}))
+    metrics = ServiceMetrics(CollectorRegistry())
+    engine = RewardEngine(load_models(config, tmp_path), config, metrics)
+    handed: list[tuple[str, list[str]]] = []
     pool_run = engine._tokenize_pool.run
 
-    def counting(function, *args):
-        handed.append(getattr(function, "__name__", repr(function)))
+    def recording(function, *args):
+        if function.__name__ == "_prepare_together":
+            handed.append((function.__name__, sorted(model.name for model, _ in args[0])))
+        else:
+            handed.append((function.__name__, [args[0].name]))
         return pool_run(function, *args)
 
-    engine._tokenize_pool.run = counting
+    engine._tokenize_pool.run = recording
     await engine.start()
+    first = [ScoreInput("Who wrote Hamlet?", r) for r in ("Shakespeare.", "Marlowe did.")]
+    second = [ScoreInput("Where is Paris?", "In France.")]
     try:
-        items = [ScoreInput("Who wrote Hamlet?", r) for r in ("Shakespeare.", "Marlowe did.")]
+        alone = [await engine.score(first), await engine.score(second)]
         handed.clear()
-        scored = await engine.score(items)
+        together = await asyncio.gather(engine.score(first), engine.score(second))
     finally:
         await engine.stop()
-    assert len(scored) == 2
-    assert sorted(handed) == ["_call_each", "_score_on_host"]
-    assert set(prepared_in) == {"holistic", "factuality", "completeness", "length"}
-    device_threads = {prepared_in[name] for name in ("holistic", "factuality", "completeness")}
-    assert len(device_threads) == 1
+    device_models = ["completeness", "factuality", "holistic"]
+    assert sorted(handed) == [
+        ("_prepare_together", sorted(device_models * 2)),
+        ("_score_on_host", ["length"]),
+        ("_score_on_host", ["length"]),
+    ]
+    for got, expected in zip(together, alone, strict=True):
+        assert [s.combined.reward for s in got] == pytest.approx(
+            [s.combined.reward for s in expected], abs=1e-5
+        )

@@ -8,7 +8,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import RewardConfig
-from service.models import load_models, prepare_items
+from service.models import Prepared, load_models, prepare_items
+from service.models.base import prepare_together
 from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import load_tokenizer
 from tests import tiny_models
@@ -166,6 +167,50 @@ def test_a_requests_items_reach_each_tokenizer_in_one_call_and_prepare_as_alone(
         assert counter.calls == (2 if model.kind == "lm_likelihood" else 1), model.kind
         # Each distinct text once: the LM's prompt and the relevance rows' prompt repeat.
         assert len(counter.texts) == len(set(counter.texts)) == memo.encoded, model.kind
+        # Two requests that arrived together: still one call per tokenizer for both.
+        counter.calls, counter.texts, memo = 0, [], EncodingMemo()
+        outcomes = prepare_together([(model, pairs[:2]), (model, pairs[2:])], memo)
+        assert outcomes == [(True, alone[:2]), (True, alone[2:])], model.kind
+        assert counter.calls == (2 if model.kind == "lm_likelihood" else 1), model.kind
+        assert len(counter.texts) == len(set(counter.texts)) == memo.encoded, model.kind
+
+
+class PickyModel:
+    """Rejects one response in `encode_ahead` and in `prepare` alike, as a tokenizer that
+    raises on a text would; counts the pairs handed to each `encode_ahead` call."""
+
+    name, role, kind, device, fingerprint = "picky", "aspect", "picky", "cpu", "picky"
+
+    def __init__(self) -> None:
+        self.ahead: list[int] = []
+
+    def encode_ahead(self, pairs, memo) -> None:
+        self.ahead.append(len(pairs))
+        if any(response == "bad" for _, response in pairs):
+            raise ValueError("bad text")
+
+    def prepare(self, prompt, response, memo) -> Prepared:
+        if response == "bad":
+            raise ValueError("bad text")
+        return Prepared(rows=((len(prompt), len(response)),), truncated=False)
+
+    def run(self, batch):
+        raise NotImplementedError  # never run here
+
+    def describe(self):
+        return {}
+
+
+def test_a_text_that_fails_fails_only_the_request_that_sent_it_among_requests_prepared_together():
+    model = PickyModel()
+    outcomes = prepare_together(
+        [(model, [("q", "good"), ("q", "fine")]), (model, [("q", "bad")]), (model, [("q", "ok")])],
+        EncodingMemo(),
+    )
+    assert model.ahead == [4]  # all three requests' pairs in one call, which failed
+    assert outcomes[0] == (True, [Prepared(((1, 4),), False), Prepared(((1, 4),), False)])
+    assert outcomes[1][0] is False and isinstance(outcomes[1][1], ValueError)
+    assert outcomes[2] == (True, [Prepared(((1, 2),), False)])
 
 
 def encoded_texts(metrics_text: str) -> dict[str, float]:

@@ -4,13 +4,16 @@ An adapter has two hooks: `prepare` (tokenise one item; runs in a tokenizer thre
 `run` (one padded forward over a batch of prepared items; runs in its device's thread; a
 host model, device "host", computes in `prepare` and its `run` only packs the results).
 A tokenising adapter may add a third, `encode_ahead`, so that a request's texts reach its
-tokenizer in one batched call (`prepare_items`).
-It never sees a queue or HTTP; of the request it sees only the request's `EncodingMemo`,
-through which it encodes text so that no text is encoded twice in one request.
+tokenizer in one batched call (`prepare_items`), and so do the texts of requests that
+arrive together (`prepare_together`).
+It never sees a queue or HTTP; it sees only an `EncodingMemo` (one request's, or that of
+requests tokenised together), through which it encodes text so that no text is encoded
+twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -84,3 +87,33 @@ def prepare_items(
     if len(pairs) > 1 and isinstance(model, EncodesAhead):
         model.encode_ahead(pairs, memo)
     return [model.prepare(prompt, response, memo) for prompt, response in pairs]
+
+
+# One model's (prompt, response) pairs for one request: what `prepare_together` prepares.
+PrepareCall = tuple["RewardModel", Sequence[tuple[str, str]]]
+
+
+def prepare_together(
+    calls: Sequence[PrepareCall], memo: EncodingMemo
+) -> list[tuple[bool, list[Prepared] | Exception]]:
+    """Each call's items prepared, as `prepare_items` would, with every model's texts from
+    all the calls (requests that arrived together) encoded ahead in one batched call per
+    tokenizer; each call's outcome is (True, its items) or (False, its exception). Where
+    encoding ahead fails (a text the tokenizer rejects), each call encodes its own texts,
+    so that the failure reaches the request that sent the text and no other."""
+    pairs_by_model: dict[int, tuple[RewardModel, list[tuple[str, str]]]] = {}
+    for model, pairs in calls:
+        pairs_by_model.setdefault(id(model), (model, []))[1].extend(pairs)
+    for model, pairs in pairs_by_model.values():
+        if len(pairs) > 1 and isinstance(model, EncodesAhead):
+            # A failure here is met again below, by the call whose text caused it.
+            with contextlib.suppress(Exception):
+                model.encode_ahead(pairs, memo)
+    outcomes: list[tuple[bool, list[Prepared] | Exception]] = []
+    for model, pairs in calls:
+        try:
+            prepared = [model.prepare(prompt, response, memo) for prompt, response in pairs]
+            outcomes.append((True, prepared))
+        except Exception as exc:  # handed to that call's request
+            outcomes.append((False, exc))
+    return outcomes

@@ -1,4 +1,4 @@
-"""One request's token encodings, shared: each distinct (tokenizer, text) is encoded once.
+"""Token encodings shared: each distinct (tokenizer, text) is encoded once per memo.
 
 A PPO request carries several responses to one prompt, and aspect models fine-tuned from
 one base (Fine-Grained RLHF's relevance, factuality and completeness RMs) share a
@@ -77,7 +77,8 @@ class _TokenizerShelf:
 
 
 class EncodingMemo:
-    """Encodings for one request; safe to use from several tokenizer threads at once.
+    """Encodings for one request, or for the requests tokenised together in one thread
+    call (`prepare_together`); safe to use from several tokenizer threads at once.
     Models with different tokenizers never wait for each other."""
 
     def __init__(self) -> None:
