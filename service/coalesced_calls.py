@@ -14,25 +14,37 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from service.worker_threads import WorkerThreads
 
 P = TypeVar("P")
 R = TypeVar("R")
 
-# Each payload's outcome, in order: (True, result) or (False, the exception it raised).
-Outcomes = list[tuple[bool, Any]]
+# A payload's outcome: (True, its result) or (False, the exception it raised).
+Outcome = tuple[bool, R | Exception]
 
 
 class CoalescedCalls(Generic[P, R]):
     """`run(payload)` calls queued before the loop's next turn go to `pool` as one call of
     `together(payloads)`, which returns each payload's outcome; each caller gets its own
-    result or exception, and callers that left before the call are not in it."""
+    result or exception, and callers that left before the call are not in it.
 
-    def __init__(self, pool: WorkerThreads, together: Callable[[list[P]], Outcomes]) -> None:
+    A group closes once its payloads' `weight` reaches `max_weight` and the rest go in
+    further calls: a burst is worked through in order on every thread of the pool, and its
+    first requests' work is done (their forwards can start) before its last is."""
+
+    def __init__(
+        self,
+        pool: WorkerThreads,
+        together: Callable[[list[P]], list[Outcome[R]]],
+        weight: Callable[[P], int] = lambda _: 1,
+        max_weight: int | None = None,
+    ) -> None:
         self._pool = pool
         self._together = together
+        self._weight = weight
+        self._max_weight = max_weight
         self._queued: list[tuple[P, asyncio.Future[R]]] = []
 
     def run(self, payload: P) -> asyncio.Future[R]:
@@ -46,13 +58,24 @@ class CoalescedCalls(Generic[P, R]):
     def _flush(self) -> None:
         queued, self._queued = self._queued, []
         live = [(payload, future) for payload, future in queued if not future.cancelled()]
-        if not live:
-            return
-        together = self._pool.run(self._together, [payload for payload, _ in live])
+        group: list[tuple[P, asyncio.Future[R]]] = []
+        weight = 0
+        for payload, future in live:
+            group.append((payload, future))
+            weight += self._weight(payload)
+            if self._max_weight is not None and weight >= self._max_weight:
+                self._hand_over(group)
+                group, weight = [], 0
+        if group:
+            self._hand_over(group)
 
-        def settle(done: asyncio.Future[Outcomes]) -> None:
+    def _hand_over(self, group: list[tuple[P, asyncio.Future[R]]]) -> None:
+        """One pool call for `group`; each caller's future settled from its outcome."""
+        together = self._pool.run(self._together, [payload for payload, _ in group])
+
+        def settle(done: asyncio.Future[list[Outcome[R]]]) -> None:
             if done.cancelled() or done.exception() is not None:  # the pool itself failed
-                for _, future in live:
+                for _, future in group:
                     if future.done():
                         continue
                     if done.cancelled():
@@ -60,12 +83,12 @@ class CoalescedCalls(Generic[P, R]):
                     else:
                         future.set_exception(done.exception())  # type: ignore[arg-type]
                 return
-            for (_, future), (ok, value) in zip(live, done.result(), strict=True):
+            for (_, future), (ok, value) in zip(group, done.result(), strict=True):
                 if future.done():  # its caller left
                     continue
                 if ok:
-                    future.set_result(value)
+                    future.set_result(cast(R, value))
                 else:
-                    future.set_exception(value)
+                    future.set_exception(cast(Exception, value))
 
         together.add_done_callback(settle)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from service.batching import BatchLimits, BatchStats, DropReason, MicroBatcher
-from service.coalesced_calls import CoalescedCalls, Outcomes
+from service.coalesced_calls import CoalescedCalls, Outcome
 from service.combine import CombinedReward, CombineMode, combine_response
 from service.config import RewardConfig
 from service.device_turns import DeviceTurns
@@ -43,11 +43,12 @@ from service.models import (
     AspectScore,
     HolisticScore,
     ModelOutput,
+    PrepareCall,
     Prepared,
     RewardModel,
     prepare_items,
+    prepare_together,
 )
-from service.models.base import PrepareCall, prepare_together
 from service.models.encoding_memo import EncodingMemo
 from service.models.loading import call_overhead_tokens, intra_op_threads, set_intra_op_threads
 from service.score_cache import ScoreCache, item_key
@@ -156,10 +157,15 @@ class RewardEngine:
         self._holistic_params = config.holistic_params()
         self._aspect_params = config.aspect_params()
         self._tokenize_pool = WorkerThreads(2, "tokenize")
-        # Every model's inputs for every request that arrives in one turn of the event
-        # loop: one thread call, one batched call per tokenizer, forwards that start together.
+        # Every model's inputs for the requests that arrive in one turn of the event loop:
+        # one thread call, one batched call per tokenizer, forwards that start together; a
+        # burst in groups of about one full batch per device model, worked through in order.
+        device_models = sum(model.device != HOST_DEVICE for model in self._models)
         self._preparation: CoalescedCalls[PrepareCall, list[Prepared]] = CoalescedCalls(
-            self._tokenize_pool, self._prepare_together
+            self._tokenize_pool,
+            self._prepare_together,
+            weight=lambda call: len(call[1]),
+            max_weight=config.batching.max_batch_size * max(device_models, 1),
         )
         devices = sorted({m.device for m in self._models} - {HOST_DEVICE})
         slots = {device: device_slots(device, config) for device in devices}
@@ -294,7 +300,7 @@ class RewardEngine:
             for m in self._models
         ]
 
-    def _prepare_together(self, calls: list[PrepareCall]) -> Outcomes:
+    def _prepare_together(self, calls: list[PrepareCall]) -> list[Outcome[list[Prepared]]]:
         """In a tokenizer thread: the calls queued in one turn of the event loop (every
         model's, of every request that arrived in it), their texts encoded together."""
         memo = EncodingMemo()

@@ -43,6 +43,7 @@ class WorkerThreads:
         self._cpu_lock = threading.Lock()
         self._cpu_clocks: set[int | None] = set()
         self._ended_cpu_seconds = 0.0
+        self._shut_down = False
         self._threads = [
             threading.Thread(
                 target=self._work, args=(initializer,), name=f"{name}_{i}", daemon=True
@@ -53,10 +54,14 @@ class WorkerThreads:
             thread.start()
 
     def run(self, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """`function(*args)` in a worker thread; await the returned future for its result."""
+        """`function(*args)` in a worker thread; await the returned future for its result.
+        After `shutdown` the future fails at once: no thread is left to answer it."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((loop, future, function, args))
+        if self._shut_down:
+            future.set_exception(RuntimeError("worker threads shut down"))
+        else:
+            self._jobs.put((loop, future, function, args))
         return future
 
     def cpu_seconds(self) -> float:
@@ -70,6 +75,7 @@ class WorkerThreads:
 
     def shutdown(self) -> None:
         """Finish the calls already submitted, then stop the threads."""
+        self._shut_down = True
         for _ in self._threads:
             self._jobs.put(None)
         for thread in self._threads:

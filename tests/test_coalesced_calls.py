@@ -3,10 +3,12 @@ getting its own result or exception."""
 
 import asyncio
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from service.coalesced_calls import CoalescedCalls, Outcomes
+from service.coalesced_calls import CoalescedCalls, Outcome
 from service.worker_threads import WorkerThreads
 
 
@@ -22,9 +24,9 @@ class CountingPool(WorkerThreads):
         return super().run(function, *args)
 
 
-def call_each(functions) -> Outcomes:
+def call_each(functions: list[Callable[[], Any]]) -> list[Outcome[Any]]:
     """Plain calls as the payloads: each function's outcome, one failing leaves the rest."""
-    outcomes: Outcomes = []
+    outcomes: list[Outcome[Any]] = []
     for function in functions:
         try:
             outcomes.append((True, function()))
@@ -81,6 +83,20 @@ async def test_a_failing_thread_call_fails_every_caller_in_it():
         calls.run(lambda: 1), calls.run(lambda: 2), return_exceptions=True
     )
     assert [type(o) for o in outcomes] == [RuntimeError, RuntimeError]
+
+
+async def test_a_burst_goes_in_thread_calls_of_about_the_given_weight_in_order(pool):
+    calls = CoalescedCalls(pool, call_each, weight=lambda _: 2, max_weight=4)
+    ran: list[tuple[int, int]] = []
+
+    def record(n: int) -> int:
+        ran.append((n, threading.get_ident()))
+        return n
+
+    results = await asyncio.gather(*(calls.run(lambda n=n: record(n)) for n in range(5)))
+    assert results == [0, 1, 2, 3, 4]
+    assert pool.calls == 3  # [0, 1], [2, 3], [4]
+    assert sorted(n for n, _ in ran) == [0, 1, 2, 3, 4]
 
 
 async def test_calls_in_later_turns_go_in_calls_of_their_own(pool):
@@ -164,3 +180,54 @@ async def test_requests_arriving_together_prepare_every_device_models_items_in_o
         assert [s.combined.reward for s in got] == pytest.approx(
             [s.combined.reward for s in expected], abs=1e-5
         )
+
+
+class PoisonedTokenizer:
+    """A real tokenizer that raises on any batch holding a text with "POISON" in it."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def __call__(self, texts, **kwargs):
+        if any("POISON" in text for text in texts):
+            raise ValueError("the tokenizer rejects this text")
+        return self._tokenizer(texts, **kwargs)
+
+
+async def test_a_text_that_fails_to_tokenise_fails_only_its_own_request_among_those_grouped(
+    tiny_paths, tmp_path
+):
+    """Two requests tokenised together; one model's tokenizer rejects a text of the first.
+    The first fails; the second scores as it does alone, and no item is left queued."""
+    from prometheus_client import CollectorRegistry
+
+    from service.config import RewardConfig
+    from service.engine import RewardEngine, ScoreInput
+    from service.errors import ModelFailure
+    from service.metrics import ServiceMetrics
+    from service.models import load_models
+    from tests.conftest import tiny_config_dict
+
+    config = RewardConfig.model_validate(tiny_config_dict(tiny_paths, cache={"max_items": 0}))
+    models = load_models(config, tmp_path)
+    engine = RewardEngine(models, config, ServiceMetrics(CollectorRegistry()))
+    await engine.start()
+    poisoned = [ScoreInput("Who wrote it?", "A POISON answer."), ScoreInput("Who?", "Fine.")]
+    clean = [ScoreInput("Where is Paris?", "In France."), ScoreInput("Who?", "Fine.")]
+    try:
+        alone = await engine.score(clean)
+        (completeness,) = [m for m in models if m.name == "completeness"]
+        shared = completeness._shared_tokenizer
+        shared.tokenizer = PoisonedTokenizer(shared.tokenizer)
+        outcomes = await asyncio.gather(
+            engine.score(poisoned), engine.score(clean), return_exceptions=True
+        )
+        depths = [batcher.depth for batcher in engine._batchers.values()]
+    finally:
+        await engine.stop()
+    assert isinstance(outcomes[0], ModelFailure)
+    assert not isinstance(outcomes[1], BaseException)
+    assert [s.combined.reward for s in outcomes[1]] == pytest.approx(
+        [s.combined.reward for s in alone], abs=1e-5
+    )
+    assert depths == [0] * len(depths)

@@ -8,8 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import RewardConfig
-from service.models import Prepared, load_models, prepare_items
-from service.models.base import prepare_together
+from service.models import Prepared, load_models, prepare_items, prepare_together
 from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import load_tokenizer
 from tests import tiny_models

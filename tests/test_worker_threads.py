@@ -55,3 +55,10 @@ async def test_shutdown_finishes_what_was_submitted():
     await asyncio.to_thread(workers.shutdown)
     await asyncio.gather(*futures)
     assert done == list(range(50))
+
+
+async def test_a_call_after_shutdown_fails_at_once_instead_of_waiting_forever():
+    workers = WorkerThreads(1, "pool")
+    workers.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        await asyncio.wait_for(workers.run(lambda: 1), timeout=5)

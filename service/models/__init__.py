@@ -22,10 +22,12 @@ from service.models.base import (
     AspectScore,
     HolisticScore,
     ModelOutput,
+    PrepareCall,
     Prepared,
     RewardModel,
     Role,
     prepare_items,
+    prepare_together,
 )
 from service.models.encoding_memo import EncodingMemo
 from service.models.loading import call_overhead_tokens, place
@@ -36,10 +38,12 @@ __all__ = [
     "EncodingMemo",
     "HolisticScore",
     "ModelOutput",
+    "PrepareCall",
     "Prepared",
     "RewardModel",
     "load_models",
     "prepare_items",
+    "prepare_together",
 ]
 
 

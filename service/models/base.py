@@ -90,7 +90,7 @@ def prepare_items(
 
 
 # One model's (prompt, response) pairs for one request: what `prepare_together` prepares.
-PrepareCall = tuple["RewardModel", Sequence[tuple[str, str]]]
+PrepareCall = tuple[RewardModel, Sequence[tuple[str, str]]]
 
 
 def prepare_together(

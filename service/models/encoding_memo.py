@@ -66,8 +66,9 @@ class SharedTokenizer:
 
 @dataclass
 class _TokenizerShelf:
-    """One tokenizer's encodings within a request; its lock makes each text encoded once
-    even when two models' tokenizer threads ask for it at the same moment."""
+    """One tokenizer's encodings within a memo; its lock makes each text encoded once even
+    when two threads ask for it at the same moment (the engine gives each thread call a
+    memo of its own; the lock keeps a memo safe wherever else it is used)."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     encodings: dict[tuple[bool, bool, str], Encoding] = field(default_factory=dict)
@@ -92,8 +93,8 @@ class EncodingMemo:
         add_special_tokens: bool = True,
         offsets: bool = False,
     ) -> list[Encoding]:
-        """`texts` encoded, in order; only those this request has not encoded yet (with
-        this tokenizer and these switches) reach the tokenizer, in one call. The first ask
+        """`texts` encoded, in order; only those this memo has not encoded yet (with this
+        tokenizer and these switches) reach the tokenizer, in one call. The first ask
         for a text counts as encoded, later ones as reused (`encode_ahead` counts nothing)."""
         shelf = self._shelf(tokenizer)
         keys = [(add_special_tokens, offsets, text) for text in texts]
@@ -145,7 +146,7 @@ class EncodingMemo:
 
     @property
     def reused(self) -> int:
-        """Texts answered from an earlier encoding of the same request."""
+        """Texts answered from an earlier encoding in this memo."""
         return sum(shelf.reused for shelf in self._shelf_list())
 
     def _shelf_list(self) -> list[_TokenizerShelf]:
