@@ -32,7 +32,9 @@ class CoalescedCalls(Generic[P, R]):
 
     A group closes once its payloads' `weight` reaches `max_weight` and the rest go in
     further calls: a burst is worked through in order on every thread of the pool, and its
-    first requests' work is done (their forwards can start) before its last is."""
+    first requests' work is done (their forwards can start) before its last is. Payloads
+    queued one after another with the same `key` (one request's) stay in one group, however
+    heavy."""
 
     def __init__(
         self,
@@ -45,27 +47,30 @@ class CoalescedCalls(Generic[P, R]):
         self._together = together
         self._weight = weight
         self._max_weight = max_weight
-        self._queued: list[tuple[P, asyncio.Future[R]]] = []
+        self._queued: list[tuple[P, object, asyncio.Future[R]]] = []
 
-    def run(self, payload: P) -> asyncio.Future[R]:
+    def run(self, payload: P, key: object = None) -> asyncio.Future[R]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         if not self._queued:
             loop.call_soon(self._flush)
-        self._queued.append((payload, future))
+        self._queued.append((payload, key, future))
         return future
 
     def _flush(self) -> None:
         queued, self._queued = self._queued, []
-        live = [(payload, future) for payload, future in queued if not future.cancelled()]
         group: list[tuple[P, asyncio.Future[R]]] = []
-        weight = 0
-        for payload, future in live:
-            group.append((payload, future))
-            weight += self._weight(payload)
-            if self._max_weight is not None and weight >= self._max_weight:
+        weight, group_key = 0, None
+        for payload, key, future in queued:
+            if future.cancelled():
+                continue
+            full = self._max_weight is not None and weight >= self._max_weight
+            if group and full and (key is None or key != group_key):
                 self._hand_over(group)
                 group, weight = [], 0
+            group.append((payload, future))
+            weight += self._weight(payload)
+            group_key = key
         if group:
             self._hand_over(group)
 

@@ -315,6 +315,7 @@ class RewardEngine:
         owner: str,
         deadline: float | None,
         keys: Sequence[bytes] | None,
+        request: object,
     ) -> list[ModelOutput]:
         """One model's outputs for `items`: from the cache where it has them, the rest
         scored once per distinct item (`keys=None`: no cache, every item scored)."""
@@ -322,7 +323,7 @@ class RewardEngine:
             self._metrics.observe_dropped(model.name, "deadline", len(items))
             raise DeadlineExceeded("the request's deadline passed before scoring started")
         if keys is None:
-            return await self._run_model(model, items, owner, deadline)
+            return await self._run_model(model, items, owner, deadline, request)
         cache = self._caches[model.name]
         outputs: list[ModelOutput | None] = [cache.get(key) for key in keys]
         misses: dict[bytes, list[int]] = {}
@@ -336,7 +337,7 @@ class RewardEngine:
         self._metrics.labelled(self._metrics.cache_lookups, model.name, "miss").inc(missed)
         if misses:
             missed_items = [items[indices[0]] for indices in misses.values()]
-            fresh = await self._run_model(model, missed_items, owner, deadline)
+            fresh = await self._run_model(model, missed_items, owner, deadline, request)
             for (key, indices), output in zip(misses.items(), fresh, strict=True):
                 cache.put(key, output)
                 for index in indices:
@@ -349,6 +350,7 @@ class RewardEngine:
         items: Sequence[ScoreInput],
         owner: str,
         deadline: float | None,
+        request: object,  # the same for every model of one request: kept in one group
     ) -> list[ModelOutput]:
         if model.device == HOST_DEVICE:
             return await self._run_on_host(model, items)
@@ -356,7 +358,7 @@ class RewardEngine:
         batcher.announce(len(items))  # so that a batch forming now waits for these
         try:
             prepared = await self._preparation.run(
-                (model, [(item.prompt, item.response) for item in items])
+                (model, [(item.prompt, item.response) for item in items]), key=request
             )
         except asyncio.CancelledError:  # the caller left while its items were tokenised
             batcher.withdraw(len(items))
@@ -483,8 +485,9 @@ class RewardEngine:
         deadline: float | None = None,
         keys: Sequence[bytes] | None = None,
     ) -> list[ScoredItem]:
+        request = object()  # its models' tokenising stays in one group (`_preparation`)
         per_model = await asyncio.gather(
-            *(self._score_with(m, items, owner, deadline, keys) for m in self._models),
+            *(self._score_with(m, items, owner, deadline, keys, request) for m in self._models),
             return_exceptions=True,
         )
         outputs_by_model: list[list[ModelOutput]] = []

@@ -13,14 +13,16 @@ from service.worker_threads import WorkerThreads
 
 
 class CountingPool(WorkerThreads):
-    """Worker threads that count the calls handed to them."""
+    """Worker threads that count the calls handed to them, and the payloads in each."""
 
     def __init__(self) -> None:
         super().__init__(2, "test")
         self.calls = 0
+        self.group_sizes: list[int] = []
 
     def run(self, function, *args):
         self.calls += 1
+        self.group_sizes.append(len(args[0]))
         return super().run(function, *args)
 
 
@@ -87,16 +89,19 @@ async def test_a_failing_thread_call_fails_every_caller_in_it():
 
 async def test_a_burst_goes_in_thread_calls_of_about_the_given_weight_in_order(pool):
     calls = CoalescedCalls(pool, call_each, weight=lambda _: 2, max_weight=4)
-    ran: list[tuple[int, int]] = []
-
-    def record(n: int) -> int:
-        ran.append((n, threading.get_ident()))
-        return n
-
-    results = await asyncio.gather(*(calls.run(lambda n=n: record(n)) for n in range(5)))
+    results = await asyncio.gather(*(calls.run(lambda n=n: n) for n in range(5)))
     assert results == [0, 1, 2, 3, 4]
-    assert pool.calls == 3  # [0, 1], [2, 3], [4]
-    assert sorted(n for n, _ in ran) == [0, 1, 2, 3, 4]
+    assert pool.group_sizes == [2, 2, 1]  # [0, 1], [2, 3], [4]
+
+
+async def test_payloads_with_one_key_in_a_row_stay_in_one_group_however_heavy(pool):
+    calls = CoalescedCalls(pool, call_each, weight=lambda _: 2, max_weight=4)
+    keys = ["a", "a", "a", "b", "b", "c"]
+    results = await asyncio.gather(
+        *(calls.run(lambda n=n: n, key=key) for n, key in enumerate(keys))
+    )
+    assert results == [0, 1, 2, 3, 4, 5]
+    assert pool.group_sizes == [3, 2, 1]  # a's three (6 >= 4), b's two, then c
 
 
 async def test_calls_in_later_turns_go_in_calls_of_their_own(pool):
@@ -211,6 +216,15 @@ async def test_a_text_that_fails_to_tokenise_fails_only_its_own_request_among_th
     config = RewardConfig.model_validate(tiny_config_dict(tiny_paths, cache={"max_items": 0}))
     models = load_models(config, tmp_path)
     engine = RewardEngine(models, config, ServiceMetrics(CollectorRegistry()))
+    groups: list[int] = []
+    pool_run = engine._tokenize_pool.run
+
+    def recording(function, *args):
+        if function.__name__ == "_prepare_together":
+            groups.append(len(args[0]))
+        return pool_run(function, *args)
+
+    engine._tokenize_pool.run = recording
     await engine.start()
     poisoned = [ScoreInput("Who wrote it?", "A POISON answer."), ScoreInput("Who?", "Fine.")]
     clean = [ScoreInput("Where is Paris?", "In France."), ScoreInput("Who?", "Fine.")]
@@ -219,12 +233,14 @@ async def test_a_text_that_fails_to_tokenise_fails_only_its_own_request_among_th
         (completeness,) = [m for m in models if m.name == "completeness"]
         shared = completeness._shared_tokenizer
         shared.tokenizer = PoisonedTokenizer(shared.tokenizer)
+        groups.clear()
         outcomes = await asyncio.gather(
             engine.score(poisoned), engine.score(clean), return_exceptions=True
         )
         depths = [batcher.depth for batcher in engine._batchers.values()]
     finally:
         await engine.stop()
+    assert groups == [6]  # both requests' three device models in one call
     assert isinstance(outcomes[0], ModelFailure)
     assert not isinstance(outcomes[1], BaseException)
     assert [s.combined.reward for s in outcomes[1]] == pytest.approx(
