@@ -135,6 +135,35 @@ async def test_a_caller_that_left_before_the_call_is_skipped_and_one_that_left_d
     assert leaves_during.cancelled()
 
 
+def engine_handing_out(tiny_paths, tmp_path):
+    """(engine, its models, handed): an engine on the tiny config without an output cache
+    (requests scored together are those scored alone before), whose tokenizer pool records
+    each call it is handed as (function name, the names of the models in it)."""
+    from prometheus_client import CollectorRegistry
+
+    from service.config import RewardConfig
+    from service.engine import RewardEngine
+    from service.metrics import ServiceMetrics
+    from service.models import load_models
+    from tests.conftest import tiny_config_dict
+
+    config = RewardConfig.model_validate(tiny_config_dict(tiny_paths, cache={"max_items": 0}))
+    models = load_models(config, tmp_path)
+    engine = RewardEngine(models, config, ServiceMetrics(CollectorRegistry()))
+    handed: list[tuple[str, list[str]]] = []
+    pool_run = engine._tokenize_pool.run
+
+    def recording(function, *args):
+        if function.__name__ == "_prepare_together":
+            handed.append((function.__name__, sorted(model.name for model, _ in args[0])))
+        else:  # a host model's own call
+            handed.append((function.__name__, [args[0].name]))
+        return pool_run(function, *args)
+
+    engine._tokenize_pool.run = recording
+    return engine, models, handed
+
+
 async def test_requests_arriving_together_prepare_every_device_models_items_in_one_thread_call(
     tiny_paths, tmp_path
 ):
@@ -143,29 +172,9 @@ async def test_requests_arriving_together_prepare_every_device_models_items_in_o
     are tokenised in one thread call, so that their forwards start together; the host rule,
     which computes while it prepares, keeps a call of its own per request. Each request
     scores as it does alone."""
-    from prometheus_client import CollectorRegistry
+    from service.engine import ScoreInput
 
-    from service.config import RewardConfig
-    from service.engine import RewardEngine, ScoreInput
-    from service.metrics import ServiceMetrics
-    from service.models import load_models
-    from tests.conftest import tiny_config_dict
-
-    # No output cache: the requests scored together are those scored alone before.
-    config = RewardConfig.model_validate(tiny_config_dict(tiny_paths, cache={"max_items": 0}))
-    metrics = ServiceMetrics(CollectorRegistry())
-    engine = RewardEngine(load_models(config, tmp_path), config, metrics)
-    handed: list[tuple[str, list[str]]] = []
-    pool_run = engine._tokenize_pool.run
-
-    def recording(function, *args):
-        if function.__name__ == "_prepare_together":
-            handed.append((function.__name__, sorted(model.name for model, _ in args[0])))
-        else:
-            handed.append((function.__name__, [args[0].name]))
-        return pool_run(function, *args)
-
-    engine._tokenize_pool.run = recording
+    engine, _, handed = engine_handing_out(tiny_paths, tmp_path)
     await engine.start()
     first = [ScoreInput("Who wrote Hamlet?", r) for r in ("Shakespeare.", "Marlowe did.")]
     second = [ScoreInput("Where is Paris?", "In France.")]
@@ -204,27 +213,10 @@ async def test_a_text_that_fails_to_tokenise_fails_only_its_own_request_among_th
 ):
     """Two requests tokenised together; one model's tokenizer rejects a text of the first.
     The first fails; the second scores as it does alone, and no item is left queued."""
-    from prometheus_client import CollectorRegistry
-
-    from service.config import RewardConfig
-    from service.engine import RewardEngine, ScoreInput
+    from service.engine import ScoreInput
     from service.errors import ModelFailure
-    from service.metrics import ServiceMetrics
-    from service.models import load_models
-    from tests.conftest import tiny_config_dict
 
-    config = RewardConfig.model_validate(tiny_config_dict(tiny_paths, cache={"max_items": 0}))
-    models = load_models(config, tmp_path)
-    engine = RewardEngine(models, config, ServiceMetrics(CollectorRegistry()))
-    groups: list[int] = []
-    pool_run = engine._tokenize_pool.run
-
-    def recording(function, *args):
-        if function.__name__ == "_prepare_together":
-            groups.append(len(args[0]))
-        return pool_run(function, *args)
-
-    engine._tokenize_pool.run = recording
+    engine, models, handed = engine_handing_out(tiny_paths, tmp_path)
     await engine.start()
     poisoned = [ScoreInput("Who wrote it?", "A POISON answer."), ScoreInput("Who?", "Fine.")]
     clean = [ScoreInput("Where is Paris?", "In France."), ScoreInput("Who?", "Fine.")]
@@ -233,14 +225,16 @@ async def test_a_text_that_fails_to_tokenise_fails_only_its_own_request_among_th
         (completeness,) = [m for m in models if m.name == "completeness"]
         shared = completeness._shared_tokenizer
         shared.tokenizer = PoisonedTokenizer(shared.tokenizer)
-        groups.clear()
+        handed.clear()
         outcomes = await asyncio.gather(
             engine.score(poisoned), engine.score(clean), return_exceptions=True
         )
         depths = [batcher.depth for batcher in engine._batchers.values()]
     finally:
         await engine.stop()
-    assert groups == [6]  # both requests' three device models in one call
+    device_models = ["completeness", "factuality", "holistic"]
+    together = [names for function, names in handed if function == "_prepare_together"]
+    assert together == [sorted(device_models * 2)]  # both requests' models in one call
     assert isinstance(outcomes[0], ModelFailure)
     assert not isinstance(outcomes[1], BaseException)
     assert [s.combined.reward for s in outcomes[1]] == pytest.approx(
