@@ -46,6 +46,10 @@ class HttpConnection:
         self._port = parts.port or 80
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
+    async def connect(self) -> None:
+        if self._streams is None:
+            self._streams = await asyncio.open_connection(self._host, self._port)
+
     async def post_json(self, path: str, payload: object) -> tuple[int, bytes]:
         """(status, body). Reconnects when the server closed the connection."""
         body = json.dumps(payload).encode()
@@ -53,8 +57,8 @@ class HttpConnection:
             f"POST {path} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode()
-        if self._streams is None:
-            self._streams = await asyncio.open_connection(self._host, self._port)
+        await self.connect()
+        assert self._streams is not None
         reader, writer = self._streams
         try:
             writer.write(head + body)
@@ -107,14 +111,21 @@ async def run_load(
     duration_s: float,
     timeout_s: float = 300.0,
 ) -> LoadResult:
-    """Closed loop for `duration_s`: each client sends its next request when one returns."""
+    """Closed loop for `duration_s`: each client sends its next request when one returns.
+
+    Every client connects before the clock starts, as trainers that keep their connections
+    do: otherwise C connections opened at once would be part of each measured window (at
+    C=256, more than half the requests of a 4 s round; a connection that fails here is opened
+    again, and its error counted, by its client's first request).
+    """
     cursor = itertools.count()
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    connections = [HttpConnection(url) for _ in range(concurrency)]
+    await asyncio.gather(*(c.connect() for c in connections), return_exceptions=True)
     stop_at = time.perf_counter() + duration_s
 
-    async def one_client() -> None:
-        connection = HttpConnection(url)
+    async def one_client(connection: HttpConnection) -> None:
         try:
             while time.perf_counter() < stop_at:
                 start = next(cursor) * items_per_request
@@ -134,7 +145,7 @@ async def run_load(
             await connection.close()
 
     cpu_before, started = _cpu_s(), time.perf_counter()
-    await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    await asyncio.gather(*map(one_client, connections))
     elapsed = time.perf_counter() - started
     cpu = _cpu_s() - cpu_before
     ordered = sorted(latencies) or [float("nan")]

@@ -36,6 +36,7 @@ CHUNKED = (
     b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\n3\r\n 1}\r\n0\r\n\r\n'
 )
 SIZED_THEN_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+SIZED = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
 OVERLOADED = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
 
 
@@ -68,3 +69,25 @@ async def test_the_load_counts_answers_and_errors_by_status():
     assert abs(answered - overloaded) <= 2  # the two replies alternate
     assert set(result.errors) == {"http_503"}
     assert result.items_per_s == answered * 3 / result.seconds
+
+
+async def test_the_clock_starts_once_every_client_is_connected(monkeypatch):
+    """Trainers keep their connections: opening C of them is not part of a measured load."""
+    server, connections = await serve([SIZED])
+    port = server.sockets[0].getsockname()[1]
+    connect_s = 0.5
+    open_connection = asyncio.open_connection
+
+    async def slow_open_connection(*args: object, **kwargs: object):
+        await asyncio.sleep(connect_s)
+        return await open_connection(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "open_connection", slow_open_connection)
+    try:
+        result = await run_load(
+            f"http://127.0.0.1:{port}", "/x", [{"prompt": "p", "response": "r"}], 16, 1, 0.1
+        )
+    finally:
+        server.close()
+    assert len(connections) == 16 and result.requests >= 16 and not result.errors
+    assert result.seconds < connect_s
