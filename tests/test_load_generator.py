@@ -1,6 +1,7 @@
 """The benchmark's own HTTP client reads every response framing a server may send."""
 
 import asyncio
+from typing import Any
 
 from benchmarks.load import HttpConnection, run_load
 
@@ -75,10 +76,12 @@ async def test_the_clock_starts_once_every_client_is_connected(monkeypatch):
     """Trainers keep their connections: opening C of them is not part of a measured load."""
     server, connections = await serve([SIZED])
     port = server.sockets[0].getsockname()[1]
-    connect_s = 0.5
+    connect_s = 1.0
     open_connection = asyncio.open_connection
 
-    async def slow_open_connection(*args: object, **kwargs: object):
+    async def slow_open_connection(
+        *args: Any, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         await asyncio.sleep(connect_s)
         return await open_connection(*args, **kwargs)
 
@@ -91,3 +94,28 @@ async def test_the_clock_starts_once_every_client_is_connected(monkeypatch):
         server.close()
     assert len(connections) == 16 and result.requests >= 16 and not result.errors
     assert result.seconds < connect_s
+
+
+async def test_a_connect_that_fails_before_the_clock_is_counted_and_made_again(monkeypatch):
+    server, connections = await serve([SIZED])
+    port = server.sockets[0].getsockname()[1]
+    open_connection = asyncio.open_connection
+    calls = []
+
+    async def first_connect_refused(
+        *args: Any, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionRefusedError("refused once")
+        return await open_connection(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "open_connection", first_connect_refused)
+    try:
+        result = await run_load(
+            f"http://127.0.0.1:{port}", "/x", [{"prompt": "p", "response": "r"}], 4, 1, 0.1
+        )
+    finally:
+        server.close()
+    assert result.errors == {"ConnectionRefusedError": 1}
+    assert len(calls) == 5 and len(connections) == 4 and result.requests >= 4
