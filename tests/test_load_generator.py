@@ -1,9 +1,12 @@
 """The benchmark's own HTTP client reads every response framing a server may send."""
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from benchmarks.load import HttpConnection, run_load
+import pytest
+
+from benchmarks.load import HttpConnection, LoadResult, run_load
 
 
 async def serve(replies: list[bytes]) -> tuple[asyncio.Server, list[int]]:
@@ -72,50 +75,59 @@ async def test_the_load_counts_answers_and_errors_by_status():
     assert result.items_per_s == answered * 3 / result.seconds
 
 
-async def test_the_clock_starts_once_every_client_is_connected(monkeypatch):
-    """Trainers keep their connections: opening C of them is not part of a measured load."""
+Opener = Callable[..., Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+async def load_connecting_through(
+    monkeypatch: pytest.MonkeyPatch, make_opener: Callable[[Opener], Opener], concurrency: int
+) -> tuple[LoadResult, list[int]]:
+    """A 0.1 s load of a server that answers every request, its clients connecting through
+    `make_opener(asyncio.open_connection)`: the result, and the connections accepted."""
     server, connections = await serve([SIZED])
     port = server.sockets[0].getsockname()[1]
-    connect_s = 1.0
-    open_connection = asyncio.open_connection
-
-    async def slow_open_connection(
-        *args: Any, **kwargs: Any
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        await asyncio.sleep(connect_s)
-        return await open_connection(*args, **kwargs)
-
-    monkeypatch.setattr(asyncio, "open_connection", slow_open_connection)
+    monkeypatch.setattr(asyncio, "open_connection", make_opener(asyncio.open_connection))
     try:
         result = await run_load(
-            f"http://127.0.0.1:{port}", "/x", [{"prompt": "p", "response": "r"}], 16, 1, 0.1
+            f"http://127.0.0.1:{port}",
+            "/x",
+            [{"prompt": "p", "response": "r"}],
+            concurrency,
+            1,
+            0.1,
         )
     finally:
         server.close()
+    return result, connections
+
+
+async def test_the_clock_starts_once_every_client_is_connected(monkeypatch):
+    """Trainers keep their connections: opening C of them is not part of a measured load."""
+    connect_s = 1.0
+
+    def slowed(open_connection: Opener) -> Opener:
+        async def slow(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            await asyncio.sleep(connect_s)
+            return await open_connection(*args, **kwargs)
+
+        return slow
+
+    result, connections = await load_connecting_through(monkeypatch, slowed, 16)
     assert len(connections) == 16 and result.requests >= 16 and not result.errors
     assert result.seconds < connect_s
 
 
 async def test_a_connect_that_fails_before_the_clock_is_counted_and_made_again(monkeypatch):
-    server, connections = await serve([SIZED])
-    port = server.sockets[0].getsockname()[1]
-    open_connection = asyncio.open_connection
     calls = []
 
-    async def first_connect_refused(
-        *args: Any, **kwargs: Any
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        calls.append(1)
-        if len(calls) == 1:
-            raise ConnectionRefusedError("refused once")
-        return await open_connection(*args, **kwargs)
+    def refused_once(open_connection: Opener) -> Opener:
+        async def refuse_first(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            calls.append(1)
+            if len(calls) == 1:
+                raise ConnectionRefusedError("refused once")
+            return await open_connection(*args, **kwargs)
 
-    monkeypatch.setattr(asyncio, "open_connection", first_connect_refused)
-    try:
-        result = await run_load(
-            f"http://127.0.0.1:{port}", "/x", [{"prompt": "p", "response": "r"}], 4, 1, 0.1
-        )
-    finally:
-        server.close()
+        return refuse_first
+
+    result, connections = await load_connecting_through(monkeypatch, refused_once, 4)
     assert result.errors == {"ConnectionRefusedError": 1}
     assert len(calls) == 5 and len(connections) == 4 and result.requests >= 4
