@@ -323,6 +323,53 @@ def _load_points(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"expected CxK[,CxK...], got {text!r}") from exc
 
 
+def _summarise(
+    results: dict[str, Any],
+    by_point: dict[tuple[int, int], dict[str, Any]],
+    systems: list[str],
+    peers: list[str],
+    max_wait_ms: float,
+) -> None:
+    """Per-system rows, limits, ratios and low-load latency of the points measured so far."""
+    done = [(c, k) for c, k in results["grid"] if (c, k) in by_point]
+    results["complete"] = len(done) == len(results["grid"])
+    for system in systems:
+        results[system] = [by_point[point]["systems"][system] for point in done]
+    results["limit"]["by_point"] = [
+        {"concurrency": c, "items_per_request": k, **by_point[(c, k)]["limits"]} for c, k in done
+    ]
+    results["ratios"] = []
+    for point, ours in zip(done, results["alarm-serve"], strict=True):
+        limits = by_point[point]["limits"]
+        ours_rounds = ours["rounds_items_per_s"]
+        results["ratios"].append(
+            {
+                "concurrency": point[0],
+                "items_per_request": point[1],
+                "limit": limits["full"]["median_items_per_s"],
+                "in_flight_limit": limits["in_flight"]["median_items_per_s"],
+                "alarm_over_limit": _paired_ratio(
+                    ours_rounds, limits["full"]["rounds_items_per_s"]
+                ),
+                "alarm_over_in_flight_limit": _paired_ratio(
+                    ours_rounds, limits["in_flight"]["rounds_items_per_s"]
+                ),
+                **{
+                    f"alarm_over_{name}": _paired_ratio(
+                        ours_rounds,
+                        by_point[point]["systems"][PEERS[name].system]["rounds_items_per_s"],
+                    )
+                    for name in peers
+                },
+                "padding_efficiency": ours["padding_efficiency"],
+                "host_cpu_share": ours["host_cpu_share"],
+            }
+        )
+    low_load = _low_load_latency(results, max_wait_ms)
+    if low_load is not None:
+        results["low_load"] = low_load
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -459,51 +506,18 @@ def main() -> int:
             system: idle_cpu_share(leader, 5.0) for system, leader in leaders.items()
         }
         print(f"idle CPU-seconds per second: {results['idle_cpu_share']}", flush=True)
-        by_point = {}
+        by_point: dict[tuple[int, int], dict[str, Any]] = {}
         for point in grid:
             print(f"C={point[0]} k={point[1]}", flush=True)
             by_point[point] = _measure_point(
                 servers, leaders, limit_of, measured, point, args.seconds, args.rounds
             )
+            # Rewritten after every point: a run cut short keeps the points it finished.
+            _summarise(results, by_point, list(servers), args.peers, config.batching.max_wait_ms)
+            (args.out / "results.json").write_text(json.dumps(results, indent=2))
     finally:
         for process in processes:
             stop_server(process)
-    for system in servers:
-        results[system] = [by_point[point]["systems"][system] for point in grid]
-    results["limit"]["by_point"] = [
-        {"concurrency": c, "items_per_request": k, **by_point[(c, k)]["limits"]} for c, k in grid
-    ]
-    results["ratios"] = []
-    for point, ours in zip(grid, results["alarm-serve"], strict=True):
-        limits = by_point[point]["limits"]
-        ours_rounds = ours["rounds_items_per_s"]
-        results["ratios"].append(
-            {
-                "concurrency": point[0],
-                "items_per_request": point[1],
-                "limit": limits["full"]["median_items_per_s"],
-                "in_flight_limit": limits["in_flight"]["median_items_per_s"],
-                "alarm_over_limit": _paired_ratio(
-                    ours_rounds, limits["full"]["rounds_items_per_s"]
-                ),
-                "alarm_over_in_flight_limit": _paired_ratio(
-                    ours_rounds, limits["in_flight"]["rounds_items_per_s"]
-                ),
-                **{
-                    f"alarm_over_{name}": _paired_ratio(
-                        ours_rounds,
-                        by_point[point]["systems"][PEERS[name].system]["rounds_items_per_s"],
-                    )
-                    for name in args.peers
-                },
-                "padding_efficiency": ours["padding_efficiency"],
-                "host_cpu_share": ours["host_cpu_share"],
-            }
-        )
-    low_load = _low_load_latency(results, config.batching.max_wait_ms)
-    if low_load is not None:
-        results["low_load"] = low_load
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, list(servers), args.out / "throughput.png")
     print(
         "\nC     k    alarm/limit  alarm/in-flight"
@@ -517,6 +531,7 @@ def main() -> int:
             + "".join(f"  {r[f'alarm_over_{n}']:15.2f}" for n in args.peers)
             + f"  {r['padding_efficiency']:7.3f}  {r['host_cpu_share']:8.3f}"
         )
+    low_load = results.get("low_load")
     if low_load is not None:
         print(
             f"\nC=1 k=1: mean latency {low_load['alarm_mean_ms']:.1f} ms = single-item "

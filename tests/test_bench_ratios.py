@@ -2,7 +2,7 @@
 
 import math
 
-from benchmarks.bench import _paired_ratio, host_cpu_share
+from benchmarks.bench import _paired_ratio, _summarise, host_cpu_share
 
 
 def test_paired_ratio_is_the_median_of_each_rounds_ratio() -> None:
@@ -31,3 +31,37 @@ def test_host_cpu_share_is_the_event_loop_and_tokenizers_over_all_groups_between
 
 def test_without_thread_clocks_the_share_is_unknown_not_zero():
     assert math.isnan(host_cpu_share("", ""))
+
+
+def _measured_point(point: tuple[int, int], ours: float, naive: float, limit: float) -> dict:
+    def system(items_per_s: float) -> dict:
+        return {
+            "concurrency": point[0],
+            "items_per_request": point[1],
+            "items_per_s": items_per_s,
+            "rounds_items_per_s": [items_per_s],
+            "padding_efficiency": 0.9,
+            "host_cpu_share": 0.1,
+        }
+
+    limits = {"median_items_per_s": limit, "rounds_items_per_s": [limit], "rounds": []}
+    return {
+        "systems": {"alarm-serve": system(ours), "naive-fastapi": system(naive)},
+        "limits": {"in_flight": limits, "full": limits},
+    }
+
+
+def test_a_run_cut_short_keeps_the_points_it_finished_and_says_it_is_incomplete():
+    results: dict = {"grid": [(1, 1), (8, 16)], "limit": {}}
+    by_point = {(1, 1): _measured_point((1, 1), 40.0, 20.0, 50.0)}
+    systems = ["alarm-serve", "naive-fastapi"]
+    _summarise(results, by_point, systems, ["naive"], 5.0)
+    assert results["complete"] is False
+    assert [(r["concurrency"], r["alarm_over_naive"]) for r in results["ratios"]] == [(1, 2.0)]
+    assert results["low_load"]["alarm_beyond_forward_ms"] == 1000 / 40.0 - 1000 / 50.0
+
+    by_point[(8, 16)] = _measured_point((8, 16), 300.0, 100.0, 400.0)
+    _summarise(results, by_point, systems, ["naive"], 5.0)
+    assert results["complete"] is True
+    assert [r["alarm_over_in_flight_limit"] for r in results["ratios"]] == [0.8, 0.75]
+    assert [row["items_per_s"] for row in results["naive-fastapi"]] == [20.0, 100.0]
