@@ -315,6 +315,13 @@ def gpu_name() -> str:
     return f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
 
 
+def _batch_sizes(text: str) -> list[int]:
+    sizes = [int(size) for size in text.split(",")]
+    if any(size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError("batch sizes are positive integers")
+    return sizes
+
+
 def _load_points(text: str) -> list[tuple[int, int]]:
     """`1x1,8x16`: C concurrent clients x k items per request."""
     try:
@@ -410,6 +417,32 @@ def main() -> int:
         help="alarm-serve's batching.cpu_workers (default: the server's)",
     )
     parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="leave packed forwards eager (trace_packed: false) in every server and limit",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=64,
+        help="items per forward, for alarm-serve, the peers and the limits (GPUs: try more)",
+    )
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=16384, help="padded tokens per forward"
+    )
+    parser.add_argument(
+        "--limit-batch-sizes",
+        type=_batch_sizes,
+        default=[1, 8, 32, 64],
+        help="batch sizes the limit tries (the configured --max-batch-size too), e.g. 1,64,256",
+    )
+    parser.add_argument(
+        "--warmup-seconds",
+        type=float,
+        default=2.0,
+        help="load each server takes before the run (a GPU meets each new shape once)",
+    )
+    parser.add_argument(
         "--relevance-path",
         default=RELEVANCE_PATH,
         help="the relevance aspect's embedding model (a MiniLM-style folder)",
@@ -426,6 +459,9 @@ def main() -> int:
         compile=args.compile,
         relevance_path=args.relevance_path,
         cpu_workers=args.cpu_workers,
+        trace_packed=not args.eager,
+        max_batch_size=args.max_batch_size,
+        max_batch_tokens=args.max_batch_tokens,
     )
     config = load_reward_config(config_path)
     items = load_items(1024)
@@ -438,9 +474,12 @@ def main() -> int:
             "relevance": args.relevance_path,
             "dtype": args.dtype,
             "compile": args.compile,
+            "trace_packed": not args.eager,
             "cpu_workers": config.batching.cpu_workers,
+            "max_batch_tokens": config.batching.max_batch_tokens,
         },
         "grid": grid,
+        "warmup_seconds": args.warmup_seconds,
         # LitServe and Ray Serve batch requests under these limits, as alarm-serve batches items.
         "peer_batching": {
             "max_batch_size": config.batching.max_batch_size,
@@ -454,7 +493,8 @@ def main() -> int:
     results["models"]["runtime"] = {model.name: model.describe() for model in models}
     # Forwards at once, as the server runs them: `cpu_workers` on a CPU, one on a GPU.
     workers = max(device_slots(m.device, config) for m in models if m.device != HOST_DEVICE)
-    best, all_sizes = best_limit(models, config, measured, [1, 8, 32, 64], sorted({1, workers}))
+    sizes = sorted({*args.limit_batch_sizes, config.batching.max_batch_size})
+    best, all_sizes = best_limit(models, config, measured, sizes, sorted({1, workers}))
     results["limit"] = {"best": asdict(best), "by_batch_size": [asdict(r) for r in all_sizes]}
     print(
         f"limit: {best.items_per_s:.1f} items/s at batch {best.batch_size}, "
@@ -500,7 +540,8 @@ def main() -> int:
                 start_server([*command, "--port", str(port)], servers[system], log_path)
             )
             leaders[system] = processes[-1].pid
-            asyncio.run(run_load(servers[system], "/v1/rewards", measured, 4, 4, 2.0))  # warm-up
+            warm_up = run_load(servers[system], "/v1/rewards", measured, 4, 4, args.warmup_seconds)
+            asyncio.run(warm_up)
         # What pausing the idle servers saves: each one's CPU use while nobody calls it.
         results["idle_cpu_share"] = {
             system: idle_cpu_share(leader, 5.0) for system, leader in leaders.items()

@@ -139,15 +139,18 @@ def write_config(
     relevance_path: str = RELEVANCE_PATH,
     cpu_workers: int | None = None,
     forward_overhead_tokens: int | None = None,
+    trace_packed: bool = True,
+    max_batch_size: int = 64,
+    max_batch_tokens: int = 16384,
 ) -> dict[str, Any]:
-    """The benchmark's config: `holistic` is `minilm` or a key of HOLISTIC_SIZES; `dtype`
-    and `compile` apply to both transformer models."""
+    """The benchmark's config: `holistic` is `minilm` or a key of HOLISTIC_SIZES; `dtype`,
+    `compile` and `trace_packed` apply to both transformer models."""
     holistic_path = (
         prepare_holistic(cache_dir)
         if holistic == "minilm"
         else prepare_random_holistic(cache_dir, holistic, HOLISTIC_SIZES[holistic], dtype)
     )
-    runtime = {"device": "auto", "dtype": dtype, "compile": compile}
+    runtime = {"device": "auto", "dtype": dtype, "compile": compile, "trace_packed": trace_packed}
     config = {
         "holistic": {
             "name": "holistic",
@@ -168,8 +171,8 @@ def write_config(
             {"name": "length", "kind": "rule", "unit": "words", "mean": 60},
         ],
         "batching": {
-            "max_batch_tokens": 16384,
-            "max_batch_size": 64,
+            "max_batch_tokens": max_batch_tokens,
+            "max_batch_size": max_batch_size,
             "max_wait_ms": max_wait_ms,
             "min_padding_efficiency": min_padding_efficiency,
             **({} if cpu_workers is None else {"cpu_workers": cpu_workers}),

@@ -78,6 +78,27 @@ def test_a_random_rm_of_each_architecture_loads_and_scores_batch_invariantly(
     assert_batch_invariant(holistic, PROMPT, RESPONSES)
 
 
+def test_the_trace_and_batch_knobs_reach_every_model_and_the_batcher(tmp_path, monkeypatch):
+    # A GPU session compares traced against eager forwards and larger batches in one call.
+    monkeypatch.setitem(HOLISTIC_SIZES, "tiny", {**HOLISTIC_SIZES["deberta-large"], **TINY})
+    config_path = tmp_path / "config.yaml"
+    relevance = resolve_model_path(PACKAGED_PREFIX + MINILM, tmp_path)
+    write_config(
+        tmp_path,
+        config_path,
+        holistic="tiny",
+        relevance_path=relevance,
+        trace_packed=False,
+        max_batch_size=256,
+        max_batch_tokens=65536,
+    )
+    config = load_reward_config(config_path)
+    assert (config.batching.max_batch_size, config.batching.max_batch_tokens) == (256, 65536)
+    described = [model.describe() for model in load_models(config, tmp_path)[:2]]
+    assert [d["packs_rows"] for d in described] == [True, True]
+    assert [d["traced"] for d in described] == [False, False]
+
+
 def _fake_nvidia_smi(folder, lines: str):
     script = folder / "nvidia-smi"
     script.write_text(f'#!/bin/sh\necho "$@" > {folder}/args\nprintf "{lines}"\nexec sleep 60\n')
