@@ -75,6 +75,60 @@ def thread_cpu_seconds(metrics_text: str) -> dict[str, float]:
     }
 
 
+def _by_model(metrics_text: str, name: str) -> dict[str, float]:
+    prefix = name + '{model="'
+    return {
+        line[len(prefix) :].split('"', 1)[0]: float(line.split()[-1])
+        for line in metrics_text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
+BatchStats = dict[str, dict[str, float]]  # model -> batches, items_per_batch, mean_forward_ms
+
+
+def batch_stats(before: str, after: str) -> BatchStats:
+    """Each model's batches between two scrapes, their mean size and forward time. A GPU
+    bound by its host prices a forward by the call: fewer, fuller batches are what pays."""
+
+    def grown(name: str) -> dict[str, float]:
+        earlier = _by_model(before, name)
+        return {m: value - earlier.get(m, 0.0) for m, value in _by_model(after, name).items()}
+
+    batches = grown("alarm_forward_duration_seconds_count")
+    seconds = grown("alarm_forward_duration_seconds_sum")
+    items = grown("alarm_batch_size_items_sum")
+    return {
+        model: {
+            "batches": count,
+            "items_per_batch": items[model] / count,
+            "mean_forward_ms": 1000 * seconds[model] / count,
+        }
+        for model, count in batches.items()
+        if count
+    }
+
+
+def limit_batch_stats(result: LimitResult) -> BatchStats:
+    """The same figures for an in-process limit's forwards."""
+    return {
+        model: {
+            "batches": count,
+            "items_per_batch": result.items / count,
+            "mean_forward_ms": 1000 * result.seconds_by_model[model] / count,
+        }
+        for model, count in result.batches_by_model.items()
+        if count
+    }
+
+
+def _batch_line(stats: BatchStats) -> str:
+    return ", ".join(
+        f"{model} {s['items_per_batch']:.1f} items {s['mean_forward_ms']:.1f} ms"
+        for model, s in stats.items()
+    )
+
+
 def host_cpu_share(before: str, after: str) -> float:
     """The host's share of the server's CPU between two scrapes: the event loop's (HTTP,
     JSON, batching) and the tokenizer threads' seconds over theirs plus the forwards'
@@ -125,11 +179,13 @@ def _load_once(
         after = httpx.get(f"{url}/metrics").text
         row["padding_efficiency"] = _padding_efficiency(before, after)
         row["host_cpu_share"] = host_cpu_share(before, after)
+        row["batches"] = batch_stats(before, after)
     print(
         f"  {name:13s} {result.items_per_s:8.1f} items/s  p50 {result.p50_ms:8.1f} ms"
         f"  p99 {result.p99_ms:8.1f} ms  errors {result.errors}"
         + (f"  host CPU {row['host_cpu_share']:.3f}" if "host_cpu_share" in row else "")
-        + (f"  GPU {gpu.mean_percent:.0f}%" if gpu.mean_percent is not None else ""),
+        + (f"  GPU {gpu.mean_percent:.0f}%" if gpu.mean_percent is not None else "")
+        + (f"\n    batches: {_batch_line(row['batches'])}" if "batches" in row else ""),
         flush=True,
     )
     return row
@@ -208,7 +264,8 @@ def _measure_point(
                     if before
                     else ""
                 )
-                + f", {limits['full'][-1].items_per_s:.1f} with all {LIMIT_ITEMS}",
+                + f", {limits['full'][-1].items_per_s:.1f} with all {LIMIT_ITEMS}"
+                + f"\n    batches in flight: {_batch_line(limit_batch_stats(after))}",
                 flush=True,
             )
     measured: dict[str, Any] = {

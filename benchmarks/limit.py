@@ -35,6 +35,8 @@ class LimitResult:
     real_tokens_per_s: float
     padding_efficiency: float
     seconds_by_model: dict[str, float]  # forward time per model (overlapping with workers)
+    items: int  # items timed
+    batches_by_model: dict[str, int]  # forward calls (`run`) per model, as the server counts
 
 
 def _work_items(prepared: list[Prepared]) -> list[WorkItem[Prepared]]:
@@ -149,6 +151,10 @@ def measure(
         seconds_by_model={
             model.name: sum(s for name, s in kept if name == model.name) for model in models
         },
+        items=len(items),
+        batches_by_model={
+            model.name: sum(1 for name, _ in kept if name == model.name) for model in models
+        },
     )
 
 
@@ -171,8 +177,8 @@ def faster_layout_timing(
 
 def pooled(runs: list[LimitResult]) -> LimitResult:
     """The same measurement run several times, as one: all its items (and real tokens) over
-    all its time (and padded tokens); `seconds_by_model` is then the forwards' time over
-    all the runs."""
+    all its time (and padded tokens); `seconds_by_model`, `items` and `batches_by_model`
+    then add up over all the runs."""
     first = runs[0]
     return replace(
         first,
@@ -181,6 +187,10 @@ def pooled(runs: list[LimitResult]) -> LimitResult:
         padding_efficiency=len(runs) / sum(1 / run.padding_efficiency for run in runs),
         seconds_by_model={
             name: sum(run.seconds_by_model[name] for run in runs) for name in first.seconds_by_model
+        },
+        items=sum(run.items for run in runs),
+        batches_by_model={
+            name: sum(run.batches_by_model[name] for run in runs) for name in first.batches_by_model
         },
     )
 

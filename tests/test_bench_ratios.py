@@ -2,7 +2,9 @@
 
 import math
 
-from benchmarks.bench import _paired_ratio, _summarise, host_cpu_share
+import pytest
+
+from benchmarks.bench import _paired_ratio, _summarise, batch_stats, host_cpu_share
 
 
 def test_paired_ratio_is_the_median_of_each_rounds_ratio() -> None:
@@ -65,3 +67,27 @@ def test_a_run_cut_short_keeps_the_points_it_finished_and_says_it_is_incomplete(
     assert results["complete"] is True
     assert [r["alarm_over_in_flight_limit"] for r in results["ratios"]] == [0.8, 0.75]
     assert [row["items_per_s"] for row in results["naive-fastapi"]] == [20.0, 100.0]
+
+
+def _forward_scrape(counts: dict[str, tuple[float, float, float]]) -> str:
+    """Per model: (batches, forward seconds, items), as the server's histograms count them."""
+    lines = []
+    for model, (batches, seconds, items) in counts.items():
+        lines += [
+            f'alarm_forward_duration_seconds_count{{model="{model}"}} {batches}',
+            f'alarm_forward_duration_seconds_sum{{model="{model}"}} {seconds}',
+            f'alarm_forward_duration_seconds_bucket{{le="0.5",model="{model}"}} {batches}',
+            f'alarm_batch_size_items_sum{{model="{model}"}} {items}',
+        ]
+    return "\n".join(lines)
+
+
+def test_batch_stats_are_each_models_batches_between_two_scrapes():
+    before = _forward_scrape({"holistic": (10.0, 1.0, 100.0), "relevance": (4.0, 0.5, 100.0)})
+    # 4 more holistic batches of 256 items in 0.2 s; no relevance batch in between.
+    after = _forward_scrape({"holistic": (14.0, 1.2, 356.0), "relevance": (4.0, 0.5, 100.0)})
+    stats = batch_stats(before, after)
+    assert list(stats) == ["holistic"]
+    assert stats["holistic"]["batches"] == 4.0
+    assert stats["holistic"]["items_per_batch"] == 64.0
+    assert stats["holistic"]["mean_forward_ms"] == pytest.approx(50.0)

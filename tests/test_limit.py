@@ -46,6 +46,9 @@ def test_one_worker_runs_each_item_once_per_model():
         assert all(len(batch) <= LIMITS.max_batch_size for batch in model.batches)
     assert result.items_per_s > 0 and 0 < result.padding_efficiency <= 1
     assert set(result.seconds_by_model) == {"a", "b"}
+    # Forward calls as the server counts its batches: every timed one, not the warm-up.
+    assert result.items == 10
+    assert result.batches_by_model == {m.name: len(m.batches) - 1 for m in models}
 
 
 def test_with_two_workers_each_window_also_runs_with_its_largest_batch_in_halves():
@@ -90,8 +93,10 @@ def test_runs_of_the_same_measurement_pool_into_all_items_over_all_time():
             real_tokens_per_s=10 * items_per_s,
             padding_efficiency=efficiency,
             seconds_by_model={"a": seconds},
+            items=8,
+            batches_by_model={"a": batches},
         )
-        for items_per_s, efficiency, seconds in ((40.0, 0.9, 1.0), (10.0, 0.6, 4.0))
+        for items_per_s, efficiency, seconds, batches in ((40.0, 0.9, 1.0, 2), (10.0, 0.6, 4.0, 3))
     )
     both = pooled([fast, slow])
     assert both.items_per_s == pytest.approx(16.0)  # 2 runs of n items in n/40 + n/10 s
@@ -99,6 +104,7 @@ def test_runs_of_the_same_measurement_pool_into_all_items_over_all_time():
     # The same real tokens r twice over padded r/0.9 + r/0.6: 0.72, not the mean 0.75.
     assert both.padding_efficiency == pytest.approx(0.72)
     assert both.seconds_by_model == {"a": 5.0}
+    assert (both.items, both.batches_by_model) == (16, {"a": 5})
     assert pooled([fast]).items_per_s == pytest.approx(fast.items_per_s)
 
 
