@@ -474,6 +474,16 @@ def main() -> int:
         help="alarm-serve's batching.cpu_workers (default: the server's)",
     )
     parser.add_argument(
+        "--gpu-workers",
+        type=int,
+        default=None,
+        help="alarm-serve's batching.gpu_workers: forwards at once per GPU (default: the "
+        "server's, 1)",
+    )
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="batching wait, for every server"
+    )
+    parser.add_argument(
         "--eager",
         action="store_true",
         help="leave packed forwards eager (trace_packed: false) in every server and limit",
@@ -516,6 +526,8 @@ def main() -> int:
         compile=args.compile,
         relevance_path=args.relevance_path,
         cpu_workers=args.cpu_workers,
+        gpu_workers=args.gpu_workers,
+        max_wait_ms=args.max_wait_ms,
         trace_packed=not args.eager,
         max_batch_size=args.max_batch_size,
         max_batch_tokens=args.max_batch_tokens,
@@ -533,6 +545,7 @@ def main() -> int:
             "compile": args.compile,
             "trace_packed": not args.eager,
             "cpu_workers": config.batching.cpu_workers,
+            "gpu_workers": config.batching.gpu_workers,
             "max_batch_tokens": config.batching.max_batch_tokens,
         },
         "grid": grid,
@@ -548,7 +561,7 @@ def main() -> int:
     models = load_models(config, args.cache_dir)
     # How each model runs (packed, traced, attention): the load checks' outcome on this machine.
     results["models"]["runtime"] = {model.name: model.describe() for model in models}
-    # Forwards at once, as the server runs them: `cpu_workers` on a CPU, one on a GPU.
+    # Forwards at once, as the server runs them: `cpu_workers` on a CPU, `gpu_workers` on a GPU.
     workers = max(device_slots(m.device, config) for m in models if m.device != HOST_DEVICE)
     sizes = sorted({*args.limit_batch_sizes, config.batching.max_batch_size})
     best, all_sizes = best_limit(models, config, measured, sizes, sorted({1, workers}))

@@ -138,6 +138,7 @@ def write_config(
     compile: bool = False,
     relevance_path: str = RELEVANCE_PATH,
     cpu_workers: int | None = None,
+    gpu_workers: int | None = None,
     forward_overhead_tokens: int | None = None,
     trace_packed: bool = True,
     max_batch_size: int = 64,
@@ -176,6 +177,7 @@ def write_config(
             "max_wait_ms": max_wait_ms,
             "min_padding_efficiency": min_padding_efficiency,
             **({} if cpu_workers is None else {"cpu_workers": cpu_workers}),
+            **({} if gpu_workers is None else {"gpu_workers": gpu_workers}),
             **(
                 {}
                 if forward_overhead_tokens is None

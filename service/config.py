@@ -296,7 +296,7 @@ class BatchingConfig(_Strict):
         2,
         ge=1,
         description="forwards run at once on the CPU, each on cores / cpu_workers torch "
-        "threads (GPUs run one at a time). A model takes a second slot only while no other "
+        "threads (GPUs: gpu_workers). A model takes a second slot only while no other "
         "model has items pending or being tokenised; its last pending batch then runs in "
         "two halves side by side if another slot is free, so that no core idles at the "
         "end of a burst. "
@@ -304,6 +304,14 @@ class BatchingConfig(_Strict):
         "1.23x items/s with one single-item client, 1.19x with 256, 1.10-1.11x with 1 and "
         "8 clients sending 16 items, level with 8 and 64 single-item clients "
         "(benchmarks/RESULTS.md)",
+    )
+    gpu_workers: int = Field(
+        1,
+        ge=1,
+        description="forwards run at once on each GPU, each from its own thread on the "
+        "device's default stream: a GPU bound by its host (one H200 was busy 8 to 29 % of "
+        "the time, benchmarks/RESULTS.md) may overlap one forward's kernel launches with "
+        "another's. Not measured yet, so 1 by default",
     )
     forward_overhead_tokens: int | None = Field(
         None,

@@ -127,8 +127,9 @@ def batch_limits(config: RewardConfig, model: RewardModel) -> BatchLimits:
 
 
 def device_slots(device: str, config: RewardConfig) -> int:
-    """Forwards run at once on a device: `cpu_workers` on the CPU, one on a GPU."""
-    return config.batching.cpu_workers if device == "cpu" else 1
+    """Forwards run at once on a device: `cpu_workers` on the CPU, `gpu_workers` on a GPU."""
+    batching = config.batching
+    return batching.cpu_workers if device == "cpu" else batching.gpu_workers
 
 
 @dataclass(frozen=True)
