@@ -484,6 +484,13 @@ def main() -> int:
         "--max-wait-ms", type=float, default=5.0, help="batching wait, for every server"
     )
     parser.add_argument(
+        "--fill-wait-ms",
+        type=float,
+        default=0.0,
+        help="alarm-serve's batching.fill_wait_ms: how long a batch that has its device "
+        "may wait to fill",
+    )
+    parser.add_argument(
         "--eager",
         action="store_true",
         help="leave packed forwards eager (trace_packed: false) in every server and limit",
@@ -528,6 +535,7 @@ def main() -> int:
         cpu_workers=args.cpu_workers,
         gpu_workers=args.gpu_workers,
         max_wait_ms=args.max_wait_ms,
+        fill_wait_ms=args.fill_wait_ms,
         trace_packed=not args.eager,
         max_batch_size=args.max_batch_size,
         max_batch_tokens=args.max_batch_tokens,
@@ -546,6 +554,7 @@ def main() -> int:
             "trace_packed": not args.eager,
             "cpu_workers": config.batching.cpu_workers,
             "gpu_workers": config.batching.gpu_workers,
+            "fill_wait_ms": config.batching.fill_wait_ms,
             "max_batch_tokens": config.batching.max_batch_tokens,
         },
         "grid": grid,

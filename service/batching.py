@@ -47,6 +47,10 @@ class BatchLimits:
     # What one forward call costs beyond its padded tokens, in tokens: batches are cut
     # where padded tokens + this per call is least (None = never cut to save padding).
     forward_overhead_tokens: int | None = None
+    # Once a batch has the device, how long it may hold it waiting for more items while
+    # it is not full: on a device that prices a forward by the call (a GPU bound by its
+    # host), a fuller batch is worth a short idle slot (0 = run at once).
+    fill_wait_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -370,8 +374,18 @@ class MicroBatcher(Generic[P, R]):
             finally:
                 self._own_turn_taken = False
 
+    async def _fill(self) -> None:
+        """Hold the device up to `fill_wait_s` for more items, until the batch is full."""
+        deadline = time.monotonic() + self._limits.fill_wait_s
+        while not self._full() and (remaining := deadline - time.monotonic()) > 0:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
     async def _run_pending(self) -> None:
         """Run batches while this batcher holds the oldest work waiting for the device."""
+        if self._limits.fill_wait_s > 0:
+            await self._fill()
         while batch := self._next_batch():
             if (
                 self._pending

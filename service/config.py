@@ -284,6 +284,13 @@ class BatchingConfig(_Strict):
     max_batch_tokens: int = Field(16384, ge=64, description="padded tokens per forward")
     max_batch_size: int = Field(64, ge=1)
     max_wait_ms: float = Field(5.0, ge=0)
+    fill_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="once a batch has its device, how long it may keep the device idle "
+        "waiting for more items while it is not full: for a GPU bound by its host, which "
+        "prices a forward by the call (0 = run at once; not measured on a GPU yet)",
+    )
     min_padding_efficiency: float = Field(
         0.0,
         ge=0,

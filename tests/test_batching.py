@@ -257,6 +257,41 @@ async def test_items_that_arrive_during_a_forward_join_the_leftovers_of_the_last
     ]
 
 
+async def test_with_a_fill_wait_a_batch_that_has_the_device_waits_for_company():
+    """Two items 50 ms apart (a client's reply just out, its next request on its way): at
+    once they run as two forwards; with a fill wait, as one. A full batch waits no more."""
+    for fill_wait_s, expected in ((0.0, [["a"], ["b"]]), (0.5, [["a", "b"]])):
+        model = RecordingModel()
+        limits = BatchLimits(10_000, max_batch_size=2, max_wait_s=0.001, fill_wait_s=fill_wait_s)
+        batcher = MicroBatcher(model, limits, announced_arrivals=True)
+        batcher.start()
+        try:
+            first = batcher.submit(("a", 3), length=3)
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            await asyncio.gather(first, batcher.submit(("b", 3), length=3))
+            waited = time.monotonic() - started
+        finally:
+            await batcher.stop()
+        assert [[key for key, _ in batch] for batch in model.batches] == expected
+        assert waited < 0.3  # full at two: it went at once, not at the end of the wait
+
+
+async def test_a_fill_wait_ends_with_what_arrived_by_then():
+    model = RecordingModel()
+    limits = BatchLimits(10_000, max_batch_size=8, max_wait_s=0.001, fill_wait_s=0.1)
+    batcher = MicroBatcher(model, limits, announced_arrivals=True)
+    batcher.start()
+    try:
+        started = time.monotonic()
+        assert await batcher.submit(("solo", 3), length=3) == "scored:solo"
+        waited = time.monotonic() - started
+    finally:
+        await batcher.stop()
+    assert 0.1 <= waited < 1.0
+    assert model.batches == [[("solo", 3)]]
+
+
 async def test_batchers_sharing_a_device_never_run_at_once_and_the_oldest_work_goes_first():
     turns = DeviceTurns()
     running = 0
