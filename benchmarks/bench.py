@@ -35,7 +35,7 @@ import httpx
 from benchmarks.gpu_utilisation import GpuUtilisation
 from benchmarks.limit import LimitResult, best_limit, measure, pooled
 from benchmarks.load import LoadResult, run_load
-from benchmarks.models import HOLISTIC_SIZES, RELEVANCE_PATH, write_config
+from benchmarks.models import HOLISTIC_SIZES, RELEVANCE_PATH, RULE_MODEL, write_config
 from benchmarks.servers import free_port, idle_cpu_share, paused, start_server, stop_server
 from benchmarks.workload import load_items
 from service.config import load_reward_config
@@ -51,7 +51,7 @@ def _counter_sum(metrics_text: str, name: str) -> float:
     return sum(
         float(line.split()[-1])
         for line in metrics_text.splitlines()
-        if line.startswith(name + "{") and 'model="length"' not in line
+        if line.startswith(name + "{") and f'model="{RULE_MODEL}"' not in line
     )
 
 
@@ -65,39 +65,29 @@ def _padding_efficiency(before: str, after: str) -> float:
     return real / padded if padded else float("nan")
 
 
+def _by_label(metrics_text: str, name: str, label: str) -> dict[str, float]:
+    """A metric's samples by the value of its one label."""
+    prefix = f'{name}{{{label}="'
+    return {
+        line[len(prefix) :].split('"', 1)[0]: float(line.split()[-1])
+        for line in metrics_text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
 def thread_cpu_seconds(metrics_text: str) -> dict[str, float]:
     """alarm-serve's CPU seconds by thread group (`alarm_thread_cpu_seconds_total`)."""
-    prefix = 'alarm_thread_cpu_seconds_total{threads="'
-    return {
-        line[len(prefix) :].split('"', 1)[0]: float(line.split()[-1])
-        for line in metrics_text.splitlines()
-        if line.startswith(prefix)
-    }
+    return _by_label(metrics_text, "alarm_thread_cpu_seconds_total", "threads")
 
 
-def _by_model(metrics_text: str, name: str) -> dict[str, float]:
-    prefix = name + '{model="'
-    return {
-        line[len(prefix) :].split('"', 1)[0]: float(line.split()[-1])
-        for line in metrics_text.splitlines()
-        if line.startswith(prefix)
-    }
+BatchFigures = dict[str, dict[str, float]]  # model -> batches, items_per_batch, mean_forward_ms
 
 
-BatchStats = dict[str, dict[str, float]]  # model -> batches, items_per_batch, mean_forward_ms
-
-
-def batch_stats(before: str, after: str) -> BatchStats:
-    """Each model's batches between two scrapes, their mean size and forward time. A GPU
-    bound by its host prices a forward by the call: fewer, fuller batches are what pays."""
-
-    def grown(name: str) -> dict[str, float]:
-        earlier = _by_model(before, name)
-        return {m: value - earlier.get(m, 0.0) for m, value in _by_model(after, name).items()}
-
-    batches = grown("alarm_forward_duration_seconds_count")
-    seconds = grown("alarm_forward_duration_seconds_sum")
-    items = grown("alarm_batch_size_items_sum")
+def _batch_figures(
+    batches: dict[str, float], items: dict[str, float], seconds: dict[str, float]
+) -> BatchFigures:
+    """Per device model (not the host rule, which runs no forward): batches run, items per
+    batch and mean forward ms."""
     return {
         model: {
             "batches": count,
@@ -105,24 +95,36 @@ def batch_stats(before: str, after: str) -> BatchStats:
             "mean_forward_ms": 1000 * seconds[model] / count,
         }
         for model, count in batches.items()
-        if count
+        if count and model != RULE_MODEL
     }
 
 
-def limit_batch_stats(result: LimitResult) -> BatchStats:
+def batch_stats(before: str, after: str) -> BatchFigures:
+    """Each model's batches between two scrapes, their mean size and forward time. A GPU
+    bound by its host prices a forward by the call: fewer, fuller batches are what pays."""
+
+    def grown(name: str) -> dict[str, float]:
+        earlier = _by_label(before, name, "model")
+        later = _by_label(after, name, "model")
+        return {model: value - earlier.get(model, 0.0) for model, value in later.items()}
+
+    return _batch_figures(
+        grown("alarm_forward_duration_seconds_count"),
+        grown("alarm_batch_size_items_sum"),
+        grown("alarm_forward_duration_seconds_sum"),
+    )
+
+
+def limit_batch_stats(result: LimitResult) -> BatchFigures:
     """The same figures for an in-process limit's forwards."""
-    return {
-        model: {
-            "batches": count,
-            "items_per_batch": result.items / count,
-            "mean_forward_ms": 1000 * result.seconds_by_model[model] / count,
-        }
-        for model, count in result.batches_by_model.items()
-        if count
-    }
+    return _batch_figures(
+        {model: float(count) for model, count in result.batches_by_model.items()},
+        {model: float(result.items) for model in result.batches_by_model},
+        result.seconds_by_model,
+    )
 
 
-def _batch_line(stats: BatchStats) -> str:
+def _batch_line(stats: BatchFigures) -> str:
     return ", ".join(
         f"{model} {s['items_per_batch']:.1f} items {s['mean_forward_ms']:.1f} ms"
         for model, s in stats.items()
@@ -387,6 +389,13 @@ def _load_points(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"expected CxK[,CxK...], got {text!r}") from exc
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """A run killed mid-write (a lease's time limit) leaves the previous file whole."""
+    staging = path.with_name(path.name + ".partial")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
 def _summarise(
     results: dict[str, Any],
     by_point: dict[tuple[int, int], dict[str, Any]],
@@ -559,6 +568,7 @@ def main() -> int:
         },
         "grid": grid,
         "warmup_seconds": args.warmup_seconds,
+        "limit_batch_sizes": sorted({*args.limit_batch_sizes, config.batching.max_batch_size}),
         # LitServe and Ray Serve batch requests under these limits, as alarm-serve batches items.
         "peer_batching": {
             "max_batch_size": config.batching.max_batch_size,
@@ -572,7 +582,7 @@ def main() -> int:
     results["models"]["runtime"] = {model.name: model.describe() for model in models}
     # Forwards at once, as the server runs them: `cpu_workers` on a CPU, `gpu_workers` on a GPU.
     workers = max(device_slots(m.device, config) for m in models if m.device != HOST_DEVICE)
-    sizes = sorted({*args.limit_batch_sizes, config.batching.max_batch_size})
+    sizes = results["limit_batch_sizes"]
     best, all_sizes = best_limit(models, config, measured, sizes, sorted({1, workers}))
     results["limit"] = {"best": asdict(best), "by_batch_size": [asdict(r) for r in all_sizes]}
     print(
@@ -634,7 +644,7 @@ def main() -> int:
             )
             # Rewritten after every point: a run cut short keeps the points it finished.
             _summarise(results, by_point, list(servers), args.peers, config.batching.max_wait_ms)
-            (args.out / "results.json").write_text(json.dumps(results, indent=2))
+            _write_atomically(args.out / "results.json", json.dumps(results, indent=2))
     finally:
         for process in processes:
             stop_server(process)

@@ -126,6 +126,7 @@ def prepare_random_holistic(
 
 
 RELEVANCE_PATH = "packaged:all-minilm-l6-v2"
+RULE_MODEL = "length"  # the host rule: no forward, so no batch figures or padding
 
 
 def write_config(
@@ -170,7 +171,7 @@ def write_config(
                 **runtime,
                 "max_length": 128,
             },
-            {"name": "length", "kind": "rule", "unit": "words", "mean": 60},
+            {"name": RULE_MODEL, "kind": "rule", "unit": "words", "mean": 60},
         ],
         "batching": {
             "max_batch_tokens": max_batch_tokens,

@@ -6,7 +6,8 @@ longest row) and a row count. Pending items are flushed when the oldest has wait
 everything pending: the pending items are sorted by length and cut into batches whose
 padded size (rows x longest length) stays under `max_batch_tokens`, and the batch holding
 the next item in fair order runs; the rest wait for the next choice, where items that
-arrived meanwhile join them (a wider choice of lengths, so less padding).
+arrived meanwhile join them (a wider choice of lengths, so less padding). With a fill wait
+(`fill_wait_s`), a batch that has its device may keep it idle that long for more items.
 On a device with several slots (a CPU's cores), a model's last pending batch runs as two
 halves side by side when another slot is free (`split_in_two`): otherwise the end of a
 burst of work runs on one core while the other has nothing left to do. When no slot is
@@ -24,7 +25,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
@@ -159,6 +160,8 @@ class MicroBatcher(Generic[P, R]):
     takes a while) and the batcher holds a batch back for up to `max_wait_s` only while
     announced items are still on their way: a lone request is not kept waiting for
     company that nobody has sent. Without it, every batch waits up to `max_wait_s`.
+    A fill wait (`fill_wait_s`) does keep it waiting, for requests not yet sent (the next
+    ones of clients just answered): at low load every forward waits it out.
     """
 
     WINDOW_BATCHES = 4
@@ -265,6 +268,9 @@ class MicroBatcher(Generic[P, R]):
             or self._pending_rows * self._pending_max_length >= self._limits.max_batch_tokens
         )
 
+    def _pending_items(self) -> Iterator[WorkItem[P]]:
+        return (item for queue in self._pending.values() for item in queue)
+
     def _oldest_enqueued_at(self) -> float:
         return min(queue[0].enqueued_at for queue in self._pending.values())
 
@@ -365,7 +371,7 @@ class MicroBatcher(Generic[P, R]):
             await self._wait_for_batch()
             if self._own_turn_taken:  # another loop has this model's own turn
                 async with self._device_turns.spare_turn(self._others_expect_work):
-                    await self._run_pending()
+                    await self._run_pending(fill=False)  # a spare slot is not kept idle
                 continue
             self._own_turn_taken = True
             try:
@@ -375,16 +381,20 @@ class MicroBatcher(Generic[P, R]):
                 self._own_turn_taken = False
 
     async def _fill(self) -> None:
-        """Hold the device up to `fill_wait_s` for more items, until the batch is full."""
-        deadline = time.monotonic() + self._limits.fill_wait_s
-        while not self._full() and (remaining := deadline - time.monotonic()) > 0:
+        """Hold the device up to `fill_wait_s` for more items, until the batch is full; not
+        at all when a pending item's deadline falls within the wait, which would drop it."""
+        until = time.monotonic() + self._limits.fill_wait_s
+        if any(i.deadline is not None and i.deadline <= until for i in self._pending_items()):
+            return
+        while not self._full() and (remaining := until - time.monotonic()) > 0:
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
-    async def _run_pending(self) -> None:
-        """Run batches while this batcher holds the oldest work waiting for the device."""
-        if self._limits.fill_wait_s > 0:
+    async def _run_pending(self, fill: bool = True) -> None:
+        """Run batches while this batcher holds the oldest work waiting for the device;
+        first, with `fill`, let a batch that is not full wait for company (`_fill`)."""
+        if fill and self._pending and self._limits.fill_wait_s > 0:
             await self._fill()
         while batch := self._next_batch():
             if (

@@ -287,9 +287,11 @@ class BatchingConfig(_Strict):
     fill_wait_ms: float = Field(
         0.0,
         ge=0,
-        description="once a batch has its device, how long it may keep the device idle "
-        "waiting for more items while it is not full: for a GPU bound by its host, which "
-        "prices a forward by the call (0 = run at once; not measured on a GPU yet)",
+        le=1000,
+        description="once a batch has its device (any device model's, CPU too), how long it "
+        "may keep the device idle waiting for more items while it is not full. Meant for a "
+        "GPU bound by its host, which prices a forward by the call; at low load every "
+        "forward waits it out (0 = run at once; not measured on a GPU yet)",
     )
     min_padding_efficiency: float = Field(
         0.0,
@@ -318,7 +320,8 @@ class BatchingConfig(_Strict):
         description="forwards run at once on each GPU, each from its own thread on the "
         "device's default stream: a GPU bound by its host (one H200 was busy 8 to 29 % of "
         "the time, benchmarks/RESULTS.md) may overlap one forward's kernel launches with "
-        "another's. Not measured yet, so 1 by default",
+        "another's. As on the CPU, a model's last batch may then run as two halves side "
+        "by side. Not measured yet, so 1 by default",
     )
     forward_overhead_tokens: int | None = Field(
         None,

@@ -6,12 +6,13 @@ has waited longest (not to whoever asked first): a model that has just run a sma
 lets the others catch up, and its own pending items pile up into a larger batch meanwhile.
 A waiting batcher's oldest item only gets older, so every batcher gets its turn.
 
-A device has `slots` turns at once: a CPU runs several forwards side by side (each on its
-share of the cores), a GPU one. A batcher takes a turn of its own for one slot at a time; a
-second slot it takes only as a spare turn (another batch of the same model), one that no
-other model's work needs, or, for the second half of its last batch, only if one is free
-at that moment (`take_free_slot`): while another model has items pending or on their way
-(being tokenised), a slot stays for it (until those items arrive, or are withdrawn because
+A device has `slots` turns at once: a CPU runs several forwards side by side (each on
+its share of the cores, `cpu_workers`), a GPU `gpu_workers` (one by default). A batcher
+takes a turn of its own for one slot at a time; a second slot it takes only as a spare
+turn (another batch of the same model), one that no other model's work needs, or, for
+the second half of its last batch, only if one is free at that moment
+(`take_free_slot`): while another model has items pending or on their way (being
+tokenised), a slot stays for it (until those items arrive, or are withdrawn because
 their caller left). Traced on two CPU slots with 8 single-item clients: a fast model
 otherwise took both slots for batches of one or two items just before the slow model's
 batch arrived, which then waited.

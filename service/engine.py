@@ -1,4 +1,4 @@
-"""The scoring engine: one micro-batcher per model, one worker thread per device.
+"""The scoring engine: one micro-batcher per model, one worker thread per device slot.
 
 A request's items are tokenised off the event loop (each distinct text once per tokenizer,
 however many items and models ask for it), submitted to every model's batcher at once (so
@@ -222,8 +222,8 @@ class RewardEngine:
             return run_halving_on_oom(model.run, batch, splits.inc, model.name)
 
         async def run_on_device(batch: list[Prepared]) -> Sequence[ModelOutput | BaseException]:
-            # The halves run in the same worker thread: on a one-slot device (a GPU) nothing
-            # else interleaves with them.
+            # The halves run in the same worker thread: on a one-slot device (a GPU, unless
+            # gpu_workers > 1) nothing else interleaves with them.
             return await pool.run(run_splitting, batch)
 
         return run_on_device

@@ -279,17 +279,33 @@ async def test_with_a_fill_wait_a_batch_that_has_the_device_waits_for_company():
 
 async def test_a_fill_wait_ends_with_what_arrived_by_then():
     model = RecordingModel()
-    limits = BatchLimits(10_000, max_batch_size=8, max_wait_s=0.001, fill_wait_s=0.1)
+    limits = BatchLimits(10_000, max_batch_size=8, max_wait_s=0.001, fill_wait_s=0.2)
     batcher = MicroBatcher(model, limits, announced_arrivals=True)
     batcher.start()
     try:
         started = time.monotonic()
-        assert await batcher.submit(("solo", 3), length=3) == "scored:solo"
+        first = batcher.submit(("a", 3), length=3)
+        await asyncio.sleep(0.05)
+        results = await asyncio.gather(first, batcher.submit(("b", 3), length=3))
         waited = time.monotonic() - started
     finally:
         await batcher.stop()
-    assert 0.1 <= waited < 1.0
-    assert model.batches == [[("solo", 3)]]
+    assert results == ["scored:a", "scored:b"]
+    assert 0.2 <= waited < 1.0  # never full at 8: the whole wait, then both together
+    assert model.batches == [[("a", 3), ("b", 3)]]
+
+
+async def test_a_fill_wait_is_skipped_when_it_would_outlast_a_pending_deadline():
+    model = RecordingModel()
+    limits = BatchLimits(10_000, max_batch_size=8, max_wait_s=0.001, fill_wait_s=5.0)
+    batcher = MicroBatcher(model, limits, announced_arrivals=True)
+    batcher.start()
+    try:
+        started = time.monotonic()
+        due = batcher.submit(("due", 3), length=3, deadline=started + 1.0)
+        assert await asyncio.wait_for(due, 0.9) == "scored:due"  # run at once, not dropped
+    finally:
+        await batcher.stop()
 
 
 async def test_batchers_sharing_a_device_never_run_at_once_and_the_oldest_work_goes_first():

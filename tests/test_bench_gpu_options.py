@@ -18,6 +18,7 @@ from benchmarks.models import (
     write_config,
 )
 from service.config import load_reward_config
+from service.engine import batch_limits
 from service.models import load_models
 from service.models.packaged import MINILM, PACKAGED_PREFIX, resolve_model_path
 from tests.test_models import PROMPT, RESPONSES, assert_batch_invariant
@@ -94,7 +95,10 @@ def test_the_trace_and_batch_knobs_reach_every_model_and_the_batcher(tmp_path, m
     )
     config = load_reward_config(config_path)
     assert (config.batching.max_batch_size, config.batching.max_batch_tokens) == (256, 65536)
-    described = [model.describe() for model in load_models(config, tmp_path)[:2]]
+    models = load_models(config, tmp_path)[:2]
+    assert [(batch_limits(config, m).max_batch_size) for m in models] == [256, 256]
+    assert [batch_limits(config, m).max_batch_tokens for m in models] == [65536, 65536]
+    described = [model.describe() for model in models]
     assert [d["packs_rows"] for d in described] == [True, True]
     assert [d["traced"] for d in described] == [False, False]
 

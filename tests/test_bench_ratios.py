@@ -84,8 +84,11 @@ def _forward_scrape(counts: dict[str, tuple[float, float, float]]) -> str:
 
 def test_batch_stats_are_each_models_batches_between_two_scrapes():
     before = _forward_scrape({"holistic": (10.0, 1.0, 100.0), "relevance": (4.0, 0.5, 100.0)})
-    # 4 more holistic batches of 256 items in 0.2 s; no relevance batch in between.
-    after = _forward_scrape({"holistic": (14.0, 1.2, 356.0), "relevance": (4.0, 0.5, 100.0)})
+    # 4 more holistic batches of 256 items in 0.2 s; no relevance batch in between; the
+    # host rule's calls, which run no forward, are not batches.
+    after = _forward_scrape(
+        {"holistic": (14.0, 1.2, 356.0), "relevance": (4.0, 0.5, 100.0), "length": (9, 0.1, 9)}
+    )
     stats = batch_stats(before, after)
     assert list(stats) == ["holistic"]
     assert stats["holistic"]["batches"] == 4.0
