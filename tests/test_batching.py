@@ -257,42 +257,38 @@ async def test_items_that_arrive_during_a_forward_join_the_leftovers_of_the_last
     ]
 
 
-async def test_with_a_fill_wait_a_batch_that_has_the_device_waits_for_company():
-    """Two items 50 ms apart (a client's reply just out, its next request on its way): at
-    once they run as two forwards; with a fill wait, as one. A full batch waits no more."""
-    for fill_wait_s, expected in ((0.0, [["a"], ["b"]]), (0.5, [["a", "b"]])):
-        model = RecordingModel()
-        limits = BatchLimits(10_000, max_batch_size=2, max_wait_s=0.001, fill_wait_s=fill_wait_s)
-        batcher = MicroBatcher(model, limits, announced_arrivals=True)
-        batcher.start()
-        try:
-            first = batcher.submit(("a", 3), length=3)
-            await asyncio.sleep(0.05)
-            started = time.monotonic()
-            await asyncio.gather(first, batcher.submit(("b", 3), length=3))
-            waited = time.monotonic() - started
-        finally:
-            await batcher.stop()
-        assert [[key for key, _ in batch] for batch in model.batches] == expected
-        assert waited < 0.3  # full at two: it went at once, not at the end of the wait
-
-
-async def test_a_fill_wait_ends_with_what_arrived_by_then():
+async def two_items_apart(fill_wait_s: float, max_batch_size: int):
+    """(each batch's keys, seconds from the first submit until both are scored) for two
+    items submitted 50 ms apart: a client's reply just out, its next request on its way."""
     model = RecordingModel()
-    limits = BatchLimits(10_000, max_batch_size=8, max_wait_s=0.001, fill_wait_s=0.2)
+    limits = BatchLimits(10_000, max_batch_size, max_wait_s=0.001, fill_wait_s=fill_wait_s)
     batcher = MicroBatcher(model, limits, announced_arrivals=True)
     batcher.start()
     try:
         started = time.monotonic()
         first = batcher.submit(("a", 3), length=3)
         await asyncio.sleep(0.05)
-        results = await asyncio.gather(first, batcher.submit(("b", 3), length=3))
-        waited = time.monotonic() - started
+        assert await asyncio.gather(first, batcher.submit(("b", 3), length=3)) == [
+            "scored:a",
+            "scored:b",
+        ]
+        took = time.monotonic() - started
     finally:
         await batcher.stop()
-    assert results == ["scored:a", "scored:b"]
-    assert 0.2 <= waited < 1.0  # never full at 8: the whole wait, then both together
-    assert model.batches == [[("a", 3), ("b", 3)]]
+    return [[key for key, _ in batch] for batch in model.batches], took
+
+
+async def test_with_a_fill_wait_a_batch_that_has_the_device_waits_for_company():
+    assert (await two_items_apart(0.0, max_batch_size=2))[0] == [["a"], ["b"]]
+    batches, took = await two_items_apart(0.5, max_batch_size=2)
+    assert batches == [["a", "b"]]
+    assert took < 0.35  # full at two: it went at once, not at the end of the wait
+
+
+async def test_a_fill_wait_ends_with_what_arrived_by_then():
+    batches, took = await two_items_apart(0.2, max_batch_size=8)
+    assert batches == [["a", "b"]]
+    assert 0.2 <= took < 1.0  # never full at 8: the whole wait, then both together
 
 
 async def test_a_fill_wait_is_skipped_when_it_would_outlast_a_pending_deadline():
