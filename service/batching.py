@@ -315,7 +315,7 @@ class MicroBatcher(Generic[P, R]):
                 self._pending[owner] = kept
             else:
                 del self._pending[owner]
-        remaining = [item for queue in self._pending.values() for item in queue]
+        remaining = list(self._pending_items())
         self._pending_count = len(remaining)
         self._pending_rows = sum(item.rows for item in remaining)
         self._pending_max_length = max((item.length for item in remaining), default=0)
