@@ -86,9 +86,15 @@ def test_metrics_are_labelled_by_configured_trainers_only(server_url):
 def test_a_trainer_over_its_limit_gets_429_while_another_is_served(server_url):
     async def run():
         async with httpx.AsyncClient(base_url=server_url, timeout=120) as client:
+            # Items the cache has not seen: answered from it, a request would leave before the
+            # next one arrived, and the flood might never reach the limit.
             flood = [
-                client.post("/v1/rewards", json={"items": [ITEM] * 64}, headers=auth("big"))
-                for _ in range(12)  # 768 items against a per-trainer limit of 512
+                client.post(
+                    "/v1/rewards",
+                    json={"items": distinct_items(64, f"over the limit {index}")},
+                    headers=auth("big"),
+                )
+                for index in range(12)  # 768 items against a per-trainer limit of 512
             ]
             small = client.post("/v1/rewards", json={"items": [ITEM]}, headers=auth("small"))
             return await asyncio.gather(*flood), await small
