@@ -47,12 +47,20 @@ FULL_GRID = [*GRID, (256, 16)]
 LIMIT_ITEMS = 256  # workload items the in-process limits are measured on
 
 
-def _counter_sum(metrics_text: str, name: str) -> float:
-    return sum(
-        float(line.split()[-1])
+def _by_label(metrics_text: str, name: str, label: str) -> dict[str, float]:
+    """A metric's samples by the value of its one label."""
+    prefix = f'{name}{{{label}="'
+    return {
+        line[len(prefix) :].split('"', 1)[0]: float(line.split()[-1])
         for line in metrics_text.splitlines()
-        if line.startswith(name + "{") and f'model="{RULE_MODEL}"' not in line
-    )
+        if line.startswith(prefix)
+    }
+
+
+def _counter_sum(metrics_text: str, name: str) -> float:
+    """A per-model counter summed over the device models (the host rule pads nothing)."""
+    by_model = _by_label(metrics_text, name, "model")
+    return sum(value for model, value in by_model.items() if model != RULE_MODEL)
 
 
 def _padding_efficiency(before: str, after: str) -> float:
@@ -63,16 +71,6 @@ def _padding_efficiency(before: str, after: str) -> float:
         before, "alarm_padded_tokens_total"
     )
     return real / padded if padded else float("nan")
-
-
-def _by_label(metrics_text: str, name: str, label: str) -> dict[str, float]:
-    """A metric's samples by the value of its one label."""
-    prefix = f'{name}{{{label}="'
-    return {
-        line[len(prefix) :].split('"', 1)[0]: float(line.split()[-1])
-        for line in metrics_text.splitlines()
-        if line.startswith(prefix)
-    }
 
 
 def thread_cpu_seconds(metrics_text: str) -> dict[str, float]:
@@ -552,6 +550,7 @@ def main() -> int:
     config = load_reward_config(config_path)
     items = load_items(1024)
     grid = args.points or (FULL_GRID if args.full else GRID)
+    limit_sizes = sorted({*args.limit_batch_sizes, config.batching.max_batch_size})
     results: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}{gpu_name()}",
@@ -568,7 +567,7 @@ def main() -> int:
         },
         "grid": grid,
         "warmup_seconds": args.warmup_seconds,
-        "limit_batch_sizes": sorted({*args.limit_batch_sizes, config.batching.max_batch_size}),
+        "limit_batch_sizes": limit_sizes,
         # LitServe and Ray Serve batch requests under these limits, as alarm-serve batches items.
         "peer_batching": {
             "max_batch_size": config.batching.max_batch_size,
@@ -582,8 +581,7 @@ def main() -> int:
     results["models"]["runtime"] = {model.name: model.describe() for model in models}
     # Forwards at once, as the server runs them: `cpu_workers` on a CPU, `gpu_workers` on a GPU.
     workers = max(device_slots(m.device, config) for m in models if m.device != HOST_DEVICE)
-    sizes = results["limit_batch_sizes"]
-    best, all_sizes = best_limit(models, config, measured, sizes, sorted({1, workers}))
+    best, all_sizes = best_limit(models, config, measured, limit_sizes, sorted({1, workers}))
     results["limit"] = {"best": asdict(best), "by_batch_size": [asdict(r) for r in all_sizes]}
     print(
         f"limit: {best.items_per_s:.1f} items/s at batch {best.batch_size}, "

@@ -123,7 +123,7 @@ def batch_limits(config: RewardConfig, model: RewardModel) -> BatchLimits:
         max_wait_s=batching.max_wait_ms / 1000,
         min_padding_efficiency=batching.min_padding_efficiency,
         forward_overhead_tokens=overhead,
-        fill_wait_s=batching.fill_wait_ms / 1000 if model.device != HOST_DEVICE else 0.0,
+        fill_wait_s=batching.fill_wait_ms / 1000,  # acts in device batchers only
     )
 
 

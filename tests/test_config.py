@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from service.config import RewardConfig, ServiceSettings, load_reward_config
-from service.engine import HOST_DEVICE, batch_limits
+from service.engine import batch_limits
 from service.errors import ConfigError
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
@@ -96,14 +96,13 @@ def test_an_empty_alarm_config_means_the_embedded_default(monkeypatch):
     assert ServiceSettings().config is None
 
 
-def test_a_fill_wait_applies_to_device_models_not_to_host_rules():
+def test_a_fill_wait_reaches_the_batch_limits_in_seconds_and_is_off_by_default():
     config = RewardConfig.model_validate(
         {
             "holistic": {"name": "h", "kind": "sequence_scalar", "path": "x"},
             "batching": {"fill_wait_ms": 20},
         }
     )
-    on_gpu, on_host = SimpleNamespace(device="cuda:0"), SimpleNamespace(device=HOST_DEVICE)
+    on_gpu = SimpleNamespace(device="cuda:0")
     assert batch_limits(config, on_gpu).fill_wait_s == pytest.approx(0.02)  # type: ignore[arg-type]
-    assert batch_limits(config, on_host).fill_wait_s == 0.0  # type: ignore[arg-type]
     assert load_reward_config(None).batching.fill_wait_ms == 0.0  # not measured on a GPU yet
