@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import platform
 import statistics
@@ -32,11 +31,19 @@ from typing import Any
 
 import httpx
 
-from benchmarks.gpu_utilisation import GpuUtilisation
+from benchmarks.gpu_utilisation import GpuUtilisation, gpu_name
 from benchmarks.limit import LimitResult, best_limit, measure, pooled
 from benchmarks.load import LoadResult, run_load
-from benchmarks.models import HOLISTIC_SIZES, RELEVANCE_PATH, RULE_MODEL, write_config
+from benchmarks.models import HOLISTIC_SIZES, RELEVANCE_PATH, write_config
+from benchmarks.scrape import (
+    batch_line,
+    batch_stats,
+    host_cpu_share,
+    limit_batch_stats,
+    padding_efficiency,
+)
 from benchmarks.servers import free_port, idle_cpu_share, paused, start_server, stop_server
+from benchmarks.summary import median_round, plot, print_table, summarise, write_atomically
 from benchmarks.workload import load_items
 from service.config import load_reward_config
 from service.engine import HOST_DEVICE, batch_limits, device_slots
@@ -45,99 +52,6 @@ from service.models import load_models
 GRID = [(1, 1), (8, 1), (64, 1), (256, 1), (1, 16), (8, 16), (64, 16)]
 FULL_GRID = [*GRID, (256, 16)]
 LIMIT_ITEMS = 256  # workload items the in-process limits are measured on
-
-
-def _by_label(metrics_text: str, name: str, label: str) -> dict[str, float]:
-    """A metric's samples by the value of its one label."""
-    prefix = f'{name}{{{label}="'
-    return {
-        line[len(prefix) :].split('"', 1)[0]: float(line.split()[-1])
-        for line in metrics_text.splitlines()
-        if line.startswith(prefix)
-    }
-
-
-def _counter_sum(metrics_text: str, name: str) -> float:
-    """A per-model counter summed over the device models (the host rule pads nothing)."""
-    by_model = _by_label(metrics_text, name, "model")
-    return sum(value for model, value in by_model.items() if model != RULE_MODEL)
-
-
-def _padding_efficiency(before: str, after: str) -> float:
-    real = _counter_sum(after, "alarm_real_tokens_total") - _counter_sum(
-        before, "alarm_real_tokens_total"
-    )
-    padded = _counter_sum(after, "alarm_padded_tokens_total") - _counter_sum(
-        before, "alarm_padded_tokens_total"
-    )
-    return real / padded if padded else float("nan")
-
-
-def thread_cpu_seconds(metrics_text: str) -> dict[str, float]:
-    """alarm-serve's CPU seconds by thread group (`alarm_thread_cpu_seconds_total`)."""
-    return _by_label(metrics_text, "alarm_thread_cpu_seconds_total", "threads")
-
-
-BatchFigures = dict[str, dict[str, float]]  # model -> batches, items_per_batch, mean_forward_ms
-
-
-def _batch_figures(
-    batches: dict[str, float], items: dict[str, float], seconds: dict[str, float]
-) -> BatchFigures:
-    """Per device model (not the host rule, which runs no forward): batches run, items per
-    batch and mean forward ms."""
-    return {
-        model: {
-            "batches": count,
-            "items_per_batch": items[model] / count,
-            "mean_forward_ms": 1000 * seconds[model] / count,
-        }
-        for model, count in batches.items()
-        if count and model != RULE_MODEL
-    }
-
-
-def batch_stats(before: str, after: str) -> BatchFigures:
-    """Each model's batches between two scrapes, their mean size and forward time. A GPU
-    bound by its host prices a forward by the call: fewer, fuller batches are what pays."""
-
-    def grown(name: str) -> dict[str, float]:
-        earlier = _by_label(before, name, "model")
-        later = _by_label(after, name, "model")
-        return {model: value - earlier.get(model, 0.0) for model, value in later.items()}
-
-    return _batch_figures(
-        grown("alarm_forward_duration_seconds_count"),
-        grown("alarm_batch_size_items_sum"),
-        grown("alarm_forward_duration_seconds_sum"),
-    )
-
-
-def limit_batch_stats(result: LimitResult) -> BatchFigures:
-    """The same figures for an in-process limit's forwards."""
-    return _batch_figures(
-        {model: float(count) for model, count in result.batches_by_model.items()},
-        {model: float(result.items) for model in result.batches_by_model},
-        result.seconds_by_model,
-    )
-
-
-def _batch_line(stats: BatchFigures) -> str:
-    return ", ".join(
-        f"{model} {s['items_per_batch']:.1f} items {s['mean_forward_ms']:.1f} ms"
-        for model, s in stats.items()
-    )
-
-
-def host_cpu_share(before: str, after: str) -> float:
-    """The host's share of the server's CPU between two scrapes: the event loop's (HTTP,
-    JSON, batching) and the tokenizer threads' seconds over theirs plus the forwards'
-    (NaN without per-thread clocks)."""
-    start, end = thread_cpu_seconds(before), thread_cpu_seconds(after)
-    used = {group: end[group] - start.get(group, 0.0) for group in end}
-    host = used.get("event_loop", 0.0) + used.get("tokenize", 0.0)
-    total = host + sum(seconds for group, seconds in used.items() if group.startswith("device:"))
-    return host / total if total > 0 else float("nan")
 
 
 @dataclass(frozen=True)
@@ -177,7 +91,7 @@ def _load_once(
     row = {"system": name, **asdict(result), "gpu_utilisation_percent": gpu.mean_percent}
     if name == "alarm-serve":
         after = httpx.get(f"{url}/metrics").text
-        row["padding_efficiency"] = _padding_efficiency(before, after)
+        row["padding_efficiency"] = padding_efficiency(before, after)
         row["host_cpu_share"] = host_cpu_share(before, after)
         row["batches"] = batch_stats(before, after)
     print(
@@ -185,26 +99,10 @@ def _load_once(
         f"  p99 {result.p99_ms:8.1f} ms  errors {result.errors}"
         + (f"  host CPU {row['host_cpu_share']:.3f}" if "host_cpu_share" in row else "")
         + (f"  GPU {gpu.mean_percent:.0f}%" if gpu.mean_percent is not None else "")
-        + (f"\n    batches: {_batch_line(row['batches'])}" if "batches" in row else ""),
+        + (f"\n    batches: {batch_line(row['batches'])}" if "batches" in row else ""),
         flush=True,
     )
     return row
-
-
-def _median_known(values: list[float]) -> float:
-    """The median of the values that are not NaN (NaN when none is)."""
-    known = [value for value in values if not math.isnan(value)]
-    return statistics.median(known) if known else float("nan")
-
-
-def _median_round(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The round with the median throughput (its latencies with it), every round beside it."""
-    median = dict(sorted(rows, key=lambda row: row["items_per_s"])[len(rows) // 2])
-    median["rounds_items_per_s"] = [row["items_per_s"] for row in rows]
-    if "host_cpu_share" in median:  # one figure per point: the median of the rounds
-        median["rounds_host_cpu_share"] = [row["host_cpu_share"] for row in rows]
-        median["host_cpu_share"] = _median_known(median["rounds_host_cpu_share"])
-    return median
 
 
 def _measure_point(
@@ -265,11 +163,11 @@ def _measure_point(
                     else ""
                 )
                 + f", {limits['full'][-1].items_per_s:.1f} with all {LIMIT_ITEMS}"
-                + f"\n    batches in flight: {_batch_line(limit_batch_stats(after))}",
+                + f"\n    batches in flight: {batch_line(limit_batch_stats(after))}",
                 flush=True,
             )
     measured: dict[str, Any] = {
-        "systems": {name: _median_round(rows) for name, rows in by_system.items()},
+        "systems": {name: median_round(rows) for name, rows in by_system.items()},
         "limits": {
             key: {
                 "median_items_per_s": statistics.median(r.items_per_s for r in results),
@@ -283,78 +181,9 @@ def _measure_point(
     return measured
 
 
-def plot(results: dict[str, Any], systems: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [(r["concurrency"], r["items_per_request"]) for r in results["alarm-serve"]]
-    labels = [f"C={c}\nk={k}" for c, k in points]
-    xs = range(len(points))
-    fig, (tput, lat) = plt.subplots(1, 2, figsize=(12, 4))
-    width = 0.8 / len(systems)
-    for index, system in enumerate(systems):
-        offset = (index - (len(systems) - 1) / 2) * width
-        lefts = [x + offset for x in xs]
-        tput.bar(lefts, [r["items_per_s"] for r in results[system]], width, label=system)
-        lat.bar(lefts, [r["p99_ms"] for r in results[system]], width, label=system)
-    span = 0.9  # a limit marker spans its point's group of bars
-    for key, style, label in (
-        ("limit", "-", "in-process limit (all items sorted together)"),
-        ("in_flight_limit", ":", "in-process limit (C x k items in flight)"),
-    ):
-        for x, ratio in zip(xs, results["ratios"], strict=True):
-            tput.hlines(
-                ratio[key],
-                x - span / 2,
-                x + span / 2,
-                colors="black",
-                linestyles=style,
-                label=label if x == 0 else None,
-            )
-    highest = max(r["limit"] for r in results["ratios"])
-    tput.set(title="throughput (items/s)", xticks=list(xs), xticklabels=labels)
-    tput.set_ylim(0, 1.45 * highest)  # room for the legend above the limits
-    lat.set(title="p99 latency (ms, log)", xticks=list(xs), xticklabels=labels, yscale="log")
-    tput.legend(fontsize=8, loc="upper left", ncol=3)
-    lat.legend(fontsize=8)
-    for ax in (tput, lat):
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(results["machine"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _low_load_latency(results: dict[str, Any], max_wait_ms: float) -> dict[str, float] | None:
-    """One client, one item: the mean latency (closed loop: 1 / throughput) beyond the mean
-    single-item forward of every model in process over the very items that run sent; the
-    target allows 10 ms beyond the forward plus the batching wait."""
-    for ours, ratio in zip(results["alarm-serve"], results["ratios"], strict=True):
-        if (ours["concurrency"], ours["items_per_request"]) == (1, 1):
-            forward_ms = 1000 / ratio["in_flight_limit"]
-            mean_ms = 1000 / ours["items_per_s"]
-            return {
-                "single_item_forward_ms": forward_ms,
-                "max_wait_ms": max_wait_ms,
-                "alarm_mean_ms": mean_ms,
-                "alarm_beyond_forward_ms": mean_ms - forward_ms,
-            }
-    return None
-
-
 def _in_flight(concurrency: int, items_per_request: int) -> int:
     """Items a load point keeps in flight (C x k), as far as the limit's workload goes."""
     return min(concurrency * items_per_request, LIMIT_ITEMS)
-
-
-def _paired_ratio(ours: list[float], theirs: list[float]) -> float:
-    """The median over rounds of ours / theirs, each round's pair measured close together:
-    the VM's drift between rounds cancels out of each pair."""
-    if not all(theirs):
-        return float("nan")  # a peer that served nothing in a round: no ratio
-    return statistics.median(o / t for o, t in zip(ours, theirs, strict=True))
 
 
 def _peer_names(text: str) -> list[str]:
@@ -363,13 +192,6 @@ def _peer_names(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown peers {unknown}; choose from {sorted(PEERS)}")
     return names
-
-
-def gpu_name() -> str:
-    """', <first GPU's name>' to append to a machine's label; empty without a GPU."""
-    import torch
-
-    return f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -387,61 +209,9 @@ def _load_points(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"expected CxK[,CxK...], got {text!r}") from exc
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """A run killed mid-write (a lease's time limit) leaves the previous file whole."""
-    staging = path.with_name(path.name + ".partial")
-    staging.write_text(text)
-    os.replace(staging, path)
-
-
-def _summarise(
-    results: dict[str, Any],
-    by_point: dict[tuple[int, int], dict[str, Any]],
-    systems: list[str],
-    peers: list[str],
-    max_wait_ms: float,
-) -> None:
-    """Per-system rows, limits, ratios and low-load latency of the points measured so far."""
-    done = [(c, k) for c, k in results["grid"] if (c, k) in by_point]
-    results["complete"] = len(done) == len(results["grid"])
-    for system in systems:
-        results[system] = [by_point[point]["systems"][system] for point in done]
-    results["limit"]["by_point"] = [
-        {"concurrency": c, "items_per_request": k, **by_point[(c, k)]["limits"]} for c, k in done
-    ]
-    results["ratios"] = []
-    for point, ours in zip(done, results["alarm-serve"], strict=True):
-        limits = by_point[point]["limits"]
-        ours_rounds = ours["rounds_items_per_s"]
-        results["ratios"].append(
-            {
-                "concurrency": point[0],
-                "items_per_request": point[1],
-                "limit": limits["full"]["median_items_per_s"],
-                "in_flight_limit": limits["in_flight"]["median_items_per_s"],
-                "alarm_over_limit": _paired_ratio(
-                    ours_rounds, limits["full"]["rounds_items_per_s"]
-                ),
-                "alarm_over_in_flight_limit": _paired_ratio(
-                    ours_rounds, limits["in_flight"]["rounds_items_per_s"]
-                ),
-                **{
-                    f"alarm_over_{name}": _paired_ratio(
-                        ours_rounds,
-                        by_point[point]["systems"][PEERS[name].system]["rounds_items_per_s"],
-                    )
-                    for name in peers
-                },
-                "padding_efficiency": ours["padding_efficiency"],
-                "host_cpu_share": ours["host_cpu_share"],
-            }
-        )
-    low_load = _low_load_latency(results, max_wait_ms)
-    if low_load is not None:
-        results["low_load"] = low_load
-
-
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The run's options: the load grid, the peers, the models, and the batching knobs
+    that a GPU session tries."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -528,7 +298,11 @@ def main() -> int:
         default=RELEVANCE_PATH,
         help="the relevance aspect's embedding model (a MiniLM-style folder)",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = _parser().parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     config_path = args.out / "config.yaml"
     write_config(
@@ -641,32 +415,19 @@ def main() -> int:
                 servers, leaders, limit_of, measured, point, args.seconds, args.rounds
             )
             # Rewritten after every point: a run cut short keeps the points it finished.
-            _summarise(results, by_point, list(servers), args.peers, config.batching.max_wait_ms)
-            _write_atomically(args.out / "results.json", json.dumps(results, indent=2))
+            summarise(
+                results,
+                by_point,
+                list(servers),
+                {name: PEERS[name].system for name in args.peers},
+                config.batching.max_wait_ms,
+            )
+            write_atomically(args.out / "results.json", json.dumps(results, indent=2))
     finally:
         for process in processes:
             stop_server(process)
     plot(results, list(servers), args.out / "throughput.png")
-    print(
-        "\nC     k    alarm/limit  alarm/in-flight"
-        + "".join(f"  alarm/{n:9s}" for n in args.peers)
-        + "  pad-eff  host-CPU"
-    )
-    for r in results["ratios"]:
-        print(
-            f"{r['concurrency']:<5d} {r['items_per_request']:<4d} {r['alarm_over_limit']:11.2f}"
-            f"  {r['alarm_over_in_flight_limit']:15.2f}"
-            + "".join(f"  {r[f'alarm_over_{n}']:15.2f}" for n in args.peers)
-            + f"  {r['padding_efficiency']:7.3f}  {r['host_cpu_share']:8.3f}"
-        )
-    low_load = results.get("low_load")
-    if low_load is not None:
-        print(
-            f"\nC=1 k=1: mean latency {low_load['alarm_mean_ms']:.1f} ms = single-item "
-            f"forward {low_load['single_item_forward_ms']:.1f} ms (the same items, in "
-            f"process) + {low_load['alarm_beyond_forward_ms']:.1f} ms (the target allows "
-            f"10 ms + the {low_load['max_wait_ms']:g} ms max wait)"
-        )
+    print_table(results, args.peers)
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'throughput.png'}")
     return 0
 

@@ -65,3 +65,10 @@ class GpuUtilisation:
     @property
     def mean_percent(self) -> float | None:
         return statistics.fmean(self.samples) if self.samples else None
+
+
+def gpu_name() -> str:
+    """', <first GPU's name>' to append to a machine's label; empty without a GPU."""
+    import torch
+
+    return f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""

@@ -31,8 +31,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from benchmarks.bench import gpu_name
 from benchmarks.free_forwards import load_free_models
+from benchmarks.gpu_utilisation import gpu_name
 from benchmarks.load import run_load
 from benchmarks.models import write_config
 from benchmarks.servers import (

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.bench import gpu_name
+from benchmarks.gpu_utilisation import gpu_name
 from benchmarks.limit import padded_counter, sorted_batches
 from benchmarks.models import HOLISTIC_SIZES, write_config
 from benchmarks.workload import load_items

@@ -4,18 +4,19 @@ import math
 
 import pytest
 
-from benchmarks.bench import _paired_ratio, _summarise, batch_stats, host_cpu_share
+from benchmarks.scrape import batch_stats, host_cpu_share
+from benchmarks.summary import paired_ratio, summarise
 
 
 def test_paired_ratio_is_the_median_of_each_rounds_ratio() -> None:
     # The machine doubled its speed between rounds: each round says 2x, the medians of the
     # two columns (20 / 15) would say 1.33x.
-    assert _paired_ratio([10.0, 20.0, 30.0], [5.0, 10.0, 15.0]) == 2.0
-    assert _paired_ratio([10.0, 20.0, 30.0], [5.0, 20.0, 15.0]) == 2.0
+    assert paired_ratio([10.0, 20.0, 30.0], [5.0, 10.0, 15.0]) == 2.0
+    assert paired_ratio([10.0, 20.0, 30.0], [5.0, 20.0, 15.0]) == 2.0
 
 
 def test_a_round_where_the_other_side_served_nothing_gives_no_ratio() -> None:
-    assert math.isnan(_paired_ratio([10.0, 20.0], [5.0, 0.0]))
+    assert math.isnan(paired_ratio([10.0, 20.0], [5.0, 0.0]))
 
 
 def _scrape(seconds: dict[str, float]) -> str:
@@ -57,13 +58,13 @@ def test_a_run_cut_short_keeps_the_points_it_finished_and_says_it_is_incomplete(
     results: dict = {"grid": [(1, 1), (8, 16)], "limit": {}}
     by_point = {(1, 1): _measured_point((1, 1), 40.0, 20.0, 50.0)}
     systems = ["alarm-serve", "naive-fastapi"]
-    _summarise(results, by_point, systems, ["naive"], 5.0)
+    summarise(results, by_point, systems, {"naive": "naive-fastapi"}, 5.0)
     assert results["complete"] is False
     assert [(r["concurrency"], r["alarm_over_naive"]) for r in results["ratios"]] == [(1, 2.0)]
     assert results["low_load"]["alarm_beyond_forward_ms"] == 1000 / 40.0 - 1000 / 50.0
 
     by_point[(8, 16)] = _measured_point((8, 16), 300.0, 100.0, 400.0)
-    _summarise(results, by_point, systems, ["naive"], 5.0)
+    summarise(results, by_point, systems, {"naive": "naive-fastapi"}, 5.0)
     assert results["complete"] is True
     assert [r["alarm_over_in_flight_limit"] for r in results["ratios"]] == [0.8, 0.75]
     assert [row["items_per_s"] for row in results["naive-fastapi"]] == [20.0, 100.0]

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from benchmarks.bench import thread_cpu_seconds
+from benchmarks.scrape import thread_cpu_seconds
 from service.thread_cpu import ThreadCpu, clock_seconds, own_cpu_clock
 from service.worker_threads import WorkerThreads
 from tests.server_process import running_server
