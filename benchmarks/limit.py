@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from service.batching import BatchLimits, WorkItem, form_batches, split_in_two
+from service.batch_forming import BatchLimits, WorkItem, form_batches, split_in_two
 from service.config import RewardConfig
 from service.engine import HOST_DEVICE, batch_limits
 from service.models import EncodingMemo, Prepared, RewardModel

@@ -29,7 +29,7 @@ from benchmarks.gpu_utilisation import gpu_name
 from benchmarks.limit import padded_counter, sorted_batches
 from benchmarks.models import HOLISTIC_SIZES, write_config
 from benchmarks.workload import load_items
-from service.batching import BatchLimits
+from service.batch_forming import BatchLimits
 from service.config import RewardConfig, load_reward_config
 from service.engine import batch_limits
 from service.models import EncodingMemo, Prepared, RewardModel, load_models

@@ -18,13 +18,14 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from service.batching import BatchLimits, BatchStats, DropReason, MicroBatcher
+from service.admission import Admission
+from service.batch_forming import BatchLimits
+from service.batching import BatchStats, DropReason, MicroBatcher
 from service.coalesced_calls import CoalescedCalls, Outcome
 from service.combine import CombinedReward, CombineMode, combine_response
 from service.config import RewardConfig
@@ -34,8 +35,6 @@ from service.errors import (
     DeadlineExceeded,
     ModelFailure,
     NotReady,
-    Overloaded,
-    TooManyRequests,
 )
 from service.memory import release_free_heap
 from service.metrics import ServiceMetrics
@@ -51,62 +50,13 @@ from service.models import (
 )
 from service.models.encoding_memo import EncodingMemo
 from service.models.loading import call_overhead_tokens, intra_op_threads, set_intra_op_threads
+from service.out_of_memory import run_halving_on_oom
 from service.score_cache import ScoreCache, item_key
 from service.thread_cpu import clock_seconds, own_cpu_clock
 from service.worker_threads import WorkerThreads
 
 HOST_DEVICE = "host"  # models without tensors: scored in a tokenizer thread, unbatched
 log = logging.getLogger(__name__)
-In = TypeVar("In")
-Out = TypeVar("Out")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """torch.cuda.OutOfMemoryError (a RuntimeError), or an older "CUDA out of memory" one.
-
-    Matched by name and message so that this module never has to import torch.
-    """
-    if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def release_cached_memory() -> None:
-    """Give the CUDA caching allocator's free blocks back before a retry, if torch is in use."""
-    torch: Any = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def run_halving_on_oom(
-    run: Callable[[Sequence[In]], Sequence[Out]],
-    batch: Sequence[In],
-    on_split: Callable[[], None],
-    model_name: str,
-) -> list[Out | ModelFailure]:
-    """`run(batch)`; on out-of-memory, halve the batch and retry each half, recursively.
-
-    Results stay in input order. A single item that still runs out of memory gets a
-    `ModelFailure` in place of its result; any other error fails the whole call.
-    """
-    try:
-        return list(run(batch))
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
-        reason = f"{type(exc).__name__}: {exc}"
-    # Retried outside the `except` block: the error's traceback holds the failed forward's
-    # tensors, which must be released before the cache is emptied and a half runs.
-    release_cached_memory()
-    if len(batch) <= 1:
-        log.error("model %s ran out of memory on a single item: %s", model_name, reason)
-        message = f"model {model_name!r} ran out of device memory on a single item"
-        return [ModelFailure(message) for _ in batch]
-    on_split()
-    half = len(batch) // 2
-    return run_halving_on_oom(run, batch[:half], on_split, model_name) + run_halving_on_oom(
-        run, batch[half:], on_split, model_name
-    )
 
 
 def batch_limits(config: RewardConfig, model: RewardModel) -> BatchLimits:
@@ -201,8 +151,7 @@ class RewardEngine:
             model.name: ScoreCache(config.cache.max_items) for model in self._models
         }
         self._reward_definitions: dict[CombineMode, str] = {}
-        self._in_flight = 0
-        self._in_flight_by_trainer: dict[str, int] = {}
+        self._admission = Admission(config.batching.max_queue_items, config.limits, metrics)
         self._accepting = False
         self._heap_trimmer: asyncio.Task[None] | None = None
 
@@ -430,32 +379,6 @@ class RewardEngine:
         stats = BatchStats(size, size, 0, 0, waits, run_s, failed)
         self._metrics.observe_batch(model.name, stats)
 
-    def _admit(self, trainer: str, count: int) -> None:
-        """Bounded queue (503) and per-trainer limit (429), checked before any work."""
-        if not self._accepting:
-            raise NotReady("the service is not accepting work")
-        mine = self._in_flight_by_trainer.get(trainer, 0)
-        per_trainer = self._config.limits.max_items_in_flight_per_trainer
-        if mine + count > per_trainer:
-            self._metrics.trainer_rejected.labels(trainer, "trainer_limit").inc(count)
-            raise TooManyRequests(
-                f"trainer {trainer!r} has {mine} items in flight (limit {per_trainer})"
-            )
-        limit = self._config.batching.max_queue_items
-        if self._in_flight + count > limit:
-            self._metrics.rejected.labels("queue_full").inc(count)
-            self._metrics.trainer_rejected.labels(trainer, "queue_full").inc(count)
-            raise Overloaded(f"queue full ({self._in_flight} items in flight, limit {limit})")
-        self._track(trainer, count)
-        self._metrics.labelled(self._metrics.trainer_items, trainer).inc(count)
-
-    def _track(self, trainer: str, delta: int) -> None:
-        self._in_flight += delta
-        self._in_flight_by_trainer[trainer] = self._in_flight_by_trainer.get(trainer, 0) + delta
-        self._metrics.in_flight.set(self._in_flight)
-        in_flight = self._in_flight_by_trainer[trainer]
-        self._metrics.labelled(self._metrics.trainer_in_flight, trainer).set(in_flight)
-
     async def score(
         self,
         items: Sequence[ScoreInput],
@@ -468,7 +391,9 @@ class RewardEngine:
         `deadline` is on the `time.monotonic()` clock: work that has not reached a model by
         then is dropped and the call raises `DeadlineExceeded`.
         """
-        self._admit(trainer, len(items))
+        if not self._accepting:
+            raise NotReady("the service is not accepting work")
+        self._admission.admit(trainer, len(items))
         keys = (
             [item_key(item.prompt, item.response) for item in items]
             if self._config.cache.max_items
@@ -477,7 +402,7 @@ class RewardEngine:
         try:
             return await self._score_admitted(items, mode, trainer, deadline, keys)
         finally:
-            self._track(trainer, -len(items))
+            self._admission.release(trainer, len(items))
 
     async def _score_admitted(
         self,

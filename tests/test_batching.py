@@ -7,15 +7,8 @@ import time
 
 import pytest
 
-from service.batching import (
-    BatchLimits,
-    BatchSizeMismatch,
-    MicroBatcher,
-    WorkItem,
-    form_batches,
-    padded_tokens,
-    split_in_two,
-)
+from service.batch_forming import BatchLimits, WorkItem, form_batches, padded_tokens, split_in_two
+from service.batching import BatchSizeMismatch, MicroBatcher
 from service.device_turns import DeviceTurns
 from service.errors import NotReady
 

@@ -7,10 +7,11 @@ import httpx
 import pytest
 import yaml
 
-from service.batching import BatchLimits, BatchStats, MicroBatcher
+from service.batch_forming import BatchLimits
+from service.batching import BatchStats, MicroBatcher
 from service.config import RewardConfig
-from service.engine import is_out_of_memory, run_halving_on_oom
 from service.errors import DeadlineExceeded, ModelFailure
+from service.out_of_memory import is_out_of_memory, run_halving_on_oom
 from tests.conftest import asgi_client, tiny_config_dict, wait_ready
 from tests.server_process import running_server
 

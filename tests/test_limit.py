@@ -11,7 +11,7 @@ from benchmarks.limit import (
     measure,
     pooled,
 )
-from service.batching import BatchLimits
+from service.batch_forming import BatchLimits
 from service.models import EncodingMemo, Prepared
 
 LIMITS = BatchLimits(max_batch_tokens=4096, max_batch_size=4, max_wait_s=0.0)
