@@ -297,6 +297,48 @@ async def test_a_fill_wait_is_skipped_when_it_would_outlast_a_pending_deadline()
         await batcher.stop()
 
 
+async def test_another_models_batch_waits_out_a_fill_on_a_shared_slot_and_runs_next():
+    """A fill holds the device (that is its price); the other model's item, pending
+    meanwhile, runs right after the filled batch, and nothing runs twice or is lost."""
+    turns = DeviceTurns()  # one slot, as on a GPU
+    filling, other = RecordingModel(), RecordingModel()
+    fill = BatchLimits(10_000, max_batch_size=8, max_wait_s=0.001, fill_wait_s=0.3)
+    plain = BatchLimits(10_000, max_batch_size=8, max_wait_s=0.001)
+    filler = MicroBatcher(filling, fill, announced_arrivals=True, device_turns=turns)
+    waiter = MicroBatcher(other, plain, announced_arrivals=True, device_turns=turns)
+    filler.start()
+    waiter.start()
+    try:
+        started = time.monotonic()
+        first = filler.submit(("a", 3), length=3)
+        await asyncio.sleep(0.05)  # the filler has the device and waits for company
+        waiting = waiter.submit(("x", 3), length=3)
+        second = filler.submit(("b", 3), length=3)
+        assert await asyncio.wait_for(waiting, 2) == "scored:x"
+        waited = time.monotonic() - started
+        assert await asyncio.gather(first, second) == ["scored:a", "scored:b"]
+    finally:
+        await filler.stop()
+        await waiter.stop()
+    assert [[key for key, _ in batch] for batch in filling.batches] == [["a", "b"]]
+    assert other.batches == [[("x", 3)]]
+    assert 0.3 <= waited < 1.5  # after the fill's wait, not starved behind it
+
+
+async def test_stopping_during_a_fill_fails_its_items_and_frees_the_device():
+    turns = DeviceTurns()
+    model = RecordingModel()
+    limits = BatchLimits(10_000, max_batch_size=8, max_wait_s=0.001, fill_wait_s=30.0)
+    batcher = MicroBatcher(model, limits, announced_arrivals=True, device_turns=turns)
+    batcher.start()
+    waiting = batcher.submit(("a", 3), length=3)
+    await asyncio.sleep(0.05)  # in the fill, holding the device
+    await asyncio.wait_for(batcher.stop(), 1)  # not at the end of the 30 s wait
+    assert isinstance(waiting.exception(), NotReady)
+    assert model.batches == []
+    assert turns.take_free_slot()  # the turn the fill held was given back
+
+
 async def test_batchers_sharing_a_device_never_run_at_once_and_the_oldest_work_goes_first():
     turns = DeviceTurns()
     running = 0
