@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from service.batch_forming import BatchLimits, WorkItem, form_batches, split_in_two
+from service.batch_forming import BatchLimits, WorkItem, form_batches, padded_tokens, split_in_two
 from service.config import RewardConfig
 from service.engine import HOST_DEVICE, batch_limits
 from service.models import EncodingMemo, Prepared, RewardModel
@@ -43,9 +43,18 @@ def _work_items(prepared: list[Prepared]) -> list[WorkItem[Prepared]]:
     return [WorkItem(p, p.length, len(p.rows), p.tokens, None, 0.0) for p in prepared]  # type: ignore[arg-type]
 
 
-def sorted_batches(prepared: list[Prepared], limits: BatchLimits) -> list[list[Prepared]]:
-    """The server's own batch formation, applied to the whole workload at once."""
-    return [[w.payload for w in batch] for batch in form_batches(_work_items(prepared), limits)]
+def server_batches(
+    prepared: list[Prepared], limits: BatchLimits, model: RewardModel | None = None
+) -> list[list[Prepared]]:
+    """The server's own batch formation (`form_batches`: length-sorted, or in arrival order
+    with `model`'s own padding count), applied to the whole workload at once."""
+    count = padded_counter(model) if model is not None else None
+    batches = form_batches(
+        _work_items(prepared),
+        limits,
+        padded_tokens if count is None else lambda batch: count([w.payload for w in batch]),
+    )
+    return [[w.payload for w in batch] for batch in batches]
 
 
 def _largest_in_halves(batches: list[list[Prepared]], model: RewardModel) -> list[list[Prepared]]:
@@ -100,7 +109,7 @@ def measure(
         limits = limits_of(model)
         prepared = [model.prepare(i["prompt"], i["response"], EncodingMemo()) for i in items]
         for index, start in enumerate(range(0, len(prepared), window)):
-            batches = sorted_batches(prepared[start : start + window], limits)
+            batches = server_batches(prepared[start : start + window], limits, model)
             layouts[index]["whole"] += [(model, batch) for batch in batches]
             layouts[index]["halved"] += [(model, b) for b in _largest_in_halves(batches, model)]
         real += sum(p.tokens for p in prepared)

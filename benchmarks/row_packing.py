@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.gpu_utilisation import gpu_name
-from benchmarks.limit import padded_counter, sorted_batches
+from benchmarks.limit import padded_counter, server_batches
 from benchmarks.models import HOLISTIC_SIZES, write_config
 from benchmarks.workload import load_items
 from service.batch_forming import BatchLimits
@@ -55,8 +55,8 @@ class Served:
 
     def forwards(self, batch: list[Prepared]) -> list[list[Prepared]]:
         """The forwards the server runs for `batch`: sorted and cut by call cost unless the
-        model lays out its own rows."""
-        return sorted_batches(batch, self.limits)
+        model lays out its own rows (then in arrival order, cut by the token budget)."""
+        return server_batches(batch, self.limits, self.model)
 
 
 def model_pair(config: RewardConfig, name: str, cache_dir: Path) -> tuple[Served, Served]:

@@ -1,13 +1,17 @@
-"""How pending items become batches: length-sorted, under a padded-token budget.
+"""How pending items become batches, under a padded-token budget.
 
-Pure functions of the items' lengths and row counts, shared by the micro-batcher and the
-benchmark's in-process limits, so that both cut the same batches.
+Rectangles of rows padded to their longest waste less when similar lengths share a batch,
+so items are sorted by length first. Models that pack rows end to end pad little whatever
+the lengths, so their batches are cut in arrival order: the oldest items go first, and no
+item is overtaken by younger ones of a length that sorts better. Pure functions of the
+items' lengths and row counts, shared by the micro-batcher and the benchmark's in-process
+limits, so that both cut the same batches.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -30,6 +34,10 @@ class BatchLimits:
     # it is not full: on a device that prices a forward by the call (a GPU bound by its
     # host), a fuller batch is worth a short idle slot (0 = run at once).
     fill_wait_s: float = 0.0
+    # Cut in the order given (oldest first), not sorted by length: for models that pack
+    # their rows (padding does not depend on the lengths next to each other). The budget
+    # then counts each batch's padded tokens as the model lays them out.
+    arrival_order: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,12 +56,21 @@ def padded_tokens(items: Sequence[WorkItem]) -> int:
     return sum(i.rows for i in items) * max((i.length for i in items), default=0)
 
 
-def form_batches(items: Sequence[WorkItem], limits: BatchLimits) -> list[list[WorkItem]]:
+PaddedCounter = Callable[[Sequence[WorkItem]], int]
+
+
+def form_batches(
+    items: Sequence[WorkItem], limits: BatchLimits, count_padded: PaddedCounter = padded_tokens
+) -> list[list[WorkItem]]:
     """Length-sorted batches: similar lengths share a batch, so little padding is wasted.
 
     With `forward_overhead_tokens`, the sorted items are cut where it costs least time
-    (`cheapest_cuts`); without, each batch is filled up to the limits.
+    (`cheapest_cuts`); without, each batch is filled up to the limits. With
+    `arrival_order`, batches in the order given instead (`in_arrival_order`), their padded
+    tokens counted by `count_padded` (the model's own layout).
     """
+    if limits.arrival_order:
+        return list(in_arrival_order(items, limits, count_padded))
     ordered = sorted(items, key=lambda i: i.length)
     if limits.forward_overhead_tokens is not None:
         cuts = cheapest_cuts(
@@ -85,6 +102,32 @@ def form_batches(items: Sequence[WorkItem], limits: BatchLimits) -> list[list[Wo
     if current:
         batches.append(current)
     return batches
+
+
+def in_arrival_order(
+    items: Sequence[WorkItem], limits: BatchLimits, count_padded: PaddedCounter
+) -> Iterator[list[WorkItem]]:
+    """Batches of consecutive items, each as long as the size cap and the token budget
+    allow (at least one item), made as they are asked for: a batcher takes only the first.
+    Rows padded to the batch's longest row bound any packed layout's padded tokens from
+    above (packing into bins of that width needs at most one bin per row), so the layout
+    is counted only when that bound is over the budget."""
+    budget = limits.max_batch_tokens
+
+    def fits(batch: Sequence[WorkItem]) -> bool:
+        return padded_tokens(batch) <= budget or count_padded(batch) <= budget
+
+    start = 0
+    while start < len(items):
+        end = min(len(items), start + limits.max_batch_size)
+        if not fits(items[start:end]):  # the largest prefix that fits (at least one item)
+            low, high = start + 1, end - 1
+            while low < high:
+                middle = (low + high + 1) // 2
+                low, high = (middle, high) if fits(items[start:middle]) else (low, middle - 1)
+            end = low
+        yield list(items[start:end])
+        start = end
 
 
 def split_in_two(batch: Sequence[WorkItem[P]]) -> tuple[list[WorkItem[P]], list[WorkItem[P]]]:

@@ -6,7 +6,9 @@ longest row) and a row count. Pending items are flushed when the oldest has wait
 everything pending: the pending items are sorted by length and cut into batches whose
 padded size (rows x longest length) stays under `max_batch_tokens`, and the batch holding
 the next item in fair order runs; the rest wait for the next choice, where items that
-arrived meanwhile join them (a wider choice of lengths, so less padding). With a fill wait
+arrived meanwhile join them (a wider choice of lengths, so less padding). Models that pack
+their rows cut the items in fair order instead (`arrival_order`), so that the oldest items
+go first (`service.batch_forming`). With a fill wait
 (`fill_wait_s`), a batch that has its device may keep it idle that long for more items.
 On a device with several slots (a CPU's cores), a model's last pending batch runs as two
 halves side by side when another slot is free (`split_in_two`): otherwise the end of a
@@ -29,7 +31,14 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
-from service.batch_forming import BatchLimits, WorkItem, form_batches, padded_tokens, split_in_two
+from service.batch_forming import (
+    BatchLimits,
+    WorkItem,
+    form_batches,
+    in_arrival_order,
+    padded_tokens,
+    split_in_two,
+)
 from service.device_turns import DeviceTurns
 from service.errors import DeadlineExceeded, NotReady
 
@@ -96,7 +105,11 @@ class MicroBatcher(Generic[P, R]):
         self._on_dropped = on_dropped
         # How many padded tokens `run_batch` really computes, for models that lay rows out
         # their own way; the default is one rectangle of rows x longest row.
-        self._count_padded = count_padded
+        self._count_padded: Callable[[Sequence[WorkItem[P]]], int] = (
+            padded_tokens
+            if count_padded is None
+            else lambda batch: count_padded([item.payload for item in batch])
+        )
         self._announced_arrivals = announced_arrivals
         # Shared by the batchers of models on one device: a batch is chosen only once the
         # device is free, so items that arrive while another model's forward runs join it
@@ -246,7 +259,11 @@ class MicroBatcher(Generic[P, R]):
             self._remove(dead)
             return []
         first = live[0]
-        chosen = next(b for b in form_batches(live, self._limits) if any(i is first for i in b))
+        if self._limits.arrival_order:  # the first batch: the oldest items, in fair order
+            chosen = next(in_arrival_order(live, self._limits, self._count_padded))
+        else:
+            batches = form_batches(live, self._limits, self._count_padded)
+            chosen = next(b for b in batches if any(i is first for i in b))
         self._remove(dead + chosen)  # one pass over the queues per forward
         if first.owner in self._pending:  # to the back of the line
             self._pending[first.owner] = self._pending.pop(first.owner)
@@ -367,11 +384,7 @@ class MicroBatcher(Generic[P, R]):
                     size=len(batch),
                     rows=sum(i.rows for i in batch),
                     real_tokens=sum(i.tokens for i in batch),
-                    padded_tokens=(
-                        padded_tokens(batch)
-                        if self._count_padded is None
-                        else self._count_padded([item.payload for item in batch])
-                    ),
+                    padded_tokens=self._count_padded(batch),
                     queue_wait_s=tuple(started - i.enqueued_at for i in batch),
                     run_s=time.monotonic() - started,
                     failed=failed,

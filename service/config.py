@@ -297,8 +297,10 @@ class BatchingConfig(_Strict):
         0.0,
         ge=0,
         le=1,
-        description="cut batches whose real/padded tokens would fall below this; on CPUs, "
-        "where batching buys little, padding is what costs (0 = cut only by budget and size)",
+        description="cut length-sorted batches whose real/padded tokens would fall below "
+        "this; on CPUs, where batching buys little, padding is what costs (0 = cut only by "
+        "budget and size; models that pack their rows take items in arrival order and pad "
+        "little without it)",
     )
     max_queue_items: int = Field(4096, ge=1, description="admitted items not yet scored")
     cpu_workers: int = Field(

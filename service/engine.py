@@ -62,10 +62,11 @@ log = logging.getLogger(__name__)
 def batch_limits(config: RewardConfig, model: RewardModel) -> BatchLimits:
     """One model's batching limits. Batches are cut where padding costs more than a forward
     call, except for host models (no forward) and models that lay out their own rows
-    (they cut inside `run`)."""
+    (they cut inside `run`, and take their items in arrival order)."""
     batching = config.batching
+    lays_out_rows = getattr(model, "padded_tokens", None) is not None
     overhead: int | None = None
-    if model.device != HOST_DEVICE and getattr(model, "padded_tokens", None) is None:
+    if model.device != HOST_DEVICE and not lays_out_rows:
         overhead = call_overhead_tokens(model.device, batching)
     return BatchLimits(
         max_batch_tokens=batching.max_batch_tokens,
@@ -74,6 +75,7 @@ def batch_limits(config: RewardConfig, model: RewardModel) -> BatchLimits:
         min_padding_efficiency=batching.min_padding_efficiency,
         forward_overhead_tokens=overhead,
         fill_wait_s=batching.fill_wait_ms / 1000,  # acts in device batchers only
+        arrival_order=model.device != HOST_DEVICE and lays_out_rows,
     )
 
 

@@ -163,6 +163,56 @@ def test_form_batches_cuts_before_padding_efficiency_drops_below_the_floor():
     assert len(form_batches(items, BatchLimits(10_000, 64, 0))) == 1
 
 
+def test_in_arrival_order_batches_keep_the_order_and_the_size_cap():
+    items = [make_item(n) for n in (50, 3, 40, 5, 4, 45, 7)]
+    limits = BatchLimits(10_000, max_batch_size=3, max_wait_s=0, arrival_order=True)
+    batches = form_batches(items, limits)
+    assert [[i.length for i in b] for b in batches] == [[50, 3, 40], [5, 4, 45], [7]]
+
+
+def test_in_arrival_order_the_budget_counts_the_models_own_layout():
+    """Rows padded to the longest (4 x 50 = 200) exceed a budget of 150 that the model's
+    own layout (here: real tokens, as tight packing would give) stays under."""
+    items = [make_item(n) for n in (50, 10, 10, 10, 40, 40)]
+    limits = BatchLimits(150, max_batch_size=8, max_wait_s=0, arrival_order=True)
+    real = lambda batch: sum(i.tokens for i in batch)  # noqa: E731
+    batches = form_batches(items, limits, real)
+    assert [[i.length for i in b] for b in batches] == [[50, 10, 10, 10, 40], [40]]
+    # Counted as rectangles, the same budget cuts sooner.
+    assert [len(b) for b in form_batches(items, limits)] == [3, 3]
+
+
+def test_in_arrival_order_an_item_over_the_budget_still_gets_a_batch_of_its_own():
+    items = [make_item(n) for n in (5, 500, 5)]
+    limits = BatchLimits(100, max_batch_size=8, max_wait_s=0, arrival_order=True)
+    assert [[i.length for i in b] for b in form_batches(items, limits)] == [[5], [500], [5]]
+
+
+@pytest.mark.parametrize("arrival_order", [False, True])
+async def test_in_arrival_order_no_item_is_overtaken_by_a_younger_one(arrival_order):
+    """Sorted by length, the oldest item's batch takes its length's neighbours, younger
+    ones among them, before an older item of another length; in arrival order (models
+    that pack their rows) each forward takes the oldest items."""
+    model = RecordingModel(forward_s=0.01)
+    limits = BatchLimits(10_000, max_batch_size=2, max_wait_s=0.001, arrival_order=arrival_order)
+    batcher = MicroBatcher(model, limits)
+    batcher.start()
+    try:
+        first = batcher.submit(("first", 1), length=1)
+        await model.started.wait()  # the rest arrive during its forward, oldest first
+        rest = [batcher.submit((key, n), length=n) for key, n in OLD_THEN_YOUNG]
+        await asyncio.gather(first, *rest)
+    finally:
+        await batcher.stop()
+    if arrival_order:
+        assert model.keys == ["first", "old_long", "old_short", "young_long", "young_short"]
+    else:  # sorted: [old_short, young_short], [old_long, young_long]; the oldest's goes
+        assert model.keys == ["first", "old_long", "young_long", "old_short", "young_short"]
+
+
+OLD_THEN_YOUNG = [("old_long", 90), ("old_short", 1), ("young_long", 90), ("young_short", 1)]
+
+
 @pytest.mark.parametrize("small_length", [4, 40])
 async def test_a_flooding_owner_delays_another_owner_by_about_one_forward_per_owner(
     small_length,

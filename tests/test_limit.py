@@ -117,3 +117,25 @@ def test_a_window_with_nothing_to_halve_counts_its_one_timing_for_both_layouts()
     assert faster_layout_timing(timed) == ("halved", 2.5, whole_a + halves_b)
     slower_halves = [timed[0], {"whole": (2.0, whole_b), "halved": (2.5, halves_b)}]
     assert faster_layout_timing(slower_halves) == ("whole", 3.0, whole_a + whole_b)
+
+
+@dataclass
+class PackingModel(CountingModel):
+    """Lays out its own rows: its padded tokens are its rows' real tokens."""
+
+    def padded_tokens(self, batch):
+        return sum(len(p.rows[0]) for p in batch)
+
+
+def test_a_model_that_packs_its_rows_is_timed_on_batches_in_arrival_order():
+    """As the server cuts them (`batch_limits`: arrival order for such models), so that
+    the limit runs the server's own batches."""
+    sorted_model, packing_model = CountingModel("a"), PackingModel("b")
+    arrival = BatchLimits(4096, max_batch_size=4, max_wait_s=0.0, arrival_order=True)
+    limits = {"a": LIMITS, "b": arrival}
+    measure([sorted_model, packing_model], items(8), lambda m: limits[m.name], workers=1)
+    responses = [i["response"] for i in items(8)]
+    by_length = sorted(responses, key=len)
+    # After each model's warm-up forward; the largest forwards run first.
+    assert sorted(packing_model.batches[1:]) == sorted([responses[:4], responses[4:]])
+    assert sorted(sorted_model.batches[1:]) == sorted([by_length[:4], by_length[4:]])
