@@ -1,12 +1,14 @@
 """The number no server can beat: the models' own batched forward throughput, in process.
 
-Every item of the workload is tokenised up front (not timed), sorted by length and cut
-into batches under the same padded-token budget as the server, then each model's forward
-passes are timed; the limit is items / (sum of the models' forward times).
+Every item of the workload is tokenised up front (not timed) and cut into batches as the
+server cuts them (`form_batches` with each model's own limits: sorted by length, or in
+arrival order for models that pack their rows) under the same padded-token budget, then
+each model's forward passes are timed; the limit is items / (sum of the models' forward
+times).
 
 `measure(..., window=C x k)` bounds a server at one load: C clients sending k items each
-keep at most C x k items in flight, so no server can sort more than that many at once; the
-same measurement, with the workload sorted and cut one window of C x k items at a time, is
+keep at most C x k items in flight, so no server can batch more than that many together;
+the same measurement, with the workload cut one window of C x k items at a time, is
 the most any server can do at that load point (with one item in flight: a single-item
 forward per item).
 """
@@ -18,7 +20,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from service.batch_forming import BatchLimits, WorkItem, form_batches, padded_tokens, split_in_two
+from service.batch_forming import (
+    BatchLimits,
+    PaddedCounter,
+    WorkItem,
+    form_batches,
+    padded_tokens,
+    split_in_two,
+)
 from service.config import RewardConfig
 from service.engine import HOST_DEVICE, batch_limits
 from service.models import EncodingMemo, Prepared, RewardModel
@@ -48,12 +57,11 @@ def server_batches(
 ) -> list[list[Prepared]]:
     """The server's own batch formation (`form_batches`: length-sorted, or in arrival order
     with `model`'s own padding count), applied to the whole workload at once."""
-    count = padded_counter(model) if model is not None else None
-    batches = form_batches(
-        _work_items(prepared),
-        limits,
-        padded_tokens if count is None else lambda batch: count([w.payload for w in batch]),
-    )
+    count_padded: PaddedCounter = padded_tokens
+    if model is not None:
+        count = padded_counter(model)
+        count_padded = lambda batch: count([w.payload for w in batch])  # noqa: E731
+    batches = form_batches(_work_items(prepared), limits, count_padded)
     return [[w.payload for w in batch] for batch in batches]
 
 
@@ -87,7 +95,7 @@ def measure(
     window: int | None = None,
     workers: int = 1,
 ) -> LimitResult:
-    """Items/s over `items`, sorted and cut `window` items at a time (None: all at once).
+    """Items/s over `items`, cut into batches `window` items at a time (None: all at once).
 
     `workers` forwards run at once, each on its share of torch's threads, as the server
     runs them (`cpu_workers`); all models' batches of a window share the workers, and a

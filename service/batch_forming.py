@@ -62,7 +62,8 @@ PaddedCounter = Callable[[Sequence[WorkItem]], int]
 def form_batches(
     items: Sequence[WorkItem], limits: BatchLimits, count_padded: PaddedCounter = padded_tokens
 ) -> list[list[WorkItem]]:
-    """Length-sorted batches: similar lengths share a batch, so little padding is wasted.
+    """Length-sorted batches (similar lengths share a batch, so little padding is wasted),
+    or batches in arrival order for models that pack their rows.
 
     With `forward_overhead_tokens`, the sorted items are cut where it costs least time
     (`cheapest_cuts`); without, each batch is filled up to the limits. With
@@ -108,19 +109,25 @@ def in_arrival_order(
     items: Sequence[WorkItem], limits: BatchLimits, count_padded: PaddedCounter
 ) -> Iterator[list[WorkItem]]:
     """Batches of consecutive items, each as long as the size cap and the token budget
-    allow (at least one item), made as they are asked for: a batcher takes only the first.
-    Rows padded to the batch's longest row bound any packed layout's padded tokens from
-    above (packing into bins of that width needs at most one bin per row), so the layout
-    is counted only when that bound is over the budget."""
+    allow (at least one item), made as they are asked for: a batcher takes only the first."""
     budget = limits.max_batch_tokens
 
     def fits(batch: Sequence[WorkItem]) -> bool:
+        # Rows padded to the longest bound a packed layout from above: packing into bins of
+        # that width needs at most one bin per row, and a wider width is chosen only where
+        # it pads fewer tokens still. So the layout is counted only above that bound.
         return padded_tokens(batch) <= budget or count_padded(batch) <= budget
 
     start = 0
     while start < len(items):
-        end = min(len(items), start + limits.max_batch_size)
-        if not fits(items[start:end]):  # the largest prefix that fits (at least one item)
+        end = start + 1  # real tokens bound the padded ones from below: no longer than this
+        tokens = items[start].tokens
+        while end < min(len(items), start + limits.max_batch_size):
+            tokens += items[end].tokens
+            if tokens > budget:
+                break
+            end += 1
+        if not fits(items[start:end]):  # a long prefix that fits, by bisection (one item: goes)
             low, high = start + 1, end - 1
             while low < high:
                 middle = (low + high + 1) // 2

@@ -71,9 +71,10 @@ class MicroBatcher(Generic[P, R]):
     Items are queued per owner (a trainer). Before each forward, a window of at most
     `WINDOW_BATCHES` batches' worth of pending items is taken, one item per owner in turn,
     oldest first within an owner; the window is cut into length-sorted batches and the one
-    holding the window's first item (the oldest item of the owner whose turn it is) runs.
-    Owners take turns at being first, so an owner that floods the queue delays another
-    owner's item by at most one forward per owner, never by its whole backlog.
+    holding the window's first item (the oldest item of the owner whose turn it is) runs
+    (with `arrival_order`, the window's first items run, in that order). Owners take turns
+    at being first, so an owner that floods the queue delays another owner's item by at
+    most one forward per owner, never by its whole backlog.
 
     `run_batch` may return an exception in place of an item's result: it fails only that
     item. Dropped items (deadline passed, caller gone) are reported to `on_dropped`.
@@ -123,6 +124,7 @@ class MicroBatcher(Generic[P, R]):
         self._pending_count = 0
         self._pending_rows = 0
         self._pending_max_length = 0
+        self._pending_tokens = 0
         self._arrived = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._own_turn_taken = False  # a loop holds (or waits for) this batcher's own turn
@@ -185,13 +187,22 @@ class MicroBatcher(Generic[P, R]):
         self._pending_count += 1
         self._pending_rows += rows
         self._pending_max_length = max(self._pending_max_length, length)
+        self._pending_tokens += real_tokens
         self._arrived.set()
         return future
 
     def _full(self) -> bool:
+        """Whether the pending items would fill a batch: by rows padded to the longest, or,
+        for packed rows (`arrival_order`), by their real tokens, which the packed layout's
+        own padding exceeds only a little."""
+        padded = (
+            self._pending_tokens
+            if self._limits.arrival_order
+            else self._pending_rows * self._pending_max_length
+        )
         return (
             self._pending_count >= self._limits.max_batch_size
-            or self._pending_rows * self._pending_max_length >= self._limits.max_batch_tokens
+            or padded >= self._limits.max_batch_tokens
         )
 
     def _pending_items(self) -> Iterator[WorkItem[P]]:
@@ -245,6 +256,7 @@ class MicroBatcher(Generic[P, R]):
         self._pending_count = len(remaining)
         self._pending_rows = sum(item.rows for item in remaining)
         self._pending_max_length = max((item.length for item in remaining), default=0)
+        self._pending_tokens = sum(item.tokens for item in remaining)
 
     def _next_batch(self) -> list[WorkItem[P]]:
         """The batch to run now: the one holding the window's first item.
@@ -265,8 +277,14 @@ class MicroBatcher(Generic[P, R]):
             batches = form_batches(live, self._limits, self._count_padded)
             chosen = next(b for b in batches if any(i is first for i in b))
         self._remove(dead + chosen)  # one pass over the queues per forward
-        if first.owner in self._pending:  # to the back of the line
-            self._pending[first.owner] = self._pending.pop(first.owner)
+        # To the back of the line: the first item's owner, or (a batch of the oldest items
+        # in fair order) every owner in it, in the order of its last item in the batch, so
+        # that the next batch goes on where this one stopped.
+        last_index = {item.owner: index for index, item in enumerate(chosen)}
+        owners = sorted(last_index, key=last_index.__getitem__)
+        for owner in owners if self._limits.arrival_order else [first.owner]:
+            if owner in self._pending:
+                self._pending[owner] = self._pending.pop(owner)
         return chosen
 
     def _drop_dead(self, items: list[WorkItem[P]]) -> list[WorkItem[P]]:

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 def batch_limits(config: RewardConfig, model: RewardModel) -> BatchLimits:
     """One model's batching limits. Batches are cut where padding costs more than a forward
     call, except for host models (no forward) and models that lay out their own rows
-    (they cut inside `run`, and take their items in arrival order)."""
+    (they cut inside `run`); those that pack their rows take their items oldest first."""
     batching = config.batching
     lays_out_rows = getattr(model, "padded_tokens", None) is not None
     overhead: int | None = None
@@ -75,7 +75,10 @@ def batch_limits(config: RewardConfig, model: RewardModel) -> BatchLimits:
         min_padding_efficiency=batching.min_padding_efficiency,
         forward_overhead_tokens=overhead,
         fill_wait_s=batching.fill_wait_ms / 1000,  # acts in device batchers only
-        arrival_order=model.device != HOST_DEVICE and lays_out_rows,
+        # Packed rows pad little whatever lengths share a forward: oldest first.
+        arrival_order=model.device != HOST_DEVICE
+        and lays_out_rows
+        and bool(getattr(model, "packs_rows", False)),
     )
 
 

@@ -210,6 +210,46 @@ async def test_in_arrival_order_no_item_is_overtaken_by_a_younger_one(arrival_or
         assert model.keys == ["first", "old_long", "young_long", "old_short", "young_short"]
 
 
+async def _run_during_a_first_forward(batcher, model, submissions):
+    """Submit (key, length, owner) items while a first item's forward runs, so that they
+    are all pending at the next choice; every item's key, in the order forwards ran them."""
+    batcher.start()
+    try:
+        first = batcher.submit(("first", 1), length=1, owner="first")
+        await model.started.wait()
+        rest = [batcher.submit((key, n), length=n, owner=owner) for key, n, owner in submissions]
+        await asyncio.gather(first, *rest)
+    finally:
+        await batcher.stop()
+    return [[key for key, _ in batch] for batch in model.batches[1:]]
+
+
+async def test_in_arrival_order_trainers_take_turns_where_the_last_batch_stopped():
+    """A batch of the oldest items in fair order spans several trainers; the next goes on
+    with the trainer after the last one served, so no trainer's item is passed over."""
+    model = RecordingModel(forward_s=0.01)
+    limits = BatchLimits(10_000, max_batch_size=2, max_wait_s=0.001, arrival_order=True)
+    owners = "AAABBCC"
+    submissions = [(f"{o}{owners[:i].count(o) + 1}", 1, o) for i, o in enumerate(owners)]
+    batches = await _run_during_a_first_forward(MicroBatcher(model, limits), model, submissions)
+    assert batches == [["A1", "B1"], ["C1", "A2"], ["B2", "C2"], ["A3"]]
+
+
+async def test_in_arrival_order_the_batcher_cuts_by_the_models_own_padded_count():
+    model = RecordingModel(forward_s=0.01)
+    limits = BatchLimits(100, max_batch_size=8, max_wait_s=0.001, arrival_order=True)
+    real_tokens = lambda payloads: sum(n for _, n in payloads)  # noqa: E731
+    submissions = [("long", 60, ""), ("short1", 30, ""), ("short2", 30, "")]
+    counted = MicroBatcher(model, limits, count_padded=real_tokens)
+    assert await _run_during_a_first_forward(counted, model, submissions) == [
+        ["long", "short1"],  # 90 tokens as the model counts them; 2 x 60 as rectangles
+        ["short2"],
+    ]
+    model = RecordingModel(forward_s=0.01)
+    rectangles = await _run_during_a_first_forward(MicroBatcher(model, limits), model, submissions)
+    assert rectangles == [["long"], ["short1", "short2"]]
+
+
 OLD_THEN_YOUNG = [("old_long", 90), ("old_short", 1), ("young_long", 90), ("young_short", 1)]
 
 

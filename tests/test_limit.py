@@ -128,10 +128,12 @@ class PackingModel(CountingModel):
 
 
 def test_a_model_that_packs_its_rows_is_timed_on_batches_in_arrival_order():
-    """As the server cuts them (`batch_limits`: arrival order for such models), so that
-    the limit runs the server's own batches."""
+    """As the server cuts them (`batch_limits`: arrival order for such models, the budget
+    counted by the model), so that the limit runs the server's own batches."""
     sorted_model, packing_model = CountingModel("a"), PackingModel("b")
-    arrival = BatchLimits(4096, max_batch_size=4, max_wait_s=0.0, arrival_order=True)
+    # Responses of 6, 13, 20, 27 | 11, 18, 25, 9 tokens: 66 and 63 as the model counts
+    # them, under the budget; as rectangles (4 x 27) the first four would not fit.
+    arrival = BatchLimits(70, max_batch_size=4, max_wait_s=0.0, arrival_order=True)
     limits = {"a": LIMITS, "b": arrival}
     measure([sorted_model, packing_model], items(8), lambda m: limits[m.name], workers=1)
     responses = [i["response"] for i in items(8)]

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from benchmarks.workload import load_items
-from service.models import EncodingMemo
+from service.config import load_reward_config
+from service.engine import batch_limits
+from service.models import EncodingMemo, Prepared
 from service.models.packaged import MINILM, PACKAGED_PREFIX
 from service.models.row_packing import (
     PackedLayout,
@@ -200,6 +202,32 @@ def test_an_encoder_counting_positions_from_the_pad_id_packs_at_that_offset(tiny
     memo = EncodingMemo()
     prepared = [packed.prepare(i["prompt"], i["response"], memo) for i in load_items(8)]
     assert _cosines(packed, prepared) == pytest.approx(_cosines(unpacked, prepared), abs=1e-4)
+
+
+def test_only_a_model_that_packs_its_rows_batches_in_arrival_order(tiny_paths, tmp_path):
+    config = load_reward_config(None)
+    packed = _relevance(PACKAGED_PREFIX + MINILM, tiny_paths, tmp_path)
+    unpacked = _relevance(PACKAGED_PREFIX + MINILM, tiny_paths, tmp_path, pack_rows=False)
+    assert batch_limits(config, packed).arrival_order
+    assert not batch_limits(config, unpacked).arrival_order  # length-sorted, as before
+
+
+def test_a_batch_that_runs_unpacked_is_counted_as_it_runs(tiny_paths, tmp_path):
+    """A RoBERTa-like encoder runs a batch holding its pad id unpacked (sorted chunks): the
+    batcher's budget must count those, not the packed layout it will not use."""
+    path = str(tiny_models.build_roberta_encoder(tmp_path / "roberta"))
+    packed = _relevance(path, tiny_paths, tmp_path)
+    unpacked = _relevance(path, tiny_paths, tmp_path, pack_rows=False)
+    prepared = [packed.prepare(i["prompt"], i["response"], EncodingMemo()) for i in load_items(8)]
+    assert packed.padded_tokens(prepared) < unpacked.padded_tokens(prepared)
+    first = prepared[0]
+    with_pad = Prepared(
+        rows=((first.rows[0][0], packed._pad_id, *first.rows[0][1:]), *first.rows[1:]),
+        truncated=False,
+        meta=first.meta,
+    )
+    batch = [with_pad, *prepared[1:]]
+    assert packed.padded_tokens(batch) == unpacked.padded_tokens(batch)
 
 
 @pytest.mark.parametrize("name", ["relevance", "holistic"])

@@ -109,8 +109,10 @@ class EmbeddingSimilarityModel:
         return self._packer.position_offset is not None
 
     def padded_tokens(self, batch: Sequence[Prepared]) -> int:
-        lengths = [len(row) for p in batch for row in p.rows]
-        if self.packs_rows:
+        """The padded tokens `run` computes: packed, or (rows it cannot pack) sorted chunks."""
+        rows = [row for p in batch for row in p.rows]
+        lengths = [len(row) for row in rows]
+        if self._packer.packs(rows):
             return self._packer.padded_tokens(lengths)
         return chunked_padded_tokens(lengths, self._overhead_tokens)
 

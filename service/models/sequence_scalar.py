@@ -122,7 +122,11 @@ class SequenceScalarModel:
         return self._packed_padded_tokens if self.packs_rows else None
 
     def _packed_padded_tokens(self, batch: Sequence[Prepared]) -> int:
-        return self._packer.padded_tokens([len(p.rows[0]) for p in batch])
+        """The padded tokens `run` computes: packed, or one rectangle (rows it cannot pack)."""
+        rows = [p.rows[0] for p in batch]
+        if self._packer.packs(rows):
+            return self._packer.padded_tokens([len(row) for row in rows])
+        return len(rows) * max((len(row) for row in rows), default=0)
 
     def _scores(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         ids, mask = pad_right(rows, self._pad_id, self.device)
