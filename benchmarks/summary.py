@@ -44,7 +44,7 @@ def plot(results: dict[str, Any], systems: list[str], path: Path) -> None:
         lat.bar(lefts, [r["p99_ms"] for r in results[system]], width, label=system)
     span = 0.9  # a limit marker spans its point's group of bars
     for key, style, label in (
-        ("limit", "-", "in-process limit (all items sorted together)"),
+        ("limit", "-", "in-process limit (all items batched together)"),
         ("in_flight_limit", ":", "in-process limit (C x k items in flight)"),
     ):
         for x, ratio in zip(xs, results["ratios"], strict=True):
