@@ -120,9 +120,10 @@ def in_arrival_order(
 
     start = 0
     while start < len(items):
+        cap = min(len(items), start + limits.max_batch_size)
         end = start + 1  # real tokens bound the padded ones from below: no longer than this
         tokens = items[start].tokens
-        while end < min(len(items), start + limits.max_batch_size):
+        while end < cap:
             tokens += items[end].tokens
             if tokens > budget:
                 break

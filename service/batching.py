@@ -273,9 +273,11 @@ class MicroBatcher(Generic[P, R]):
         # To the back of the line: the first item's owner, or (a batch of the oldest items
         # in fair order) every owner in it, in the order of its last item in the batch, so
         # that the next batch goes on where this one stopped.
-        last_index = {item.owner: index for index, item in enumerate(chosen)}
-        owners = sorted(last_index, key=last_index.__getitem__)
-        for owner in owners if self._limits.arrival_order else [first.owner]:
+        owners = [first.owner]
+        if self._limits.arrival_order:
+            last_index = {item.owner: index for index, item in enumerate(chosen)}
+            owners = sorted(last_index, key=last_index.__getitem__)
+        for owner in owners:
             if owner in self._pending:
                 self._pending[owner] = self._pending.pop(owner)
         return chosen
