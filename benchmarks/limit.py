@@ -22,10 +22,8 @@ from dataclasses import dataclass, replace
 
 from service.batch_forming import (
     BatchLimits,
-    PaddedCounter,
     WorkItem,
     form_batches,
-    padded_tokens,
     split_in_two,
 )
 from service.config import RewardConfig
@@ -53,14 +51,15 @@ def _work_items(prepared: list[Prepared]) -> list[WorkItem[Prepared]]:
 
 
 def server_batches(
-    prepared: list[Prepared], limits: BatchLimits, model: RewardModel | None = None
+    prepared: list[Prepared], limits: BatchLimits, model: RewardModel
 ) -> list[list[Prepared]]:
     """The server's own batch formation (`form_batches`: length-sorted, or in arrival order
     with `model`'s own padding count), applied to the whole workload at once."""
-    count_padded: PaddedCounter = padded_tokens
-    if model is not None:
-        count = padded_counter(model)
-        count_padded = lambda batch: count([w.payload for w in batch])  # noqa: E731
+    count = padded_counter(model)
+
+    def count_padded(batch: Sequence[WorkItem[Prepared]]) -> int:
+        return count([w.payload for w in batch])
+
     batches = form_batches(_work_items(prepared), limits, count_padded)
     return [[w.payload for w in batch] for batch in batches]
 

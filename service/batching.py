@@ -8,8 +8,8 @@ padded size (rows x longest length) stays under `max_batch_tokens`, and the batc
 the next item in fair order runs; the rest wait for the next choice, where items that
 arrived meanwhile join them (a wider choice of lengths, so less padding). Models that pack
 their rows cut the items in fair order instead (`arrival_order`), so that the oldest items
-go first (`service.batch_forming`). With a fill wait
-(`fill_wait_s`), a batch that has its device may keep it idle that long for more items.
+go first (`service.batch_forming`). With a fill wait (`fill_wait_s`), a batch that has its
+device may keep it idle that long for more items.
 On a device with several slots (a CPU's cores), a model's last pending batch runs as two
 halves side by side when another slot is free (`split_in_two`): otherwise the end of a
 burst of work runs on one core while the other has nothing left to do. When no slot is
@@ -193,7 +193,7 @@ class MicroBatcher(Generic[P, R]):
         """Whether the pending items would fill a batch, by rows padded to the longest. For
         packed rows that is an upper bound, so the wait for more items may end a little
         early; counting their real tokens instead ran 0.97x as fast at 64 single-item
-        clients in paired rounds (RESULTS.md, session 22)."""
+        clients in 4 paired rounds (RESULTS.md, session 22)."""
         return (
             self._pending_count >= self._limits.max_batch_size
             or self._pending_rows * self._pending_max_length >= self._limits.max_batch_tokens
