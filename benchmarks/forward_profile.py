@@ -1,0 +1,212 @@
+"""Where a forward's time goes on a device: batches met before against new ones, and by op.
+
+    python -m benchmarks.forward_profile --holistic deberta-large --dtype bfloat16
+
+Session 21's H200 left three questions (RESULTS): one item took 82 ms in process but 33 ms
+per request in the servers; the 6-layer relevance encoder took twice the 24-layer RM's time
+per batch; and the GPU was idle 70 to 90 % of the time. For each tensor model of the
+benchmark's config, at each batch size, this times windows of the workload twice: on
+their first visit (shapes the device, the allocator and TorchScript's executor may not
+have met) and on their second (the same batches again). Then it profiles one batch of
+the largest size, met before: the kernels it launched, their time on the device against
+the forward's wall time (how busy one forward keeps a GPU), and the ops that took most.
+
+`--jit no-fuser` and `--jit no-optimize` turn off TorchScript's fuser or all of its
+executor's optimisations before the models load and are traced: whether re-specialising
+a traced graph for each new shape is what costs (on CUDA the fuser is on by default, on
+a CPU it is not). `--eager` leaves the packed forwards untraced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.gpu_utilisation import gpu_name
+from benchmarks.limit import padded_counter
+from benchmarks.models import HOLISTIC_SIZES, write_config
+from benchmarks.workload import load_items
+from service.config import load_reward_config
+from service.engine import HOST_DEVICE
+from service.models import EncodingMemo, Prepared, RewardModel, load_models
+
+JIT_MODES = ("default", "no-fuser", "no-optimize")
+TOP_OPS = 12
+
+
+@dataclass(frozen=True)
+class VisitTiming:
+    """One batch size's windows of the workload, each run twice in turn."""
+
+    model: str
+    batch_items: int
+    windows: int
+    padded_tokens: float  # median per window
+    first_visit_ms: float  # median over the windows' first runs
+    second_visit_ms: float  # median over the same windows run again
+
+
+@dataclass(frozen=True)
+class OpTime:
+    name: str
+    calls: int
+    self_ms: float
+
+
+@dataclass(frozen=True)
+class ForwardProfile:
+    model: str
+    batch_items: int
+    wall_ms: float  # the profiled forward, profiler's own cost included
+    kernels: int  # launched on the device (0 on a CPU)
+    kernel_ms: float  # their summed time on the device
+    top_host_ops: list[OpTime]  # by self time on the host
+    top_device_ops: list[OpTime]  # by self time on the device (none on a CPU)
+
+
+def set_jit_mode(mode: str) -> None:
+    """Before the models are traced: TorchScript's executor compiles its plans at first run."""
+    if mode == "no-fuser":
+        torch._C._jit_set_texpr_fuser_enabled(False)
+    elif mode == "no-optimize":
+        torch._C._set_graph_executor_optimize(False)
+
+
+def _timed_ms(model: RewardModel, batch: Sequence[Prepared]) -> float:
+    started = time.perf_counter()
+    model.run(batch)  # returns Python floats: the device has finished
+    return (time.perf_counter() - started) * 1e3
+
+
+def visit_timing(
+    model: RewardModel, prepared: Sequence[Prepared], batch_items: int, max_windows: int
+) -> VisitTiming:
+    """First and second visits of up to `max_windows` consecutive windows of `prepared`."""
+    count = max(1, min(max_windows, len(prepared) // batch_items))
+    windows = [prepared[i * batch_items : (i + 1) * batch_items] for i in range(count)]
+    # Counted first, as the batcher counts a batch before its forward: the layouts are
+    # then cached, and a first visit times the device's side of a new shape only.
+    padded = [padded_counter(model)(list(window)) for window in windows]
+    first = [_timed_ms(model, window) for window in windows]
+    second = [_timed_ms(model, window) for window in windows]
+    return VisitTiming(
+        model=model.name,
+        batch_items=len(windows[0]),
+        windows=count,
+        padded_tokens=statistics.median(padded),
+        first_visit_ms=statistics.median(first),
+        second_visit_ms=statistics.median(second),
+    )
+
+
+def forward_profile(model: RewardModel, batch: Sequence[Prepared]) -> ForwardProfile:
+    """One forward of `batch` under torch.profiler, after an unprofiled run of it."""
+    on_gpu = model.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]
+    model.run(batch)
+    with profile(activities=activities) as profiler:
+        wall_ms = _timed_ms(model, batch)
+    kernels = [e for e in profiler.events() if e.device_type == DeviceType.CUDA]
+    averages = profiler.key_averages()
+
+    def top(self_us: Callable[[Any], float]) -> list[OpTime]:
+        ranked = sorted(averages, key=self_us, reverse=True)[:TOP_OPS]
+        return [OpTime(e.key, e.count, self_us(e) / 1e3) for e in ranked if self_us(e) > 0]
+
+    return ForwardProfile(
+        model=model.name,
+        batch_items=len(batch),
+        wall_ms=wall_ms,
+        kernels=len(kernels),
+        kernel_ms=sum(e.device_time for e in kernels) / 1e3,
+        top_host_ops=top(lambda e: e.self_cpu_time_total),
+        top_device_ops=top(lambda e: e.self_device_time_total) if on_gpu else [],
+    )
+
+
+def _sizes(text: str) -> list[int]:
+    sizes = [int(part) for part in text.split(",") if part.strip()]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("batch sizes are positive integers, e.g. 1,8,64")
+    return sizes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--holistic", choices=["minilm", *HOLISTIC_SIZES], default="minilm")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--jit", choices=JIT_MODES, default="default")
+    parser.add_argument("--eager", action="store_true", help="leave packed forwards untraced")
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "alarm-serve")
+    parser.add_argument("--batch-sizes", type=_sizes, default=[1, 8, 64])
+    parser.add_argument("--windows", type=int, default=16, help="at most, per batch size")
+    parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    args = parser.parse_args()
+    set_jit_mode(args.jit)
+    with tempfile.TemporaryDirectory() as folder:
+        config_path = Path(folder) / "config.yaml"
+        write_config(
+            args.cache_dir,
+            config_path,
+            holistic=args.holistic,
+            dtype=args.dtype,
+            trace_packed=not args.eager,
+        )
+        models = load_models(load_reward_config(config_path), args.cache_dir)
+    items = load_items(256)
+    label = gpu_name()
+    visits, profiles = [], []
+    for model in (m for m in models if m.device != HOST_DEVICE):
+        prepared = [model.prepare(i["prompt"], i["response"], EncodingMemo()) for i in items]
+        for size in args.batch_sizes:
+            v = visit_timing(model, prepared, size, args.windows)
+            visits.append(v)
+            print(
+                f"{v.model} on {model.device}{label}, {v.batch_items} items "
+                f"({v.padded_tokens:.0f} padded tokens, {v.windows} windows): "
+                f"first visit {v.first_visit_ms:.2f} ms, second {v.second_visit_ms:.2f} ms",
+                flush=True,
+            )
+        p = forward_profile(model, prepared[: max(args.batch_sizes)])
+        profiles.append(p)
+        print(
+            f"{p.model}, {p.batch_items} items profiled: {p.wall_ms:.2f} ms wall, "
+            f"{p.kernels} kernels taking {p.kernel_ms:.2f} ms on the device",
+            flush=True,
+        )
+        for where, ops in (("host", p.top_host_ops), ("device", p.top_device_ops)):
+            for op in ops:
+                print(f"  {where:6s} {op.self_ms:9.3f} ms {op.calls:6d}x  {op.name}", flush=True)
+    if args.out:
+        args.out.write_text(
+            json.dumps(
+                {
+                    "holistic": args.holistic,
+                    "dtype": args.dtype,
+                    "jit": args.jit,
+                    "eager": args.eager,
+                    "traced": {m.name: m.describe().get("traced") for m in models},
+                    "visits": [asdict(v) for v in visits],
+                    "profiles": [asdict(p) for p in profiles],
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
