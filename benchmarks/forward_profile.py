@@ -10,6 +10,9 @@ their first visit (shapes the device, the allocator and TorchScript's executor m
 have met) and on their second (the same batches again). Then it profiles one batch of
 the largest size, met before: the kernels it launched, their time on the device against
 the forward's wall time (how busy one forward keeps a GPU), and the ops that took most.
+Last, the in-process limit's own single-item figure both ways it is taken: one item per
+window (the in-flight limit at one item in flight: 82 ms an item on the H200) and every
+item at once in batches of one (the full limit's batch size 1: 31 to 38 ms an item).
 
 `--jit no-fuser` and `--jit no-optimize` turn off TorchScript's fuser or all of its
 executor's optimisations before the models load and are traced: whether re-specialising
@@ -25,7 +28,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +37,12 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.gpu_utilisation import gpu_name
-from benchmarks.limit import padded_counter
+from benchmarks.limit import measure, padded_counter
 from benchmarks.models import HOLISTIC_SIZES, write_config
 from benchmarks.workload import load_items
-from service.config import load_reward_config
-from service.engine import HOST_DEVICE
+from service.batch_forming import BatchLimits
+from service.config import RewardConfig, load_reward_config
+from service.engine import HOST_DEVICE, batch_limits
 from service.models import EncodingMemo, Prepared, RewardModel, load_models
 
 JIT_MODES = ("default", "no-fuser", "no-optimize")
@@ -135,6 +139,24 @@ def forward_profile(model: RewardModel, batch: Sequence[Prepared]) -> ForwardPro
     )
 
 
+def single_item_limits(
+    models: list[RewardModel], config: RewardConfig, items: list[dict[str, str]]
+) -> dict[str, float]:
+    """Ms per item of the in-process limit's single-item forwards, one item per window
+    (the in-flight limit at one item in flight) and all items at once in batches of one
+    (the full limit at batch size 1): the same forwards, submitted apart or together."""
+
+    def one_per_batch(model: RewardModel) -> BatchLimits:
+        return replace(batch_limits(config, model), max_batch_size=1)
+
+    apart = measure(models, items, one_per_batch, window=1)
+    together = measure(models, items, one_per_batch)
+    return {
+        "one_item_per_window_ms": 1e3 / apart.items_per_s,
+        "all_items_at_once_ms": 1e3 / together.items_per_s,
+    }
+
+
 def _sizes(text: str) -> list[int]:
     sizes = [int(part) for part in text.split(",") if part.strip()]
     if not sizes or min(sizes) < 1:
@@ -153,6 +175,9 @@ def main() -> int:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "alarm-serve")
     parser.add_argument("--batch-sizes", type=_sizes, default=[1, 8, 64])
     parser.add_argument("--windows", type=int, default=16, help="at most, per batch size")
+    parser.add_argument(
+        "--limit-items", type=int, default=64, help="items in the single-item limit figures"
+    )
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
     set_jit_mode(args.jit)
@@ -165,7 +190,8 @@ def main() -> int:
             dtype=args.dtype,
             trace_packed=not args.eager,
         )
-        models = load_models(load_reward_config(config_path), args.cache_dir)
+        config = load_reward_config(config_path)
+        models = load_models(config, args.cache_dir)
     items = load_items(256)
     label = gpu_name()
     visits, profiles = [], []
@@ -190,6 +216,13 @@ def main() -> int:
         for where, ops in (("host", p.top_host_ops), ("device", p.top_device_ops)):
             for op in ops:
                 print(f"  {where:6s} {op.self_ms:9.3f} ms {op.calls:6d}x  {op.name}", flush=True)
+    single = single_item_limits(models, config, items[: args.limit_items])
+    print(
+        f"the limit's single items, {args.limit_items} of them: "
+        f"{single['one_item_per_window_ms']:.2f} ms an item one per window, "
+        f"{single['all_items_at_once_ms']:.2f} ms all at once",
+        flush=True,
+    )
     if args.out:
         args.out.write_text(
             json.dumps(
@@ -201,6 +234,7 @@ def main() -> int:
                     "traced": {m.name: m.describe().get("traced") for m in models},
                     "visits": [asdict(v) for v in visits],
                     "profiles": [asdict(p) for p in profiles],
+                    "single_item_limits": single,
                 },
                 indent=2,
             )

@@ -36,7 +36,7 @@ from service.errors import (
     ModelFailure,
     NotReady,
 )
-from service.memory import release_free_heap
+from service.memory import keep_freed_memory, release_free_heap
 from service.metrics import ServiceMetrics
 from service.models import (
     AspectScore,
@@ -190,6 +190,7 @@ class RewardEngine:
         for batcher in self._batchers.values():
             batcher.start()
         self._accepting = True
+        keep_freed_memory()  # for reuse by the next forwards; the trimmer gives it back
         self._heap_trimmer = asyncio.create_task(self._trim_heap_periodically())
         # Not a trainer's request: bypasses admission, so trainer metrics stay clean.
         await self._score_admitted(

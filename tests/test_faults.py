@@ -1,7 +1,10 @@
 """Faults and deadlines: expired work never reaches a model, out-of-memory batches are halved."""
 
 import asyncio
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -325,3 +328,60 @@ async def test_the_engine_gives_free_heap_pages_back_periodically(
     await asyncio.sleep(0.2)
     assert len(calls) == stopped_at  # the trimmer stops with the engine
     assert release_free_heap()  # glibc (Linux): the real call works here
+
+
+async def test_the_engine_keeps_freed_memory_for_reuse_from_its_start(
+    tiny_paths, tmp_path, monkeypatch
+):
+    import service.engine as engine_module
+
+    calls: list[int] = []
+    monkeypatch.setattr(engine_module, "keep_freed_memory", lambda: calls.append(1) or True)
+    config = RewardConfig.model_validate(tiny_config_dict(tiny_paths))
+    async with asgi_client(config, tmp_path) as client:
+        await wait_ready(client)
+        assert calls == [1]
+
+
+# Allocates, fills and frees a 48 MiB block (above glibc's largest automatic mmap
+# threshold) five times, and prints the page faults of the last four rounds.
+_FAULT_PROBE = """
+import ctypes, ctypes.util, resource, sys
+from service.memory import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 48 << 20
+def cycle():
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    cycle()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_kept_freed_memory_is_reused_without_page_faults():
+    from service.memory import keep_freed_memory
+
+    if not keep_freed_memory():
+        pytest.skip("not glibc: the C library hands memory back its own way")
+
+    def faults(mode: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", _FAULT_PROBE, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        return int(run.stdout.strip())
+
+    # By default each round maps the block afresh: 12,288 pages, each faulted in.
+    assert faults("default") > 4 * 10_000
+    assert faults("keep") < 1_000  # the freed block is reused as it is

@@ -2,10 +2,16 @@
 
 import torch
 
-from benchmarks.forward_profile import forward_profile, set_jit_mode, visit_timing
+from benchmarks.forward_profile import (
+    forward_profile,
+    set_jit_mode,
+    single_item_limits,
+    visit_timing,
+)
 from benchmarks.limit import padded_counter
 from benchmarks.workload import load_items
-from service.models import EncodingMemo
+from service.config import RewardConfig
+from service.models import EncodingMemo, load_models
 from tests.test_models import llama_holistic, load_holistic
 
 
@@ -51,3 +57,12 @@ def test_jit_modes_turn_off_the_fuser_or_every_optimisation():
     finally:
         torch._C._jit_set_texpr_fuser_enabled(True)
         torch._C._set_graph_executor_optimize(True)
+
+
+def test_the_limits_single_items_are_timed_one_per_window_and_all_at_once(tiny_paths, tmp_path):
+    config = RewardConfig.model_validate({"holistic": llama_holistic(tiny_paths)})
+    models = load_models(config, tmp_path)
+    figures = single_item_limits(models, config, load_items(8))
+    apart, together = figures["one_item_per_window_ms"], figures["all_items_at_once_ms"]
+    # The same eight single-item forwards either way: on a CPU, about the same time.
+    assert apart > 0 and together > 0 and 0.2 < apart / together < 5
