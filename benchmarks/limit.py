@@ -28,6 +28,7 @@ from service.batch_forming import (
 )
 from service.config import RewardConfig
 from service.engine import HOST_DEVICE, batch_limits
+from service.memory import keep_freed_memory
 from service.models import EncodingMemo, Prepared, RewardModel
 from service.models.loading import intra_op_threads, set_intra_op_threads
 
@@ -106,6 +107,7 @@ def measure(
     about as long, that is the lesser of two noisy timings, which flattered the limit
     (`faster_layout_timing`).
     """
+    keep_freed_memory()  # the server's heap policy (`RewardEngine.start`): its forwards' too
     window = window or len(items)
     real = 0
     cut = any(limits_of(model).forward_overhead_tokens is not None for model in models)

@@ -141,3 +141,17 @@ def test_a_model_that_packs_its_rows_is_timed_on_batches_in_arrival_order():
     # After each model's warm-up forward; the largest forwards run first.
     assert sorted(packing_model.batches[1:]) == sorted([responses[:4], responses[4:]])
     assert sorted(sorted_model.batches[1:]) == sorted([by_length[:4], by_length[4:]])
+
+
+def test_the_limit_runs_its_forwards_under_the_servers_heap_policy(monkeypatch):
+    import benchmarks.limit as limit_module
+
+    model = CountingModel("m")
+    forwards_before: list[int] = []
+    monkeypatch.setattr(
+        limit_module,
+        "keep_freed_memory",
+        lambda: forwards_before.append(len(model.batches)) or True,
+    )
+    measure([model], items(4), lambda m: LIMITS, window=4, workers=1)
+    assert forwards_before == [0] and model.batches  # set once, before any forward
