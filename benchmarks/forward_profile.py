@@ -8,8 +8,8 @@ per batch; and the GPU was idle 70 to 90 % of the time. For each tensor model of
 benchmark's config, at each batch size, this times windows of the workload twice: on
 their first visit (shapes the device, the allocator and TorchScript's executor may not
 have met) and on their second (the same batches again). Then it profiles one batch of
-the largest size, met before: the kernels it launched, their time on the device against
-the forward's wall time (how busy one forward keeps a GPU), and the ops that took most.
+the largest size, met before: the kernels and copies it ran on the device, their time
+against the forward's wall time (how busy one forward keeps a GPU), and the ops that took most.
 Last, the in-process limit's own single-item figure both ways it is taken: one item per
 window (the in-flight limit at one item in flight: 82 ms an item on the H200) and every
 item at once in batches of one (the full limit's batch size 1: 31 to 38 ms an item).
@@ -43,6 +43,7 @@ from benchmarks.workload import load_items
 from service.batch_forming import BatchLimits
 from service.config import RewardConfig, load_reward_config
 from service.engine import HOST_DEVICE, batch_limits
+from service.memory import keep_freed_memory
 from service.models import EncodingMemo, Prepared, RewardModel, load_models
 
 JIT_MODES = ("default", "no-fuser", "no-optimize")
@@ -73,10 +74,10 @@ class ForwardProfile:
     model: str
     batch_items: int
     wall_ms: float  # the profiled forward, profiler's own cost included
-    kernels: int  # launched on the device (0 on a CPU)
-    kernel_ms: float  # their summed time on the device
+    device_events: int  # kernels, copies and fills on the device (0 on a CPU)
+    device_ms: float  # their summed time: how long the device was busy
     top_host_ops: list[OpTime]  # by self time on the host
-    top_device_ops: list[OpTime]  # by self time on the device (none on a CPU)
+    top_device_ops: list[OpTime]  # kernels and copies by their time (none on a CPU)
 
 
 def set_jit_mode(mode: str) -> None:
@@ -121,21 +122,25 @@ def forward_profile(model: RewardModel, batch: Sequence[Prepared]) -> ForwardPro
     model.run(batch)
     with profile(activities=activities) as profiler:
         wall_ms = _timed_ms(model, batch)
-    kernels = [e for e in profiler.events() if e.device_type == DeviceType.CUDA]
+    on_device = [e for e in profiler.events() if e.device_type == DeviceType.CUDA]
     averages = profiler.key_averages()
+    # An op that launched a kernel shows the kernel's time as its own too: the device's
+    # table lists the kernels (and copies) only, the host's the ops only.
+    host_ops = [e for e in averages if e.device_type != DeviceType.CUDA]
+    device_ops = [e for e in averages if e.device_type == DeviceType.CUDA]
 
-    def top(self_us: Callable[[Any], float]) -> list[OpTime]:
-        ranked = sorted(averages, key=self_us, reverse=True)[:TOP_OPS]
+    def top(events: list[Any], self_us: Callable[[Any], float]) -> list[OpTime]:
+        ranked = sorted(events, key=self_us, reverse=True)[:TOP_OPS]
         return [OpTime(e.key, e.count, self_us(e) / 1e3) for e in ranked if self_us(e) > 0]
 
     return ForwardProfile(
         model=model.name,
         batch_items=len(batch),
         wall_ms=wall_ms,
-        kernels=len(kernels),
-        kernel_ms=sum(e.device_time for e in kernels) / 1e3,
-        top_host_ops=top(lambda e: e.self_cpu_time_total),
-        top_device_ops=top(lambda e: e.self_device_time_total) if on_gpu else [],
+        device_events=len(on_device),
+        device_ms=sum(e.device_time for e in on_device) / 1e3,
+        top_host_ops=top(host_ops, lambda e: e.self_cpu_time_total),
+        top_device_ops=top(device_ops, lambda e: e.self_device_time_total),
     )
 
 
@@ -181,6 +186,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
     set_jit_mode(args.jit)
+    keep_freed_memory()  # the server's heap policy, for every figure below
     with tempfile.TemporaryDirectory() as folder:
         config_path = Path(folder) / "config.yaml"
         write_config(
@@ -194,7 +200,8 @@ def main() -> int:
         models = load_models(config, args.cache_dir)
     items = load_items(256)
     label = gpu_name()
-    visits, profiles = [], []
+    visits: list[VisitTiming] = []
+    profiles: list[ForwardProfile] = []
     for model in (m for m in models if m.device != HOST_DEVICE):
         prepared = [model.prepare(i["prompt"], i["response"], EncodingMemo()) for i in items]
         for size in args.batch_sizes:
@@ -210,7 +217,7 @@ def main() -> int:
         profiles.append(p)
         print(
             f"{p.model}, {p.batch_items} items profiled: {p.wall_ms:.2f} ms wall, "
-            f"{p.kernels} kernels taking {p.kernel_ms:.2f} ms on the device",
+            f"{p.device_events} kernels and copies taking {p.device_ms:.2f} ms on the device",
             flush=True,
         )
         for where, ops in (("host", p.top_host_ops), ("device", p.top_device_ops)):
