@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -24,11 +23,10 @@ from pathlib import Path
 
 from benchmarks.gpu_utilisation import gpu_name
 from benchmarks.limit import padded_counter
-from benchmarks.models import HOLISTIC_SIZES, write_config
+from benchmarks.models import HOLISTIC_SIZES, load_benchmark_models
 from benchmarks.workload import load_items
-from service.config import load_reward_config
 from service.engine import HOST_DEVICE
-from service.models import EncodingMemo, Prepared, RewardModel, load_models
+from service.models import EncodingMemo, Prepared, RewardModel
 
 
 @dataclass(frozen=True)
@@ -89,16 +87,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as folder:
-        config_path = Path(folder) / "config.yaml"
-        write_config(
-            args.cache_dir,
-            config_path,
-            holistic=args.holistic,
-            dtype=args.dtype,
-            compile=args.compile,
-        )
-        models = load_models(load_reward_config(config_path), args.cache_dir)
+    _, models = load_benchmark_models(
+        args.cache_dir, holistic=args.holistic, dtype=args.dtype, compile=args.compile
+    )
     items = load_items(256)
     figures = [
         measure_overhead(model, items, args.batch, args.repeats)

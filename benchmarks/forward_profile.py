@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -38,13 +37,13 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.gpu_utilisation import gpu_name
 from benchmarks.limit import measure, padded_counter
-from benchmarks.models import HOLISTIC_SIZES, write_config
+from benchmarks.models import HOLISTIC_SIZES, load_benchmark_models
 from benchmarks.workload import load_items
 from service.batch_forming import BatchLimits
-from service.config import RewardConfig, load_reward_config
+from service.config import RewardConfig
 from service.engine import HOST_DEVICE, batch_limits
 from service.memory import keep_freed_memory
-from service.models import EncodingMemo, Prepared, RewardModel, load_models
+from service.models import EncodingMemo, Prepared, RewardModel
 
 JIT_MODES = ("default", "no-fuser", "no-optimize")
 TOP_OPS = 12
@@ -187,17 +186,9 @@ def main() -> int:
     args = parser.parse_args()
     set_jit_mode(args.jit)
     keep_freed_memory()  # the server's heap policy, for every figure below
-    with tempfile.TemporaryDirectory() as folder:
-        config_path = Path(folder) / "config.yaml"
-        write_config(
-            args.cache_dir,
-            config_path,
-            holistic=args.holistic,
-            dtype=args.dtype,
-            trace_packed=not args.eager,
-        )
-        config = load_reward_config(config_path)
-        models = load_models(config, args.cache_dir)
+    config, models = load_benchmark_models(
+        args.cache_dir, holistic=args.holistic, dtype=args.dtype, trace_packed=not args.eager
+    )
     items = load_items(256)
     label = gpu_name()
     visits: list[VisitTiming] = []

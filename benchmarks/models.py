@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import tempfile
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import yaml
 from pydantic import BaseModel
 
 from service.combine import AspectParams, HolisticParams, combine_response
-from service.config import load_reward_config
+from service.config import RewardConfig, load_reward_config
 from service.models import (
     AspectScore,
     EncodingMemo,
@@ -194,6 +195,18 @@ def write_config(
     }
     path.write_text(yaml.safe_dump(config))
     return config
+
+
+def load_benchmark_models(
+    cache_dir: Path, **settings: Any
+) -> tuple[RewardConfig, list[RewardModel]]:
+    """The benchmark's reward definition (`write_config`'s keyword settings) and its
+    models, loaded in this process; the config file lives only while they load."""
+    with tempfile.TemporaryDirectory() as folder:
+        config_path = Path(folder) / "config.yaml"
+        write_config(cache_dir, config_path, **settings)
+        config = load_reward_config(config_path)
+        return config, load_models(config, cache_dir)
 
 
 class PeerItem(BaseModel):
