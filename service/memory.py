@@ -32,7 +32,7 @@ _M_MMAP_THRESHOLD = -3
 # A heap keeps up to this much free memory at its top, until the periodic trim; blocks up
 # to this size come from a heap (in a worker thread's arena: up to the size of one heap).
 KEPT_FREE_BYTES = 1 << 30
-# What glibc before 2.26 accepts at most as the mmap threshold (HEAP_MAX_SIZE / 2).
+# The most some older glibc accepts as the mmap threshold (HEAP_MAX_SIZE / 2 on 64-bit).
 _OLDEST_MAX_MMAP_THRESHOLD = 32 << 20
 
 
