@@ -43,7 +43,8 @@ def test_a_profiled_forward_names_its_ops_by_host_time_and_launches_no_kernel_on
     assert host_ms and host_ms == sorted(host_ms, reverse=True) and min(host_ms) > 0
     # A transformer's forward spends its time in matrix products.
     assert any(op.name in {"aten::addmm", "aten::mm", "aten::bmm"} for op in profile.top_host_ops)
-    assert profile.wall_ms >= sum(host_ms) * 0.5
+    # The ops ran inside the timed forward, one after another on the calling thread.
+    assert 0.5 * sum(host_ms) <= profile.wall_ms and sum(host_ms) <= 1.05 * profile.wall_ms
 
 
 def test_jit_modes_turn_off_the_fuser_or_every_optimisation():
