@@ -1,9 +1,12 @@
 """The benchmark's ratios pair each round's figures, so that drift between rounds cancels."""
 
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 
+from benchmarks.bench import source_revision
 from benchmarks.scrape import batch_stats, host_cpu_share
 from benchmarks.summary import paired_ratio, summarise
 
@@ -95,3 +98,26 @@ def test_batch_stats_are_each_models_batches_between_two_scrapes():
     assert stats["holistic"]["batches"] == 4.0
     assert stats["holistic"]["items_per_batch"] == 64.0
     assert stats["holistic"]["mean_forward_ms"] == pytest.approx(50.0)
+
+
+def _git(directory: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(directory), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_a_run_names_the_commit_it_measured_and_says_when_tracked_files_changed(tmp_path):
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "tracked.py").write_text("x = 1\n")
+    _git(tmp_path, "add", "tracked.py")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    commit = _git(tmp_path, "rev-parse", "--short", "HEAD")
+
+    (tmp_path / "untracked.txt").write_text("not code under test")
+    assert source_revision(tmp_path) == commit
+    (tmp_path / "tracked.py").write_text("x = 2\n")
+    assert source_revision(tmp_path) == f"{commit}-dirty"
+
+
+def test_outside_a_checkout_the_commit_is_unknown(tmp_path):
+    assert source_revision(tmp_path) == "unknown"
