@@ -40,14 +40,16 @@ def _points(runs: list[dict[str, Any]]) -> list[tuple[int, int]]:
 
 def runs_table(labelled: list[tuple[str, dict[str, Any]]]) -> str:
     """One row per run: alarm-serve / in-flight limit per load point (bold below the
-    target), how many points reached it, and the least alarm-serve / peer over the points
-    (bold below 1; "-" where the run did not measure that peer)."""
+    target), how many points reached it, the least alarm-serve / peer over the points
+    (bold below 1; "-" where the run did not measure that peer), the least padding
+    efficiency and the low-load latency beyond one item's forwards ("-" without C=1 k=1)."""
     points = _points([run for _, run in labelled])
     header = (
         ["run"]
         + [f"C={c} k={k}" for c, k in points]
         + ["points >= 0.9"]
         + [f"least alarm / {peer}" for peer in PEERS]
+        + ["least padding eff.", "low load: ms beyond a forward"]
     )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, run in labelled:
@@ -70,6 +72,9 @@ def runs_table(labelled: list[tuple[str, dict[str, Any]]]) -> str:
                 continue
             least = min(leads)
             cells.append(cut(least) if least >= 1 else f"**{cut(least)}**")
+        cells.append(cut(min(r["padding_efficiency"] for r in run["ratios"]), 3))
+        low_load = run.get("low_load")
+        cells.append("-" if low_load is None else f"{low_load['alarm_beyond_forward_ms']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

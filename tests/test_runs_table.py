@@ -16,6 +16,7 @@ def _ratio(c: int, k: int, in_flight: float, naive: float, **peers: float) -> di
         "items_per_request": k,
         "alarm_over_in_flight_limit": in_flight,
         "alarm_over_naive": naive,
+        "padding_efficiency": 0.9 + c / 1000,
         **{f"alarm_over_{name}": value for name, value in peers.items()},
     }
 
@@ -31,15 +32,16 @@ def test_each_run_is_one_row_with_the_points_it_met_and_its_least_lead() -> None
         "ratios": [
             _ratio(1, 1, 0.93, 1.5, litserve=1.2, ray=2.0),
             _ratio(64, 1, 0.89995, 2.0, litserve=0.96, ray=1.4),
-        ]
+        ],
+        "low_load": {"alarm_beyond_forward_ms": 2.94},
     }
     partial = {"ratios": [_ratio(64, 1, 0.95, 1.1)]}  # one point, no LitServe nor Ray
     table = runs_table([("run A", full), ("run B", partial)])
 
     header, rule, row_a, row_b = table.splitlines()
     assert header.split(" | ")[1:3] == ["C=1 k=1", "C=64 k=1"]
-    assert row_a == "| run A | 0.93 | **0.89** | 1 of 2 | 1.50 | **0.96** | 1.40 |"
-    assert row_b == "| run B | - | 0.95 | 1 of 1 | 1.10 | - | - |"
+    assert row_a == "| run A | 0.93 | **0.89** | 1 of 2 | 1.50 | **0.96** | 1.40 | 0.901 | 2.9 |"
+    assert row_b == "| run B | - | 0.95 | 1 of 1 | 1.10 | - | - | 0.964 | - |"
     assert rule.count("---") == len(header.split(" | "))
 
 
@@ -51,7 +53,9 @@ def test_the_command_prints_the_table_of_the_files_named(
 
     assert main([f"session 9 (abc1234)={path}"]) == 0
 
-    assert "| session 9 (abc1234) | 0.91 | 1 of 1 | 1.05 | - | - |" in capsys.readouterr().out
+    assert "| session 9 (abc1234) | 0.91 | 1 of 1 | 1.05 | - | - | 0.908 | - |" in (
+        capsys.readouterr().out
+    )
 
 
 def test_a_run_named_without_a_label_is_refused(tmp_path: Path) -> None:
