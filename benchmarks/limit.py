@@ -185,7 +185,7 @@ def faster_layout_timing(
 
     One choice for the whole workload: the lesser of two timings per window would, where
     both layouts take about as long, pick each window's luckier timing, and flatter the
-    limit by 1.4 to 2.7 % at 8 and 16 items in flight on this VM (RESULTS, session 18).
+    limit by 1.4 to 2.7 % at 8 and 16 items in flight on this VM (HISTORY.md, session 18).
     """
     by_layout = {name: [t.get(name, t["whole"]) for t in timed] for name in ("whole", "halved")}
     faster = min(by_layout, key=lambda name: sum(s for s, _ in by_layout[name]))

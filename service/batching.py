@@ -192,7 +192,7 @@ class MicroBatcher(Generic[P, R]):
     def _full(self) -> bool:
         """Whether the pending items would fill a batch, by rows padded to the longest. For
         packed rows that is an upper bound, so the wait for more items may end a little
-        early; counting their real tokens instead is untested (RESULTS.md, session 22:
+        early; counting their real tokens instead is untested (HISTORY.md, session 22:
         the paired rounds that seemed to reject it ran the same code on both sides)."""
         return (
             self._pending_count >= self._limits.max_batch_size

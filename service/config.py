@@ -314,7 +314,7 @@ class BatchingConfig(_Strict):
         "On the 2-core VM, 2 against 1 in paired rounds (before the second-slot rule): "
         "1.23x items/s with one single-item client, 1.19x with 256, 1.10-1.11x with 1 and "
         "8 clients sending 16 items, level with 8 and 64 single-item clients "
-        "(benchmarks/RESULTS.md)",
+        "(benchmarks/HISTORY.md, session 6)",
     )
     gpu_workers: int = Field(
         1,

@@ -11,7 +11,7 @@ threshold (128 KiB, rising up to 32 MiB as such blocks are freed) is mapped for 
 unmapped when freed, and a heap's free top is cut back past the trim threshold. A
 forward's activations (megabytes, of shapes that change batch to batch) then come back as
 fresh pages, each zero-filled at its first touch: thousands of page faults per forward on
-this project's CPU benchmark (RESULTS.md, session 23). So freed memory is kept instead,
+this project's CPU benchmark (HISTORY.md, session 23). So freed memory is kept instead,
 and the periodic trim gives back the free pages of every arena and the main heap's top;
 a worker thread's arena keeps its heap's free top (at most one heap, 64 MiB on 64-bit)
 for that thread's next forwards.

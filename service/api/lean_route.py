@@ -5,7 +5,7 @@ body parsed into Python objects and then validated, the returned model validated
 serialised through its response field). The event loop bounds a host-bound GPU's
 throughput, and in `benchmarks.host_ceiling` (single-item requests, C=64 and 256) it spent
 1.35 ms per request through FastAPI's generic route and 0.96 ms through this one
-(benchmarks/RESULTS.md, session 11). `LeanScoringRoute` keeps everything
+(benchmarks/HISTORY.md, session 11). `LeanScoringRoute` keeps everything
 FastAPI derives from the endpoint's signature (OpenAPI, 405s, the route label of the HTTP
 metrics, the error handlers) and does the per-request part itself: the trainer dependency
 the endpoint declares is called, the body is parsed and validated in one pass by
