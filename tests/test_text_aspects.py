@@ -4,11 +4,9 @@ import re
 
 import pytest
 
-from service.config import (
-    GrammarAspect,
-    RewardConfig,
-)
+from service.config import RewardConfig
 from service.errors import ConfigError
+from service.model_specs import GrammarAspect
 from service.models import EncodingMemo
 from service.models.grammar import GrammarModel, error_segments
 from service.models.language_confidence import LanguageConfidenceModel

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.config import (
-    BatchingConfig,
+from service.config import BatchingConfig, RewardConfig
+from service.model_specs import (
     EmbeddingSimilarityAspect,
     GrammarAspect,
     LanguageConfidenceAspect,
     LmLikelihoodHolistic,
     ModelSpec,
     ReadabilityAspect,
-    RewardConfig,
     RuleAspect,
     SegmentClassifierAspect,
     SequenceScalarAspect,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from service.combine import SegmentScore
-from service.config import EmbeddingSimilarityAspect
+from service.model_specs import EmbeddingSimilarityAspect
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import (

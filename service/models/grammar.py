@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from service.combine import SegmentScore
-from service.config import GrammarAspect
+from service.model_specs import GrammarAspect
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.encoding_memo import EncodingMemo
 from service.models.grammar_checkers import ProselintChecker, Span, import_checker

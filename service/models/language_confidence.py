@@ -13,8 +13,8 @@ from importlib.metadata import version
 from typing import Any
 
 from service.combine import SegmentScore
-from service.config import LanguageConfidenceAspect
 from service.errors import ConfigError
+from service.model_specs import LanguageConfidenceAspect
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.encoding_memo import EncodingMemo
 from service.models.loading import fingerprint

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.config import LmLikelihoodHolistic
 from service.errors import ConfigError
+from service.model_specs import LmLikelihoodHolistic
 from service.models.base import HolisticScore, ModelOutput, Prepared, Role
 from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import (

@@ -13,7 +13,7 @@ from importlib.metadata import version
 from typing import Any
 
 from service.combine import SegmentScore
-from service.config import ReadabilityAspect
+from service.model_specs import ReadabilityAspect
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.encoding_memo import EncodingMemo
 from service.models.loading import fingerprint

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from service.combine import SegmentScore
-from service.config import RuleAspect
+from service.model_specs import RuleAspect
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import fingerprint, load_tokenizer

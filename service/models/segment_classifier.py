@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from service.combine import SegmentScore
-from service.config import SegmentClassifierAspect
 from service.errors import ConfigError
+from service.model_specs import SegmentClassifierAspect
 from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import (

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from service.combine import SegmentScore
-from service.config import SequenceScalarAspect, SequenceScalarHolistic
 from service.errors import ConfigError
+from service.model_specs import SequenceScalarAspect, SequenceScalarHolistic
 from service.models.base import AspectScore, HolisticScore, ModelOutput, Prepared, Role
 from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import (
