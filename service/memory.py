@@ -43,7 +43,10 @@ def _glibc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL(name) if name else None
     except OSError:
         return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return None
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return libc
 
 
 def release_free_heap() -> bool:
@@ -63,7 +66,6 @@ def keep_freed_memory() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     trim = libc.mallopt(_M_TRIM_THRESHOLD, KEPT_FREE_BYTES) == 1
     mmap = any(
         libc.mallopt(_M_MMAP_THRESHOLD, size) == 1
