@@ -42,7 +42,9 @@ def runs_table(labelled: list[tuple[str, dict[str, Any]]]) -> str:
     """One row per run: alarm-serve / in-flight limit per load point (bold below the
     target), how many points reached it, the least alarm-serve / peer over the points
     (bold below 1; "-" where the run did not measure that peer), the least padding
-    efficiency and the low-load latency beyond one item's forwards ("-" without C=1 k=1)."""
+    efficiency and the low-load latency beyond one item's forwards ("-" without C=1 k=1).
+    A ratio the run could not take (NaN: a round where one side served nothing) shows as
+    "n/a" and counts neither as met nor in a least lead."""
     points = _points([run for _, run in labelled])
     header = (
         ["run"]
@@ -62,15 +64,19 @@ def runs_table(labelled: list[tuple[str, dict[str, Any]]]) -> str:
                 cells.append("-")
                 continue
             value = ratio["alarm_over_in_flight_limit"]
+            if math.isnan(value):  # a round with nothing to compare: no figure, not met
+                cells.append("n/a")
+                continue
             met += value >= IN_FLIGHT_TARGET
             cells.append(cut(value) if value >= IN_FLIGHT_TARGET else f"**{cut(value)}**")
         cells.append(f"{met} of {len(by_point)}")
         for peer in PEERS:
             leads = [r[f"alarm_over_{peer}"] for r in run["ratios"] if f"alarm_over_{peer}" in r]
-            if not leads:
-                cells.append("-")
+            known = [lead for lead in leads if not math.isnan(lead)]
+            if not known:
+                cells.append("n/a" if leads else "-")
                 continue
-            least = min(leads)
+            least = min(known)
             cells.append(cut(least) if least >= 1 else f"**{cut(least)}**")
         cells.append(cut(min(r["padding_efficiency"] for r in run["ratios"]), 3))
         low_load = run.get("low_load")

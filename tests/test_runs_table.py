@@ -61,3 +61,17 @@ def test_the_command_prints_the_table_of_the_files_named(
 def test_a_run_named_without_a_label_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main([str(tmp_path / "results.json")])
+
+
+def test_a_ratio_the_run_could_not_take_is_shown_as_such_and_left_out() -> None:
+    nan = float("nan")
+    run = {
+        "ratios": [
+            _ratio(1, 1, nan, 1.5, litserve=nan),
+            _ratio(8, 1, 0.95, nan, litserve=nan),
+        ]
+    }
+
+    row = runs_table([("run", run)]).splitlines()[2]
+
+    assert row == "| run | n/a | 0.95 | 1 of 2 | 1.50 | n/a | - | 0.901 | - |"
