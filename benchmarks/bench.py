@@ -70,19 +70,21 @@ def peer_command(peer: Peer, config_path: Path, cache_dir: Path) -> list[str]:
 
 
 def source_revision(directory: Path = Path(__file__).parent) -> str:
-    """The commit whose code a run measured, "-dirty" when tracked files were changed, so
-    that each results.json names its code ("unknown" outside a git checkout)."""
-    git = ["git", "-C", str(directory)]
+    """The commit whose code a run measured, "-dirty" when any tracked file was changed
+    (documents too), so that each results.json names its code; "unknown" outside a git
+    checkout (a copied tree: `--commit` names it). The checkout is `directory`'s own,
+    whatever GIT_* variables the caller has set."""
+    git = ["git", "--no-optional-locks", "-C", str(directory)]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GIT_")}
+
+    def run(*args: str) -> str:
+        return subprocess.run(
+            [*git, *args], capture_output=True, text=True, check=True, env=env
+        ).stdout.strip()
+
     try:
-        commit = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        changed = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        commit = run("rev-parse", "--short", "HEAD")
+        changed = run("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("-dirty" if changed else "")
@@ -196,6 +198,10 @@ def _parser() -> argparse.ArgumentParser:
         help="load each server takes before the run (a GPU meets each new shape once)",
     )
     parser.add_argument(
+        "--commit",
+        help="the commit results.json names, for a tree without git (default: the checkout's)",
+    )
+    parser.add_argument(
         "--relevance-path",
         default=RELEVANCE_PATH,
         help="the relevance aspect's embedding model (a MiniLM-style folder)",
@@ -230,7 +236,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}{gpu_name()}",
-        "commit": source_revision(),
+        "commit": args.commit or source_revision(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "models": {
             "holistic": args.holistic,

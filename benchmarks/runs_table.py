@@ -3,7 +3,7 @@
     python -m benchmarks.runs_table "session 23 (03228c0)=benchmarks/results/...json" ...
 
 One run's table cannot say whether a target holds: on this VM the same load point moves
-by up to 0.16 of the in-flight limit between full runs of the same server. This table
+by up to 0.17 of the in-flight limit between full runs of the same server. This table
 puts every run's alarm-serve / in-flight limit at each load point in one row, and its
 least lead over each peer, so that in how many runs a target was met can be read off.
 Ratios are cut (not rounded) to the shown decimals, so a point below a target never
@@ -24,9 +24,16 @@ PEERS = ("naive", "litserve", "ray")
 
 
 def cut(value: float, decimals: int = 2) -> str:
-    """`value` with `decimals` decimals, cut towards zero, never rounded up to a target."""
+    """`value` (not negative) with `decimals` decimals, cut, never rounded up to a target.
+    Rounded to 9 decimals first, so that a float just below an exact decimal (1.15 is
+    1.1499999...) is not cut a step lower."""
     scale = 10**decimals
-    return f"{math.floor(value * scale) / scale:.{decimals}f}"
+    return f"{math.floor(round(value * scale, 9)) / scale:.{decimals}f}"
+
+
+def _known(values: list[float]) -> list[float]:
+    """The values a run could take (NaN: a round where one side served nothing)."""
+    return [value for value in values if not math.isnan(value)]
 
 
 def _points(runs: list[dict[str, Any]]) -> list[tuple[int, int]]:
@@ -43,8 +50,9 @@ def runs_table(labelled: list[tuple[str, dict[str, Any]]]) -> str:
     target), how many points reached it, the least alarm-serve / peer over the points
     (bold below 1; "-" where the run did not measure that peer), the least padding
     efficiency and the low-load latency beyond one item's forwards ("-" without C=1 k=1).
-    A ratio the run could not take (NaN: a round where one side served nothing) shows as
-    "n/a" and counts neither as met nor in a least lead."""
+    A ratio the run could not take (NaN: a round where one side served nothing) or did not
+    record shows as "n/a" and counts neither as met nor in a least lead, which is then
+    marked "*"."""
     points = _points([run for _, run in labelled])
     header = (
         ["run"]
@@ -63,8 +71,8 @@ def runs_table(labelled: list[tuple[str, dict[str, Any]]]) -> str:
             if ratio is None:
                 cells.append("-")
                 continue
-            value = ratio["alarm_over_in_flight_limit"]
-            if math.isnan(value):  # a round with nothing to compare: no figure, not met
+            value = ratio.get("alarm_over_in_flight_limit", math.nan)
+            if math.isnan(value):  # not measured, or nothing to compare: no figure, not met
                 cells.append("n/a")
                 continue
             met += value >= IN_FLIGHT_TARGET
@@ -72,13 +80,15 @@ def runs_table(labelled: list[tuple[str, dict[str, Any]]]) -> str:
         cells.append(f"{met} of {len(by_point)}")
         for peer in PEERS:
             leads = [r[f"alarm_over_{peer}"] for r in run["ratios"] if f"alarm_over_{peer}" in r]
-            known = [lead for lead in leads if not math.isnan(lead)]
+            known = _known(leads)
             if not known:
                 cells.append("n/a" if leads else "-")
                 continue
             least = min(known)
-            cells.append(cut(least) if least >= 1 else f"**{cut(least)}**")
-        cells.append(cut(min(r["padding_efficiency"] for r in run["ratios"]), 3))
+            unknown = "*" if len(known) < len(leads) else ""  # some points could not count
+            cells.append((cut(least) if least >= 1 else f"**{cut(least)}**") + unknown)
+        paddings = _known([r.get("padding_efficiency", math.nan) for r in run["ratios"]])
+        cells.append(cut(min(paddings), 3) if paddings else "n/a")
         low_load = run.get("low_load")
         cells.append("-" if low_load is None else f"{low_load['alarm_beyond_forward_ms']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")

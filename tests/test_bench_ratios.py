@@ -1,6 +1,7 @@
 """The benchmark's ratios pair each round's figures, so that drift between rounds cancels."""
 
 import math
+import os
 import subprocess
 from pathlib import Path
 
@@ -101,17 +102,23 @@ def test_batch_stats_are_each_models_batches_between_two_scrapes():
 
 
 def _git(directory: Path, *args: str) -> str:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GIT_")}
     return subprocess.run(
-        ["git", "-C", str(directory), *args], capture_output=True, text=True, check=True
+        ["git", "-C", str(directory), *args], capture_output=True, text=True, check=True, env=env
     ).stdout.strip()
 
 
+def _repository_with_one_commit(directory: Path) -> str:
+    """A fresh repository in `directory` holding tracked.py; its commit, short."""
+    _git(directory, "init", "-q")
+    (directory / "tracked.py").write_text("x = 1\n")
+    _git(directory, "add", "tracked.py")
+    _git(directory, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    return _git(directory, "rev-parse", "--short", "HEAD")
+
+
 def test_a_run_names_the_commit_it_measured_and_says_when_tracked_files_changed(tmp_path):
-    _git(tmp_path, "init", "-q")
-    (tmp_path / "tracked.py").write_text("x = 1\n")
-    _git(tmp_path, "add", "tracked.py")
-    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
-    commit = _git(tmp_path, "rev-parse", "--short", "HEAD")
+    commit = _repository_with_one_commit(tmp_path)
 
     (tmp_path / "untracked.txt").write_text("not code under test")
     assert source_revision(tmp_path) == commit
@@ -121,3 +128,10 @@ def test_a_run_names_the_commit_it_measured_and_says_when_tracked_files_changed(
 
 def test_outside_a_checkout_the_commit_is_unknown(tmp_path):
     assert source_revision(tmp_path) == "unknown"
+
+
+def test_the_callers_git_variables_do_not_redirect_the_commit_read(tmp_path, monkeypatch):
+    commit = _repository_with_one_commit(tmp_path)
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "elsewhere"))
+
+    assert source_revision(tmp_path) == commit

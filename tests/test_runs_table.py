@@ -25,6 +25,8 @@ def test_a_ratio_just_below_a_target_is_cut_not_rounded_up_to_it() -> None:
     assert cut(0.89995) == "0.89"
     assert cut(0.904) == "0.90"
     assert cut(1.0) == "1.00"
+    assert cut(1.15) == "1.15"  # 1.1499999... as a float, an exact decimal all the same
+    assert cut(0.29) == "0.29"
 
 
 def test_each_run_is_one_row_with_the_points_it_met_and_its_least_lead() -> None:
@@ -74,4 +76,12 @@ def test_a_ratio_the_run_could_not_take_is_shown_as_such_and_left_out() -> None:
 
     row = runs_table([("run", run)]).splitlines()[2]
 
-    assert row == "| run | n/a | 0.95 | 1 of 2 | 1.50 | n/a | - | 0.901 | - |"
+    assert row == "| run | n/a | 0.95 | 1 of 2 | 1.50* | n/a | - | 0.901 | - |"
+
+
+def test_a_run_without_a_figure_shows_n_a_rather_than_failing() -> None:
+    bare = {"concurrency": 1, "items_per_request": 1, "padding_efficiency": float("nan")}
+
+    row = runs_table([("old", {"ratios": [bare]})]).splitlines()[2]
+
+    assert row == "| old | n/a | 0 of 1 | - | - | - | n/a | - |"
