@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.summary import known_values
+
 IN_FLIGHT_TARGET = 0.9  # issue 7: alarm-serve at least 0.9 of the in-process limit
 PEERS = ("naive", "litserve", "ray")
 
@@ -29,11 +31,6 @@ def cut(value: float, decimals: int = 2) -> str:
     1.1499999...) is not cut a step lower."""
     scale = 10**decimals
     return f"{math.floor(round(value * scale, 9)) / scale:.{decimals}f}"
-
-
-def _known(values: list[float]) -> list[float]:
-    """The values a run could take (NaN: a round where one side served nothing)."""
-    return [value for value in values if not math.isnan(value)]
 
 
 def _points(runs: list[dict[str, Any]]) -> list[tuple[int, int]]:
@@ -80,14 +77,14 @@ def runs_table(labelled: list[tuple[str, dict[str, Any]]]) -> str:
         cells.append(f"{met} of {len(by_point)}")
         for peer in PEERS:
             leads = [r[f"alarm_over_{peer}"] for r in run["ratios"] if f"alarm_over_{peer}" in r]
-            known = _known(leads)
+            known = known_values(leads)
             if not known:
                 cells.append("n/a" if leads else "-")
                 continue
             least = min(known)
             unknown = "*" if len(known) < len(leads) else ""  # some points could not count
             cells.append((cut(least) if least >= 1 else f"**{cut(least)}**") + unknown)
-        paddings = _known([r.get("padding_efficiency", math.nan) for r in run["ratios"]])
+        paddings = known_values([r.get("padding_efficiency", math.nan) for r in run["ratios"]])
         cells.append(cut(min(paddings), 3) if paddings else "n/a")
         low_load = run.get("low_load")
         cells.append("-" if low_load is None else f"{low_load['alarm_beyond_forward_ms']:.1f}")

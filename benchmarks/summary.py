@@ -10,9 +10,15 @@ from pathlib import Path
 from typing import Any
 
 
+def known_values(values: list[float]) -> list[float]:
+    """The values that are not NaN (a figure a round could not take, e.g. a ratio to a
+    side that served nothing)."""
+    return [value for value in values if not math.isnan(value)]
+
+
 def _median_known(values: list[float]) -> float:
     """The median of the values that are not NaN (NaN when none is)."""
-    known = [value for value in values if not math.isnan(value)]
+    known = known_values(values)
     return statistics.median(known) if known else float("nan")
 
 
