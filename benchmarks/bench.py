@@ -91,6 +91,9 @@ def source_revision(directory: Path = Path(__file__).parent) -> str:
 
 
 def _peer_names(text: str) -> list[str]:
+    """`naive,litserve`, or `none`: alarm-serve and its limits alone (a knob's second run)."""
+    if text.strip() == "none":
+        return []
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = sorted(set(names) - set(PEERS))
     if unknown or not names:
@@ -135,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         "--peers",
         type=_peer_names,
         default=list(PEERS),
-        help=f"comma-separated peers to compare against (default: {','.join(PEERS)})",
+        help=f"comma-separated peers to compare against, or none (default: {','.join(PEERS)})",
     )
     parser.add_argument(
         "--min-padding-efficiency", type=float, default=0.0, help="batching knob under test"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench import source_revision
+from benchmarks.bench import _parser, source_revision
 from benchmarks.scrape import batch_stats, host_cpu_share
 from benchmarks.summary import paired_ratio, summarise
 
@@ -135,3 +135,11 @@ def test_the_callers_git_variables_do_not_redirect_the_commit_read(tmp_path, mon
     monkeypatch.setenv("GIT_DIR", str(tmp_path / "elsewhere"))
 
     assert source_revision(tmp_path) == commit
+
+
+def test_peers_none_runs_alarm_serve_and_its_limits_alone() -> None:
+    parser = _parser()
+    assert parser.parse_args(["--peers", "none"]).peers == []
+    assert parser.parse_args(["--peers", "naive,litserve"]).peers == ["naive", "litserve"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--peers", "naive,triton"])
