@@ -86,3 +86,34 @@ def test_scores_do_not_depend_on_the_batch_and_match_cpu_float32(
             continue
         _assert_close(_raws(in_batch), _raws(alone), batch_tolerance)
         _assert_close(_raws(alone), _raws(want), reference_tolerance)
+
+
+class _PlacedAnywhere(torch.nn.Linear):
+    """A model that "moves" to any device: loading onto CUDA, checked without one."""
+
+    def to(self, *args: Any, **kwargs: Any) -> "_PlacedAnywhere":
+        return self
+
+
+class _AutoPlacedAnywhere:
+    @staticmethod
+    def from_pretrained(path: str, dtype: torch.dtype) -> _PlacedAnywhere:
+        return _PlacedAnywhere(2, 1, dtype=dtype)
+
+
+@pytest.fixture
+def cudnn_attention_restored():
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
+@pytest.mark.parametrize(("device", "cudnn_after"), [("cpu", True), ("cuda:0", False)])
+def test_a_model_loaded_onto_a_gpu_attends_without_cudnn_shape_plans(
+    device, cudnn_after, cudnn_attention_restored
+):
+    from service.models.loading import load_pretrained
+
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    load_pretrained(_AutoPlacedAnywhere, "any", "float32", device)
+    assert torch.backends.cuda.cudnn_sdp_enabled() is cudnn_after
