@@ -175,6 +175,12 @@ def _parser() -> argparse.ArgumentParser:
         "may wait to fill",
     )
     parser.add_argument(
+        "--gil-switch-interval-ms",
+        type=float,
+        default=None,
+        help="alarm-serve's batching.gil_switch_interval_ms (default: Python's 5 ms)",
+    )
+    parser.add_argument(
         "--eager",
         action="store_true",
         help="leave packed forwards eager (trace_packed: false) in every server and limit",
@@ -228,6 +234,7 @@ def main() -> int:
         gpu_workers=args.gpu_workers,
         max_wait_ms=args.max_wait_ms,
         fill_wait_ms=args.fill_wait_ms,
+        gil_switch_interval_ms=args.gil_switch_interval_ms,
         trace_packed=not args.eager,
         max_batch_size=args.max_batch_size,
         max_batch_tokens=args.max_batch_tokens,
@@ -250,6 +257,7 @@ def main() -> int:
             "cpu_workers": config.batching.cpu_workers,
             "gpu_workers": config.batching.gpu_workers,
             "fill_wait_ms": config.batching.fill_wait_ms,
+            "gil_switch_interval_ms": config.batching.gil_switch_interval_ms,
             "max_batch_tokens": config.batching.max_batch_tokens,
         },
         "grid": grid,

@@ -135,6 +135,7 @@ def write_config(
     path: Path,
     max_wait_ms: float = 5.0,
     fill_wait_ms: float = 0.0,
+    gil_switch_interval_ms: float | None = None,
     min_padding_efficiency: float = 0.0,
     holistic: str = "minilm",
     dtype: str = "float32",
@@ -179,6 +180,11 @@ def write_config(
             "max_batch_size": max_batch_size,
             "max_wait_ms": max_wait_ms,
             "fill_wait_ms": fill_wait_ms,
+            **(
+                {}
+                if gil_switch_interval_ms is None
+                else {"gil_switch_interval_ms": gil_switch_interval_ms}
+            ),
             "min_padding_efficiency": min_padding_efficiency,
             **({} if cpu_workers is None else {"cpu_workers": cpu_workers}),
             **({} if gpu_workers is None else {"gpu_workers": gpu_workers}),

@@ -109,6 +109,19 @@ class BatchingConfig(StrictModel):
         "another's. As on the CPU, a model's last batch may then run as two halves side "
         "by side. Not measured yet, so 1 by default",
     )
+    gil_switch_interval_ms: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="how long the event loop may keep the GIL from a forward's thread that "
+        "wants it back (sys.setswitchinterval). PyTorch lets go of the GIL in every op a "
+        "forward calls from Python, about 30 per packed forward here, and takes it back "
+        "after each; while the event loop is busy, each return may wait up to this long. "
+        "Meant for a GPU, whose forwards take milliseconds: on an H200 the server's "
+        "holistic forwards of 64 items took 36 ms against 21 ms in a process of their own. "
+        "null = Python's 5 ms; on this project's 2-core CPU 0.5 was level "
+        "(benchmarks/HISTORY.md); not measured on a GPU yet",
+    )
     forward_overhead_tokens: int | None = Field(
         None,
         ge=0,

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -159,6 +160,7 @@ class RewardEngine:
         self._admission = Admission(config.batching.max_queue_items, config.limits, metrics)
         self._accepting = False
         self._heap_trimmer: asyncio.Task[None] | None = None
+        self._switch_interval_before: float | None = None  # set while the engine sets its own
 
     def _observer(self, name: str) -> Callable[[BatchStats], None]:
         return lambda stats: self._metrics.observe_batch(name, stats)
@@ -191,6 +193,10 @@ class RewardEngine:
             batcher.start()
         self._accepting = True
         keep_freed_memory()  # for reuse by the next forwards; the trimmer gives it back
+        switch_ms = self._config.batching.gil_switch_interval_ms
+        if switch_ms is not None:
+            self._switch_interval_before = sys.getswitchinterval()
+            sys.setswitchinterval(switch_ms / 1000)
         self._heap_trimmer = asyncio.create_task(self._trim_heap_periodically())
         # Not a trainer's request: bypasses admission, so trainer metrics stay clean.
         await self._score_admitted(
@@ -214,6 +220,9 @@ class RewardEngine:
             await batcher.stop()
         for pool in (*self._device_pools.values(), self._tokenize_pool):
             pool.shutdown()
+        if self._switch_interval_before is not None:  # process-wide: as the engine found it
+            sys.setswitchinterval(self._switch_interval_before)
+            self._switch_interval_before = None
 
     def reward_definition(self, mode: CombineMode) -> str:
         """A hash of everything that determines a reward: models, versions, parameters.

@@ -92,9 +92,11 @@ def test_the_trace_and_batch_knobs_reach_every_model_and_the_batcher(tmp_path, m
         trace_packed=False,
         max_batch_size=256,
         max_batch_tokens=65536,
+        gil_switch_interval_ms=0.5,
     )
     config = load_reward_config(config_path)
     assert (config.batching.max_batch_size, config.batching.max_batch_tokens) == (256, 65536)
+    assert config.batching.gil_switch_interval_ms == 0.5
     models = load_models(config, tmp_path)[:2]
     assert [(batch_limits(config, m).max_batch_size) for m in models] == [256, 256]
     assert [batch_limits(config, m).max_batch_tokens for m in models] == [65536, 65536]
