@@ -17,7 +17,9 @@ item at once in batches of one (the full limit's batch size 1: 31 to 38 ms an it
 `--jit no-fuser` and `--jit no-optimize` turn off TorchScript's fuser or all of its
 executor's optimisations before the models load and are traced: whether re-specialising
 a traced graph for each new shape is what costs (on CUDA the fuser is on by default, on
-a CPU it is not). `--eager` leaves the packed forwards untraced.
+a CPU it is not). `--eager` leaves the packed forwards untraced. `--cudnn-attention` puts
+SDPA back on cuDNN's attention, which the server turns off on a GPU (session 25: a plan
+built for every new shape): the figures from before, for comparison.
 """
 
 from __future__ import annotations
@@ -85,6 +87,11 @@ def set_jit_mode(mode: str) -> None:
         torch._C._jit_set_texpr_fuser_enabled(False)
     elif mode == "no-optimize":
         torch._C._set_graph_executor_optimize(False)
+
+
+def allow_cudnn_attention(allowed: bool) -> None:
+    """After the models load (loading onto a GPU turns it off): SDPA's cuDNN backend."""
+    torch.backends.cuda.enable_cudnn_sdp(allowed)
 
 
 def _timed_ms(model: RewardModel, batch: Sequence[Prepared]) -> float:
@@ -176,6 +183,11 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--jit", choices=JIT_MODES, default="default")
     parser.add_argument("--eager", action="store_true", help="leave packed forwards untraced")
+    parser.add_argument(
+        "--cudnn-attention",
+        action="store_true",
+        help="let SDPA use cuDNN's attention, as before session 25 (GPU only)",
+    )
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "alarm-serve")
     parser.add_argument("--batch-sizes", type=_sizes, default=[1, 8, 64])
     parser.add_argument("--windows", type=int, default=16, help="at most, per batch size")
@@ -189,6 +201,8 @@ def main() -> int:
     config, models = load_benchmark_models(
         args.cache_dir, holistic=args.holistic, dtype=args.dtype, trace_packed=not args.eager
     )
+    if args.cudnn_attention:
+        allow_cudnn_attention(True)
     items = load_items(256)
     label = gpu_name()
     visits: list[VisitTiming] = []
@@ -229,6 +243,7 @@ def main() -> int:
                     "dtype": args.dtype,
                     "jit": args.jit,
                     "eager": args.eager,
+                    "cudnn_attention": args.cudnn_attention,
                     "traced": {m.name: m.describe().get("traced") for m in models},
                     "visits": [asdict(v) for v in visits],
                     "profiles": [asdict(p) for p in profiles],
