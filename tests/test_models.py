@@ -290,6 +290,29 @@ def test_embedding_similarity_with_packaged_minilm_prefers_relevant_sentences(ti
     assert_batch_invariant(model, "How do I reset my password?", [response, "Yes.", ""])
 
 
+def test_embedding_similarity_calls_as_many_ops_from_python_for_many_items_as_for_few(
+    tiny_paths, tmp_path
+):
+    """Each op a forward calls from Python lets go of the GIL and takes it back: a step per
+    item would multiply those hand-overs (and on a GPU copy every embedding back)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.workload import load_items
+
+    spec = {"name": "relevance", "kind": "embedding_similarity", "path": PACKAGED_PREFIX + MINILM}
+    model = load_aspect({**spec, "device": "cpu", "max_length": 128}, tiny_paths, tmp_path)
+    items = load_items(32)
+
+    def ops_from_python(count: int) -> int:
+        batch = [model.prepare(i["prompt"], i["response"], EncodingMemo()) for i in items[:count]]
+        model.run(batch)  # layouts cached, as the batcher leaves them
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            model.run(batch)
+        return sum(1 for event in profiler.events() if event.cpu_parent is None)
+
+    assert ops_from_python(32) == ops_from_python(4)
+
+
 @pytest.mark.parametrize(("unit", "expected"), [("chars", 11 / 10), ("words", 2 / 10)])
 def test_length_rule_counts_over_the_mean(unit, expected, tiny_paths, tmp_path):
     spec = {"name": "length", "kind": "rule", "unit": unit, "mean": 10}

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from service.combine import SegmentScore
@@ -28,6 +29,7 @@ from service.models.loading import (
     load_tokenizer,
     pad_right,
     runtime_details,
+    to_device,
     truncate_keeping_specials,
 )
 from service.models.row_packing import (
@@ -121,14 +123,14 @@ class EmbeddingSimilarityModel:
         hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, L, H)
         weights = mask.unsqueeze(-1).to(hidden.dtype)  # (N, L, 1)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # (N, H)
-        return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
+        return torch.nn.functional.normalize(pooled.float(), dim=-1)  # on the device
 
     def _embed_sorted_chunks(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         # Rows, not items, are sorted by length: an item's short prompt row would otherwise
         # be padded to its longest sentence, and every row to the batch's longest.
         chunks = length_sorted_chunks([len(row) for row in rows], self._overhead_tokens)
         parts = [self._embed([rows[i] for i in chunk]) for chunk in chunks]
-        embeddings = torch.empty(len(rows), parts[0].shape[-1])
+        embeddings = parts[0].new_empty((len(rows), parts[0].shape[-1]))
         for chunk, part in zip(chunks, parts, strict=True):
             embeddings[chunk] = part
         return embeddings
@@ -151,7 +153,7 @@ class EmbeddingSimilarityModel:
     ) -> torch.Tensor:
         packed = self._packed_inputs(rows, layout, position_offset)
         pooled = mean_pooled(self._hidden(packed), packed, len(rows))  # (N, H)
-        return torch.nn.functional.normalize(pooled, dim=-1).cpu()
+        return torch.nn.functional.normalize(pooled, dim=-1)  # on the device
 
     @torch.inference_mode()
     def _trace(self, rows: Sequence[Sequence[int]], position_offset: int) -> None:
@@ -184,17 +186,29 @@ class EmbeddingSimilarityModel:
             embeddings = self._packer.run(all_rows, self._embed_packed)
         else:
             embeddings = self._embed_sorted_chunks(all_rows)
+        cosines = self._cosines_with_prompts(embeddings, [len(p.rows) for p in batch])
         results: list[ModelOutput] = []
         first = 0
         for p in batch:
-            rows = embeddings[first : first + len(p.rows)]  # (1 + S, H): prompt, then segments
-            cosines = (rows[1:] @ rows[0]).tolist()  # (S,)
             segments = tuple(
-                SegmentScore(s, e, c) for (s, e), c in zip(p.meta, cosines, strict=True)
+                SegmentScore(s, e, c)
+                for (s, e), c in zip(p.meta, cosines[first + 1 : first + len(p.rows)], strict=True)
             )
             results.append(AspectScore(segments, p.truncated))
             first += len(p.rows)
         return results
+
+    @staticmethod
+    def _cosines_with_prompts(embeddings: torch.Tensor, rows_per_item: list[int]) -> list[float]:
+        """Each row's cosine with its item's prompt row (the item's first; 1 for the prompt
+        itself), for the whole batch in one step on the embeddings' device and one copy
+        back: a step per item would call the GIL back after each of its ops, and on a GPU
+        would copy every embedding to the host."""
+        if not rows_per_item:
+            return []
+        firsts = np.cumsum([0, *rows_per_item[:-1]])
+        prompt_of_row = to_device(np.repeat(firsts, rows_per_item), str(embeddings.device))
+        return (embeddings * embeddings[prompt_of_row]).sum(-1).tolist()  # (rows,)
 
     def describe(self) -> dict[str, Any]:
         return {
