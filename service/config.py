@@ -113,14 +113,12 @@ class BatchingConfig(StrictModel):
         None,
         gt=0,
         le=100,
-        description="how long the event loop may keep the GIL from a forward's thread that "
-        "wants it back (sys.setswitchinterval). PyTorch lets go of the GIL in every op a "
-        "forward calls from Python, about 30 per packed forward here, and takes it back "
-        "after each; while the event loop is busy, each return may wait up to this long. "
-        "Meant for a GPU, whose forwards take milliseconds: on an H200 the server's "
-        "holistic forwards of 64 items took 36 ms against 21 ms in a process of their own. "
-        "null = Python's 5 ms; on this project's 2-core CPU 0.5 was level "
-        "(benchmarks/HISTORY.md); not measured on a GPU yet",
+        description="how long a busy event loop may keep the GIL from a forward's thread "
+        "that wants it back (sys.setswitchinterval, process-wide while the engine serves). "
+        "PyTorch lets go of the GIL in each op a forward calls from Python (34 to 37 per "
+        "packed forward here) and takes it back after. null = Python's 5 ms; meant for "
+        "GPUs, where a forward takes milliseconds; not measured on a GPU yet "
+        "(benchmarks/RESULTS.md)",
     )
     forward_overhead_tokens: int | None = Field(
         None,

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from service.errors import (
     ModelFailure,
     NotReady,
 )
+from service.gil_switch import SwitchInterval
 from service.memory import keep_freed_memory, release_free_heap
 from service.metrics import ServiceMetrics
 from service.models import (
@@ -160,7 +160,7 @@ class RewardEngine:
         self._admission = Admission(config.batching.max_queue_items, config.limits, metrics)
         self._accepting = False
         self._heap_trimmer: asyncio.Task[None] | None = None
-        self._switch_interval_before: float | None = None  # set while the engine sets its own
+        self._switch_interval = SwitchInterval()  # batching.gil_switch_interval_ms
 
     def _observer(self, name: str) -> Callable[[BatchStats], None]:
         return lambda stats: self._metrics.observe_batch(name, stats)
@@ -193,15 +193,16 @@ class RewardEngine:
             batcher.start()
         self._accepting = True
         keep_freed_memory()  # for reuse by the next forwards; the trimmer gives it back
-        switch_ms = self._config.batching.gil_switch_interval_ms
-        if switch_ms is not None:
-            self._switch_interval_before = sys.getswitchinterval()
-            sys.setswitchinterval(switch_ms / 1000)
+        self._switch_interval.apply(self._config.batching.gil_switch_interval_ms)
         self._heap_trimmer = asyncio.create_task(self._trim_heap_periodically())
-        # Not a trainer's request: bypasses admission, so trainer metrics stay clean.
-        await self._score_admitted(
-            [ScoreInput("Warm-up question?", "A warm-up answer.")], None, "warm-up"
-        )
+        try:
+            # Not a trainer's request: bypasses admission, so trainer metrics stay clean.
+            await self._score_admitted(
+                [ScoreInput("Warm-up question?", "A warm-up answer.")], None, "warm-up"
+            )
+        except BaseException:  # no stop() follows a failed start: leave the process as found
+            self._switch_interval.restore()
+            raise
 
     async def _trim_heap_periodically(self) -> None:
         while True:
@@ -212,17 +213,17 @@ class RewardEngine:
 
     async def stop(self) -> None:
         self._accepting = False
-        if self._heap_trimmer is not None:
-            self._heap_trimmer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heap_trimmer
-        for batcher in self._batchers.values():
-            await batcher.stop()
-        for pool in (*self._device_pools.values(), self._tokenize_pool):
-            pool.shutdown()
-        if self._switch_interval_before is not None:  # process-wide: as the engine found it
-            sys.setswitchinterval(self._switch_interval_before)
-            self._switch_interval_before = None
+        try:
+            if self._heap_trimmer is not None:
+                self._heap_trimmer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._heap_trimmer
+            for batcher in self._batchers.values():
+                await batcher.stop()
+            for pool in (*self._device_pools.values(), self._tokenize_pool):
+                pool.shutdown()
+        finally:
+            self._switch_interval.restore()
 
     def reward_definition(self, mode: CombineMode) -> str:
         """A hash of everything that determines a reward: models, versions, parameters.

@@ -44,3 +44,46 @@ def test_the_switch_interval_is_positive_and_pythons_by_default():
         RewardConfig.model_validate(
             {"holistic": holistic, "batching": {"gil_switch_interval_ms": 0}}
         )
+
+
+def test_applied_twice_the_interval_found_first_is_restored_once():
+    from service.gil_switch import SwitchInterval
+
+    before = sys.getswitchinterval()
+    switch = SwitchInterval()
+    try:
+        switch.apply(None)
+        assert sys.getswitchinterval() == before
+        switch.apply(0.5)
+        switch.apply(0.2)  # a second start must not take 0.5 ms for Python's own
+        assert sys.getswitchinterval() == pytest.approx(0.0002)
+        switch.restore()
+        assert sys.getswitchinterval() == before
+        sys.setswitchinterval(0.003)
+        switch.restore()  # restored already: a second stop leaves whatever is set now
+        assert sys.getswitchinterval() == pytest.approx(0.003)
+    finally:
+        sys.setswitchinterval(before)
+
+
+async def test_a_start_that_fails_leaves_the_interval_as_it_found_it(
+    tiny_config: RewardConfig, tmp_path, monkeypatch
+):
+    from service.engine import RewardEngine
+    from service.metrics import ServiceMetrics
+    from service.models import load_models
+
+    batching = tiny_config.batching.model_copy(update={"gil_switch_interval_ms": 0.5})
+    config = tiny_config.model_copy(update={"batching": batching})
+    engine = RewardEngine(
+        load_models(config, tmp_path), config, ServiceMetrics(CollectorRegistry())
+    )
+
+    async def failing_warm_up(*args, **kwargs):
+        raise RuntimeError("warm-up failed")
+
+    monkeypatch.setattr(engine, "_score_admitted", failing_warm_up)
+    before = sys.getswitchinterval()
+    with pytest.raises(RuntimeError, match="warm-up failed"):
+        await engine.start()
+    assert sys.getswitchinterval() == before

@@ -290,6 +290,21 @@ def test_embedding_similarity_with_packaged_minilm_prefers_relevant_sentences(ti
     assert_batch_invariant(model, "How do I reset my password?", [response, "Yes.", ""])
 
 
+def test_each_rows_cosine_is_with_its_own_items_prompt_row():
+    from service.models.embedding_similarity import EmbeddingSimilarityModel
+
+    embeddings = torch.nn.functional.normalize(torch.randn(7, 5), dim=-1)
+    rows_per_item = [3, 1, 3]  # prompt + 2 segments, a prompt alone (no segments), prompt + 2
+    got = EmbeddingSimilarityModel._cosines_with_prompts(embeddings, rows_per_item)
+    expected, first = [], 0
+    for rows in rows_per_item:  # the per-item formula it replaced
+        item = embeddings[first : first + rows]
+        expected.extend([1.0, *(item[1:] @ item[0]).tolist()])
+        first += rows
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert EmbeddingSimilarityModel._cosines_with_prompts(embeddings[:0], []) == []
+
+
 def test_embedding_similarity_calls_as_many_ops_from_python_for_many_items_as_for_few(
     tiny_paths, tmp_path
 ):
@@ -310,6 +325,7 @@ def test_embedding_similarity_calls_as_many_ops_from_python_for_many_items_as_fo
             model.run(batch)
         return sum(1 for event in profiler.events() if event.cpu_parent is None)
 
+    # Both batches run in one packed forward; a batch cut into several calls more.
     assert ops_from_python(32) == ops_from_python(4)
 
 

@@ -81,12 +81,10 @@ def load_pretrained(auto_class: Any, resolved_path: str, dtype: str, device: str
 
 def attend_without_shape_plans() -> None:
     """Keep SDPA off cuDNN's attention, which builds an execution plan for every input
-    shape it meets: a server's batches take a new shape almost every time (their rows'
-    lengths, packed widths and bin counts). Measured on an H200 (all-MiniLM-L6-v2, bf16,
-    traced, packed rows): a batch of 64 items met for the first time took 64 ms, 48 of them
-    in `aten::_cudnn_attention_forward`, and 2 to 5 ms when met again; without cuDNN,
-    flash or memory-efficient attention ran first visits in 3 to 11 ms, repeats alike.
-    Process-wide, as PyTorch's SDPA backend switches are."""
+    shape it meets: a server's batches take a new shape almost every time (rows' lengths,
+    packed widths, bin counts). On an H200 that plan cost a relevance batch tens of ms on
+    each first visit (benchmarks/RESULTS.md, session 25). Process-wide, as PyTorch's
+    backend switches are, and left so."""
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
