@@ -89,11 +89,6 @@ def set_jit_mode(mode: str) -> None:
         torch._C._set_graph_executor_optimize(False)
 
 
-def allow_cudnn_attention(allowed: bool) -> None:
-    """After the models load (loading onto a GPU turns it off): SDPA's cuDNN backend."""
-    torch.backends.cuda.enable_cudnn_sdp(allowed)
-
-
 def _timed_ms(model: RewardModel, batch: Sequence[Prepared]) -> float:
     started = time.perf_counter()
     model.run(batch)  # returns Python floats: the device has finished
@@ -201,8 +196,8 @@ def main() -> int:
     config, models = load_benchmark_models(
         args.cache_dir, holistic=args.holistic, dtype=args.dtype, trace_packed=not args.eager
     )
-    if args.cudnn_attention:
-        allow_cudnn_attention(True)
+    if args.cudnn_attention:  # after the load, which turns it off on a GPU
+        torch.backends.cuda.enable_cudnn_sdp(True)
     items = load_items(256)
     label = gpu_name()
     visits: list[VisitTiming] = []

@@ -3,7 +3,6 @@
 import torch
 
 from benchmarks.forward_profile import (
-    allow_cudnn_attention,
     forward_profile,
     set_jit_mode,
     single_item_limits,
@@ -68,14 +67,3 @@ def test_the_limits_single_items_are_timed_one_per_window_and_all_at_once(tiny_p
     apart, together = figures["one_item_per_window_ms"], figures["all_items_at_once_ms"]
     # The same eight single-item forwards either way: on a CPU, about the same time.
     assert apart > 0 and together > 0 and 0.2 < apart / together < 5
-
-
-def test_cudnn_attention_can_be_allowed_again_after_a_gpu_load_turned_it_off():
-    enabled = torch.backends.cuda.cudnn_sdp_enabled()
-    try:
-        allow_cudnn_attention(False)
-        assert not torch.backends.cuda.cudnn_sdp_enabled()
-        allow_cudnn_attention(True)
-        assert torch.backends.cuda.cudnn_sdp_enabled()
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(enabled)
