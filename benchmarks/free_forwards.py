@@ -50,6 +50,12 @@ class FreeNetwork:
         )
 
 
+# Each adapter's packed forward (traced at load) and its eager form, which calls `_model`.
+TRACED_FORWARDS = (
+    ("_packed_scores", "_eager_packed_scores"),
+    ("_packed_embeddings", "_eager_packed_embeddings"),
+)
+
 # What each adapter kind reads from its network's output.
 OUTPUT_BY_KIND = {"sequence_scalar": "logits", "embedding_similarity": "last_hidden_state"}
 
@@ -63,8 +69,9 @@ def make_forwards_free(models: list[RewardModel]) -> list[RewardModel]:
         if model.kind not in OUTPUT_BY_KIND:
             raise ValueError(f"no free stand-in for a {model.kind} model ({model.name})")
         model._model = FreeNetwork(real, OUTPUT_BY_KIND[model.kind])  # type: ignore[attr-defined]
-        if hasattr(model, "_hidden"):  # packed embeddings: back to the eager call, now free
-            model._hidden = model._eager_hidden  # type: ignore[attr-defined]
+        for traced, eager in TRACED_FORWARDS:  # back to the eager call, whose network is free
+            if hasattr(model, traced):
+                setattr(model, traced, getattr(model, eager))
         head: PackedScalarHead | None = getattr(model, "_head", None)
         if head is not None:  # packed rows: the backbone and the head are called apart
             model._head = dataclasses.replace(  # type: ignore[attr-defined]

@@ -329,6 +329,60 @@ def test_embedding_similarity_calls_as_many_ops_from_python_for_many_items_as_fo
     assert ops_from_python(32) == ops_from_python(4)
 
 
+# What a packed forward may still call from Python: the copies of its inputs to the device
+# (`lift_fresh` and `to` each), and of its outputs back into a list.
+COPIES_IN_AND_OUT = {"aten::lift_fresh", "aten::to", "aten::resolve_conj", "aten::resolve_neg"}
+
+
+def _compute_called_from_python(model, batch) -> list[str]:
+    """The ops `model.run(batch)` calls from Python, copies left out: a traced graph shows
+    as one `forward`, whatever it runs inside."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.run(batch)  # layouts cached, as the batcher leaves them
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        model.run(batch)
+    events = [event.name for event in profiler.events() if event.cpu_parent is None]
+    return [name for name in events if name not in COPIES_IN_AND_OUT]
+
+
+@pytest.mark.parametrize("family", ["llama", "deberta", "bert", "roberta"])
+def test_a_traced_scalar_rm_builds_its_mask_and_runs_its_head_inside_the_graph(
+    family, scalar_rms, tmp_path
+):
+    """Every op called from Python hands the GIL over and may wait up to the switch
+    interval for it beside a busy event loop: the mask, the read of each row's token and
+    the head run in the one traced call (34 ops from Python before, 8 now)."""
+    from tests.test_packed_heads import _holistic, _short_items
+
+    model = _holistic(scalar_rms[family], tmp_path)
+    assert model.describe()["traced"]
+    memo = EncodingMemo()
+    batch = [model.prepare(p, r, memo) for p, r in _short_items(6)]
+    # Rows the packer runs in one forward (the tiny models' dear attention cuts some).
+    while len(model._packer.forwards([len(p.rows[0]) for p in batch])) > 1:
+        batch = batch[:-1]
+    assert len(batch) >= 2
+    assert _compute_called_from_python(model, batch) == ["forward"]
+
+
+def test_traced_embeddings_pool_inside_the_graph(tiny_paths, tmp_path):
+    """The mask and the pooling run in the traced call; the cosines with each item's
+    prompt row after it, in one step (an item's rows may run in different forwards)."""
+    from benchmarks.workload import load_items
+
+    spec = {"name": "relevance", "kind": "embedding_similarity", "path": PACKAGED_PREFIX + MINILM}
+    model = load_aspect({**spec, "device": "cpu", "max_length": 128}, tiny_paths, tmp_path)
+    assert model.describe()["traced"]
+    batch = [model.prepare(i["prompt"], i["response"], EncodingMemo()) for i in load_items(4)]
+    assert _compute_called_from_python(model, batch) == [
+        "forward",
+        "aten::index",
+        "aten::mul",
+        "aten::sum",
+    ]
+
+
 @pytest.mark.parametrize(("unit", "expected"), [("chars", 11 / 10), ("words", 2 / 10)])
 def test_length_rule_counts_over_the_mean(unit, expected, tiny_paths, tmp_path):
     spec = {"name": "length", "kind": "rule", "unit": unit, "mean": 10}

@@ -95,7 +95,7 @@ def test_packed_batch_lays_rows_end_to_end_with_restarting_positions():
     assert batch.input_ids.tolist() == [[11, 12, 13, 15, 16], [14, 0, 0, 0, 0]]
     assert batch.position_ids.tolist() == [[2, 3, 4, 2, 3], [2, 0, 0, 0, 0]]
     assert batch.row_of_token.tolist() == [0, 0, 0, 2, 2, 1, 3, 3, 3, 3]  # 3: padding
-    assert batch.row_start.tolist() == [0, 5, 3]  # each row's first cell, in row order
+    assert batch.row_cells.tolist() == [0, 5, 3]  # each row's first cell, in row order
     assert row_start_cells([3, 1, 2], layout).tolist() == [0, 5, 3]  # the same, on the host
     allowed = (batch.attention_mask == 0).squeeze(1).int().tolist()  # (B, W, W)
     assert allowed[0] == [
@@ -128,7 +128,7 @@ def test_a_causal_packed_batch_lets_each_token_see_its_own_rows_earlier_tokens()
     layout = PackedLayout(6, ((0, 1),))
     batch = packed_batch(rows, layout, 0, 0, torch.bool, "cpu", causal=True)
     assert batch.attention_mask.dtype == torch.bool
-    assert batch.row_start.tolist() == [0, 2]
+    assert batch.row_cells.tolist() == [0, 2]
     assert batch.attention_mask[0, 0].int().tolist() == [
         [1, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0],
@@ -143,7 +143,7 @@ def test_mean_pooled_averages_each_rows_own_tokens():
     rows = [(1, 1, 1), (1,), (1, 1)]
     batch = packed_batch(rows, PackedLayout(5, ((0, 2), (1,))), 0, 0, torch.float32, "cpu")
     hidden = torch.tensor([[1.0, 2, 3, 10, 20], [7, 100, 100, 100, 100]])[..., None]  # (B, W, 1)
-    assert mean_pooled(hidden, batch, 3).squeeze(-1).tolist() == [2.0, 7.0, 15.0]
+    assert mean_pooled(hidden, batch).squeeze(-1).tolist() == [2.0, 7.0, 15.0]
 
 
 def test_no_offset_when_the_encoder_refuses_packed_inputs_or_never_matches():

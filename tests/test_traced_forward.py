@@ -15,8 +15,8 @@ from benchmarks.workload import load_items
 from service.config import RewardConfig
 from service.models import EncodingMemo, load_models, prepare_items
 from service.models.packaged import MINILM, PACKAGED_PREFIX, SMOLLM2
-from service.models.row_packing import PackedBatch, PackedLayout, pack_to_width, packed_batch
-from service.models.traced_forward import probe_batches, traced_hidden
+from service.models.row_packing import PackedBatch, PackedLayout, pack_to_width, packed_tokens
+from service.models.traced_forward import PackedInputs, probe_batches, traced_forward
 from tests.test_packed_heads import _holistic, _raw, _short_items
 from tests.test_row_packing import _cosines, _relevance
 
@@ -89,23 +89,28 @@ class _Embedder(torch.nn.Module):
         self.embed = torch.nn.Embedding(300, width)
         self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
 
-    def hidden(self, packed: PackedBatch) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, row_cells: torch.Tensor) -> torch.Tensor:
+        """From the packed inputs, as the adapters' forwards start: the batch's tensors,
+        its mask built from them."""
+        packed = PackedBatch.on_device(tokens, row_cells, torch.bool, causal=False)
         x = self.embed(packed.input_ids) + packed.position_ids[..., None]
         for layer in self.layers:
             x = torch.tanh(layer(x))
         return x
 
-    def shape_reading_hidden(self, packed: PackedBatch) -> torch.Tensor:
+    def shape_reading_hidden(self, tokens: torch.Tensor, row_cells: torch.Tensor) -> torch.Tensor:
         """Reads the width and the row count from shapes (as `_deberta_hidden` reads the row
         count): a trace must record the reads, not the traced batch's numbers."""
-        real = packed.row_of_token.view(packed.input_ids.shape) < packed.row_start.shape[0]
-        return self.hidden(packed) * real[..., None] / packed.input_ids.shape[1]
+        packed = PackedBatch.on_device(tokens, row_cells, torch.bool, causal=False)
+        real = packed.row_of_token.view(packed.input_ids.shape) < packed.row_cells.shape[0]
+        return self.hidden(tokens, row_cells) * real[..., None] / packed.input_ids.shape[1]
 
-    def branching_hidden(self, packed: PackedBatch) -> torch.Tensor:
+    def branching_hidden(self, tokens: torch.Tensor, row_cells: torch.Tensor) -> torch.Tensor:
         """Another way when the mask hides nothing (transformers drops such a padding mask):
         a branch on the data, which a trace freezes the way its own batch went."""
-        x = self.hidden(packed)
-        return x + 1.0 if bool(packed.attention_mask.all()) else x
+        x = self.hidden(tokens, row_cells)
+        mask = PackedBatch.on_device(tokens, row_cells, torch.bool, causal=False).attention_mask
+        return x + 1.0 if bool(mask.all()) else x
 
 
 def _rows(count: int, seed: int) -> list[list[int]]:
@@ -114,28 +119,28 @@ def _rows(count: int, seed: int) -> list[list[int]]:
     return [torch.randint(3, 300, (n,), generator=generator).tolist() for n in lengths]
 
 
-def _build(rows, layout: PackedLayout) -> PackedBatch:
-    return packed_batch(rows, layout, 0, 0, torch.bool, "cpu")
+def _build(rows, layout: PackedLayout) -> PackedInputs:
+    return tuple(map(torch.from_numpy, packed_tokens(rows, layout, 0, 0)))
 
 
 def test_a_trace_reads_each_batch_shape_anew():
     model = _Embedder()
     forward = model.shape_reading_hidden
-    traced = traced_hidden(model, forward, probe_batches(_rows(5, 0), _build), 1e-5)
+    traced = traced_forward(model, forward, probe_batches(_rows(5, 0), _build), 1e-5)
     assert traced is not None
     with torch.inference_mode():
         for count, seed in ((1, 1), (9, 2), (40, 3)):
             rows = _rows(count, seed)
             layout = pack_to_width([len(r) for r in rows], 64)
             batch = _build(rows, layout)
-            assert torch.allclose(traced(batch), forward(batch), atol=1e-6)
+            assert torch.allclose(traced(*batch), forward(*batch), atol=1e-6)
 
 
 def test_a_branch_on_the_data_leaves_the_forward_eager(caplog):
     model = _Embedder()
     probes = probe_batches(_rows(5, 0), _build)  # traced on the first: its mask hides tokens
     with caplog.at_level(logging.WARNING):
-        assert traced_hidden(model, model.branching_hidden, probes, 1e-5) is None
+        assert traced_forward(model, model.branching_hidden, probes, 1e-5) is None
     assert "left eager" in caplog.text
 
 
@@ -143,32 +148,32 @@ def test_a_branch_on_the_data_leaves_the_forward_eager(caplog):
 def test_a_trace_that_raises_leaves_the_forward_eager(error, caplog):
     model = _Embedder()
 
-    def failing(packed: PackedBatch) -> torch.Tensor:
+    def failing(*inputs: torch.Tensor) -> torch.Tensor:
         raise error
 
     with caplog.at_level(logging.WARNING):
-        assert traced_hidden(model, failing, probe_batches(_rows(5, 0), _build), 1e-5) is None
+        assert traced_forward(model, failing, probe_batches(_rows(5, 0), _build), 1e-5) is None
     assert type(error).__name__ in caplog.text and str(error) in caplog.text
 
 
 def test_a_forward_that_gives_nan_stays_eager():
     model = _Embedder()
 
-    def nan_hidden(packed: PackedBatch) -> torch.Tensor:
-        return model.hidden(packed) * torch.nan
+    def nan_hidden(*inputs: torch.Tensor) -> torch.Tensor:
+        return model.hidden(*inputs) * torch.nan
 
-    assert traced_hidden(model, nan_hidden, probe_batches(_rows(5, 0), _build), 1e-5) is None
+    assert traced_forward(model, nan_hidden, probe_batches(_rows(5, 0), _build), 1e-5) is None
 
 
 def test_dynamic_rope_leaves_the_forward_eager(caplog):
     model = _Embedder()
     model.config = types.SimpleNamespace(rope_parameters={"rope_type": "dynamic", "factor": 2.0})
     with caplog.at_level(logging.WARNING):
-        assert traced_hidden(model, model.hidden, probe_batches(_rows(5, 0), _build), 1e-5) is None
+        assert traced_forward(model, model.hidden, probe_batches(_rows(5, 0), _build), 1e-5) is None
     assert "dynamic RoPE" in caplog.text
 
 
-def _worker_cpu_sleeping_then_spinning(forward, batch: PackedBatch, window_s: float):
+def _worker_cpu_sleeping_then_spinning(forward, batch: PackedInputs, window_s: float):
     """CPU seconds `forward` gets on its own thread while this thread first sleeps, then
     spins in Python with a switch interval longer than the spin, `window_s` each: an eager
     forward waits for the GIL between operators, a traced graph does not. The sleeping
@@ -180,7 +185,7 @@ def _worker_cpu_sleeping_then_spinning(forward, batch: PackedBatch, window_s: fl
         clock.append(time.pthread_getcpuclockid(threading.get_ident()))
         ready.set()
         with torch.inference_mode():
-            forward(batch)
+            forward(*batch)
 
     interval, threads = sys.getswitchinterval(), torch.get_num_threads()
     worker = threading.Thread(target=work)
@@ -206,7 +211,7 @@ def _worker_cpu_sleeping_then_spinning(forward, batch: PackedBatch, window_s: fl
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a core beside the spin")
 def test_a_traced_forward_runs_while_python_holds_the_gil():
     model = _Embedder(width=256, layers=80)  # ~1 s of forward on one core
-    traced = traced_hidden(model, model.hidden, probe_batches(_rows(5, 0), _build), 1e-4)
+    traced = traced_forward(model, model.hidden, probe_batches(_rows(5, 0), _build), 1e-4)
     assert traced is not None
     rows = [[7] * 500 for _ in range(16)]
     batch = _build(rows, pack_to_width([500] * 16, 512))

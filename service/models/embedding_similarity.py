@@ -38,11 +38,16 @@ from service.models.row_packing import (
     PackedLayout,
     RowPacker,
     mean_pooled,
-    packed_batch,
+    packed_tokens,
     packing_position_offset,
     takes_boolean_mask,
 )
-from service.models.traced_forward import PackedHidden, probe_batches, traced_hidden
+from service.models.traced_forward import (
+    PackedForward,
+    PackedInputs,
+    probe_batches,
+    traced_forward,
+)
 from service.segmentation import split_spans
 
 # Rows whose packed embeddings must match their embeddings alone, at load.
@@ -75,7 +80,7 @@ class EmbeddingSimilarityModel:
         self._packer = RowPacker.for_model(
             self._model.config, spec.max_length, overhead_tokens, self._pad_id
         )
-        self._hidden: PackedHidden = self._eager_hidden
+        self._packed_embeddings: PackedForward = self._eager_packed_embeddings
         self.traced = False
         if spec.pack_rows:
             probe_rows = [self._tokenizer(text)["input_ids"] for text in _PACKING_PROBE]
@@ -137,34 +142,42 @@ class EmbeddingSimilarityModel:
 
     def _packed_inputs(
         self, rows: Sequence[Sequence[int]], layout: PackedLayout, position_offset: int
-    ) -> PackedBatch:
-        dtype = torch.bool if takes_boolean_mask(self._model.config) else self._model.dtype
-        return packed_batch(rows, layout, self._pad_id, position_offset, dtype, self.device)
+    ) -> PackedInputs:
+        tokens, row_start = packed_tokens(rows, layout, self._pad_id, position_offset)
+        return to_device(tokens, self.device), to_device(row_start, self.device)
 
-    def _eager_hidden(self, packed: PackedBatch) -> torch.Tensor:
-        return self._model(
+    def _eager_packed_embeddings(
+        self, tokens: torch.Tensor, row_start: torch.Tensor
+    ) -> torch.Tensor:
+        """(N, H) normalised float32 embeddings from the packed inputs: the mask and the
+        pooling on the device, in the graph when traced."""
+        dtype = torch.bool if takes_boolean_mask(self._model.config) else self._model.dtype
+        packed = PackedBatch.on_device(tokens, row_start, dtype, causal=False)
+        hidden = self._model(
             input_ids=packed.input_ids,
             attention_mask=packed.attention_mask,
             position_ids=packed.position_ids,
         ).last_hidden_state  # (B, W, H)
+        return torch.nn.functional.normalize(mean_pooled(hidden, packed), dim=-1)
 
     def _embed_packed(
         self, rows: Sequence[Sequence[int]], layout: PackedLayout, position_offset: int
     ) -> torch.Tensor:
-        packed = self._packed_inputs(rows, layout, position_offset)
-        pooled = mean_pooled(self._hidden(packed), packed, len(rows))  # (N, H)
-        return torch.nn.functional.normalize(pooled, dim=-1)  # on the device
+        return self._packed_embeddings(*self._packed_inputs(rows, layout, position_offset))
 
     @torch.inference_mode()
     def _trace(self, rows: Sequence[Sequence[int]], position_offset: int) -> None:
         probes = probe_batches(
             rows, lambda some, layout: self._packed_inputs(some, layout, position_offset)
         )
-        traced = traced_hidden(
-            self._model, self._eager_hidden, probes, PACKING_TOLERANCE[self._spec.dtype]
+        traced = traced_forward(
+            self._model,
+            self._eager_packed_embeddings,
+            probes,
+            PACKING_TOLERANCE[self._spec.dtype],
         )
         if traced is not None:
-            self._hidden, self.traced = traced, True
+            self._packed_embeddings, self.traced = traced, True
 
     @torch.inference_mode()
     def _packing_offset(self, rows: Sequence[Sequence[int]]) -> int | None:

@@ -42,12 +42,16 @@ from service.models.row_packing import (
     PackedLayout,
     RowPacker,
     narrower_sliding_window,
-    packed_batch,
+    packed_tokens,
     packing_position_offset,
-    row_start_cells,
     takes_boolean_mask,
 )
-from service.models.traced_forward import PackedHidden, probe_batches, traced_hidden
+from service.models.traced_forward import (
+    PackedForward,
+    PackedInputs,
+    probe_batches,
+    traced_forward,
+)
 
 
 class LmLikelihoodModel:
@@ -76,7 +80,7 @@ class LmLikelihoodModel:
         self._packer = RowPacker.for_model(
             self._model.config, spec.max_length, overhead_tokens, self._pad_id
         )
-        self._hidden: PackedHidden = self._eager_hidden
+        self._hidden: PackedForward = self._eager_hidden
         self.traced = False
         # Packed forwards pass a 4-D mask the compiled backbone was not compiled for.
         if (
@@ -148,7 +152,11 @@ class LmLikelihoodModel:
     # right-padded server), where cut batches run on both slots (1.05x; 8 single-item
     # clients 1.09x; scratch pair script, 3 rounds x 12 s).
 
-    def _eager_hidden(self, packed: PackedBatch) -> torch.Tensor:
+    def _eager_hidden(self, tokens: torch.Tensor, row_start: torch.Tensor) -> torch.Tensor:
+        """(B, W, H) from the packed inputs, the causal mask built on the device (in the
+        graph when traced)."""
+        mask_dtype = torch.bool if takes_boolean_mask(self._model.config) else self._model.dtype
+        packed = PackedBatch.on_device(tokens, row_start, mask_dtype, causal=True)
         return self._backbone(
             input_ids=packed.input_ids,
             attention_mask=packed.attention_mask,
@@ -158,12 +166,9 @@ class LmLikelihoodModel:
 
     def _packed_inputs(
         self, rows: Sequence[Sequence[int]], layout: PackedLayout, position_offset: int
-    ) -> PackedBatch:
-        boolean = takes_boolean_mask(self._model.config)
-        mask_dtype = torch.bool if boolean else self._model.dtype
-        return packed_batch(
-            rows, layout, self._pad_id, position_offset, mask_dtype, self.device, causal=True
-        )
+    ) -> PackedInputs:
+        tokens, row_start = packed_tokens(rows, layout, self._pad_id, position_offset)
+        return to_device(tokens, self.device), to_device(row_start, self.device)
 
     def _response_log_probs(
         self,
@@ -209,10 +214,11 @@ class LmLikelihoodModel:
         layout: PackedLayout,
         position_offset: int,
     ) -> torch.Tensor:
-        packed = self._packed_inputs(rows, layout, position_offset)
-        hidden = self._hidden(packed)  # (B, W, H)
-        starts = row_start_cells([len(row) for row in rows], layout)
-        return self._response_log_probs(hidden, packed.input_ids, starts, rows, first_scored)
+        tokens, row_start = packed_tokens(rows, layout, self._pad_id, position_offset)
+        tokens_on_device = to_device(tokens, self.device)
+        hidden = self._hidden(tokens_on_device, to_device(row_start, self.device))  # (B, W, H)
+        ids = tokens_on_device[0]
+        return self._response_log_probs(hidden, ids, row_start, rows, first_scored)
 
     @torch.inference_mode()
     def _packing_offset(self, rows: Sequence[Sequence[int]]) -> int | None:
@@ -240,7 +246,7 @@ class LmLikelihoodModel:
             lambda some, layout: self._packed_inputs(some, layout, position_offset),
         )
         tolerance = PACKING_TOLERANCE[self._spec.dtype]
-        traced = traced_hidden(self._model, self._eager_hidden, probes, tolerance)
+        traced = traced_forward(self._model, self._eager_hidden, probes, tolerance)
         if traced is not None:
             self._hidden, self.traced = traced, True
 

@@ -42,12 +42,12 @@ class PackedScalarHead:
             offsets.append(last)
         return offsets
 
-    def scores(self, packed: PackedBatch, offsets: Sequence[int]) -> torch.Tensor:
-        """(N,) each row's score, read at its own token."""
+    def scores(self, packed: PackedBatch) -> torch.Tensor:
+        """(N,) each row's score, read at its own token (`row_cells`: each row's first
+        cell plus its `read_offsets`, found on the host), in float32."""
         hidden = self.hidden(packed)  # (B, W, H)
-        cells = packed.row_start + torch.tensor(offsets, device=packed.row_start.device)
-        read = hidden.reshape(-1, hidden.shape[-1])[cells]  # (N, H)
-        return self.head(read[:, None, :])[:, 0]
+        read = hidden.reshape(-1, hidden.shape[-1])[packed.row_cells]  # (N, H)
+        return self.head(read[:, None, :])[:, 0].float()
 
 
 def packed_scalar_head(model: Any, max_length: int) -> PackedScalarHead | None:
@@ -118,7 +118,7 @@ def _deberta_hidden(base: Any, packed: PackedBatch) -> torch.Tensor:
     """DeBERTa's model hands one mask to its embeddings (a (B, W) token mask) and to its
     encoder, so the two are called apart. Its relative positions depend on the distance
     between two tokens only, the same within a packed row as alone."""
-    tokens = packed.row_of_token.view(packed.input_ids.shape) < packed.row_start.shape[0]
+    tokens = packed.row_of_token.view(packed.input_ids.shape) < packed.row_cells.shape[0]
     embedded = base.embeddings(
         input_ids=packed.input_ids, position_ids=packed.position_ids, mask=tokens.long()
     )

@@ -247,7 +247,54 @@ class PackedBatch:
     attention_mask: torch.Tensor  # (B, 1, W, W) additive (0 within a row, dtype min across)
     # or, for a boolean dtype, True where a token may attend
     row_of_token: torch.Tensor  # (B * W,) the row of each token; len(rows) for padding
-    row_start: torch.Tensor  # (N,) the cell of each row's first token, in (B * W,)
+    row_cells: torch.Tensor  # (N,) one flat cell of each row, in (B * W,): the one its
+    # model reads (a head's pooled token), or its first token's
+
+    @classmethod
+    def on_device(
+        cls, tokens: torch.Tensor, row_cells: torch.Tensor, mask_dtype: torch.dtype, causal: bool
+    ) -> PackedBatch:
+        """The batch from `packed_tokens`' arrays on the device, the (B, 1, W, W) mask built
+        there from the row numbers. Device ops only, shapes read from the tensors: a packed
+        forward traces this with the model, so the mask costs no call from Python.
+        `causal`: a token attends to its own row's earlier tokens only (decoders)."""
+        ids, positions, row_grid = tokens.unbind(0)  # (B, W) each
+        # Padding shares one row number: it attends to padding only.
+        allowed = row_grid[:, None, :, None] == row_grid[:, None, None, :]  # (B, 1, W, W)
+        if causal:
+            width = row_grid.shape[1]
+            allowed &= torch.ones(width, width, dtype=torch.bool, device=tokens.device).tril()
+        if mask_dtype == torch.bool:
+            mask = allowed
+        else:
+            mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=tokens.device)
+            mask.masked_fill_(~allowed, torch.finfo(mask_dtype).min)
+        return cls(ids, positions, mask, row_grid.reshape(-1), row_cells)
+
+
+def packed_tokens(
+    rows: Sequence[Sequence[int]], layout: PackedLayout, pad_id: int, position_offset: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lay `rows` out as `layout` says, on the host: (3, B, W) ids, positions and each
+    token's row (len(rows) for padding), in one array so that one copy moves them, and
+    (N,) each row's first cell (`row_start_cells`)."""
+    width, count = layout.width, len(rows)
+    order = [index for members in layout.bins for index in members]
+    lengths = np.array([len(rows[i]) for i in order], dtype=np.int64)
+    row_start = row_start_cells([len(row) for row in rows], layout)
+    token_offset = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    token_cell = np.repeat(row_start[order], lengths) + token_offset
+    tokens = np.empty((3, len(layout.bins) * width), dtype=np.int64)
+    ids, positions, row_of_token = tokens
+    ids.fill(pad_id)
+    ids[token_cell] = np.fromiter(
+        (t for i in order for t in rows[i]), dtype=np.int64, count=int(lengths.sum())
+    )
+    positions.fill(0)
+    positions[token_cell] = token_offset + position_offset
+    row_of_token.fill(count)
+    row_of_token[token_cell] = np.repeat(np.array(order, dtype=np.int64), lengths)
+    return tokens.reshape(3, len(layout.bins), width), row_start
 
 
 def packed_batch(
@@ -259,38 +306,11 @@ def packed_batch(
     device: str,
     causal: bool = False,
 ) -> PackedBatch:
-    """Lay `rows` out as `layout` says. Ids, positions and row numbers are built on the host
-    in one step each and copied; the (B, 1, W, W) mask is built on the device from them.
-    `causal`: a token attends to its own row's earlier tokens only (decoders)."""
-    width, count = layout.width, len(rows)
-    order = [index for members in layout.bins for index in members]
-    lengths = np.array([len(rows[i]) for i in order], dtype=np.int64)
-    row_start = row_start_cells([len(row) for row in rows], layout)
-    token_offset = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    token_cell = np.repeat(row_start[order], lengths) + token_offset
-    cells = len(layout.bins) * width
-    ids = np.full(cells, pad_id, dtype=np.int64)
-    ids[token_cell] = np.fromiter(
-        (t for i in order for t in rows[i]), dtype=np.int64, count=int(lengths.sum())
+    """`rows` laid out as `layout` says, on `device`, `row_cells` at each row's first token."""
+    tokens, row_start = packed_tokens(rows, layout, pad_id, position_offset)
+    return PackedBatch.on_device(
+        to_device(tokens, device), to_device(row_start, device), dtype, causal
     )
-    positions = np.zeros(cells, dtype=np.int64)
-    positions[token_cell] = token_offset + position_offset
-    row_of_token = np.full(cells, count, dtype=np.int64)
-    row_of_token[token_cell] = np.repeat(np.array(order, dtype=np.int64), lengths)
-    shape = (len(layout.bins), width)
-    ids_t, positions_t, rows_t, starts_t = (
-        to_device(a, device) for a in (ids, positions, row_of_token, row_start)
-    )
-    row_grid = rows_t.view(shape)  # padding shares one number: it attends to padding only
-    allowed = row_grid[:, None, :, None] == row_grid[:, None, None, :]  # (B, 1, W, W)
-    if causal:
-        allowed &= torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    if dtype == torch.bool:
-        mask = allowed
-    else:
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return PackedBatch(ids_t.view(shape), positions_t.view(shape), mask, rows_t, starts_t)
 
 
 def row_start_cells(lengths: Sequence[int], layout: PackedLayout) -> np.ndarray:
@@ -310,8 +330,10 @@ def row_start_cells(lengths: Sequence[int], layout: PackedLayout) -> np.ndarray:
     return starts
 
 
-def mean_pooled(hidden: torch.Tensor, batch: PackedBatch, count: int) -> torch.Tensor:
-    """(count, H) float32: each row's mean hidden state over its own tokens."""
+def mean_pooled(hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """(N, H) float32: each row's mean hidden state over its own tokens. The row count is
+    read from `row_cells`' shape: a trace keeps the read, not its traced batch's count."""
+    count = batch.row_cells.shape[0]
     flat = hidden.reshape(-1, hidden.shape[-1]).float()  # (B * W, H)
     sums = torch.zeros(count + 1, flat.shape[-1], device=flat.device).index_add_(
         0, batch.row_of_token, flat

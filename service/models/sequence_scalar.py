@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from service.combine import SegmentScore
@@ -27,6 +28,7 @@ from service.models.loading import (
     load_tokenizer,
     pad_right,
     runtime_details,
+    to_device,
     truncate_keeping_specials,
 )
 from service.models.packed_heads import packed_scalar_head
@@ -36,10 +38,15 @@ from service.models.row_packing import (
     PackedBatch,
     PackedLayout,
     RowPacker,
-    packed_batch,
+    packed_tokens,
     packing_position_offset,
 )
-from service.models.traced_forward import probe_batches, traced_hidden
+from service.models.traced_forward import (
+    PackedForward,
+    PackedInputs,
+    probe_batches,
+    traced_forward,
+)
 
 
 class SequenceScalarModel:
@@ -77,6 +84,7 @@ class SequenceScalarModel:
             if spec.pack_rows and not spec.compile
             else None
         )
+        self._packed_scores: PackedForward = self._eager_packed_scores
         self.traced = False
         if self._head is not None:
             probe_rows = [self.prepare(p, r, EncodingMemo()).rows[0] for p, r in PAIR_PROBE]
@@ -134,34 +142,38 @@ class SequenceScalarModel:
 
     def _packed_inputs(
         self, rows: Sequence[Sequence[int]], layout: PackedLayout, position_offset: int
-    ) -> PackedBatch:
+    ) -> PackedInputs:
+        """The packed forward's inputs on the device: tokens, and the cell the head reads
+        in each row (found on the host: nothing waits for the device)."""
+        head = self._head
+        assert head is not None
+        tokens, row_start = packed_tokens(rows, layout, self._pad_id, position_offset)
+        cells = row_start + np.asarray(head.read_offsets(rows, self._pad_id), dtype=np.int64)
+        return to_device(tokens, self.device), to_device(cells, self.device)
+
+    def _eager_packed_scores(self, tokens: torch.Tensor, read_cells: torch.Tensor) -> torch.Tensor:
+        """(N,) float32 scores from the packed inputs: the mask and the head on the device,
+        in the graph when traced."""
         head = self._head
         assert head is not None
         mask_dtype = torch.bool if head.boolean_mask else self._model.dtype
-        return packed_batch(
-            rows, layout, self._pad_id, position_offset, mask_dtype, self.device, head.causal
-        )
+        return head.scores(PackedBatch.on_device(tokens, read_cells, mask_dtype, head.causal))
 
     def _scores_packed(
         self, rows: Sequence[Sequence[int]], layout: PackedLayout, position_offset: int
     ) -> torch.Tensor:
-        head = self._head
-        assert head is not None
-        packed = self._packed_inputs(rows, layout, position_offset)
-        return head.scores(packed, head.read_offsets(rows, self._pad_id)).float()  # (N,)
+        return self._packed_scores(*self._packed_inputs(rows, layout, position_offset))
 
     @torch.inference_mode()
     def _trace(self, rows: Sequence[Sequence[int]], position_offset: int) -> None:
-        head = self._head
-        assert head is not None
         probes = probe_batches(
             rows, lambda some, layout: self._packed_inputs(some, layout, position_offset)
         )
-        traced = traced_hidden(
-            self._model, head.hidden, probes, PACKING_TOLERANCE[self._spec.dtype]
+        traced = traced_forward(
+            self._model, self._eager_packed_scores, probes, PACKING_TOLERANCE[self._spec.dtype]
         )
         if traced is not None:
-            self._head, self.traced = dataclasses.replace(head, hidden=traced), True
+            self._packed_scores, self.traced = traced, True
 
     @torch.inference_mode()
     def _packing_offset(self, rows: Sequence[Sequence[int]]) -> int | None:

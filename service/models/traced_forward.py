@@ -6,7 +6,10 @@ eager forward waits for the GIL at each of its hundreds of operators, up to the
 interpreter's switch interval each time. Measured on a 2-core CPU (MiniLM, 16 packed rows,
 one torch thread, 3 s windows): 1 eager forward beside a thread spinning in Python against
 4 to 5 alone; traced, 4 to 5 beside it. A traced graph runs from one C++ call that lets go
-of the GIL throughout (the batch's layout, the head and pooling still run eagerly).
+of the GIL throughout. What a model traces starts from the host's arrays on the device
+(`packed_tokens`' tokens and one cell per row) and ends with its output per row: the mask,
+the head or the pooling inside, so that only the copies, the call and the read-back
+remain as calls from Python, each a hand-over of the GIL that may wait for it.
 
 Traced only where the inputs fix the graph's control flow: packed rows (a 4-D mask and
 explicit position ids), never right-padded rows, whose 2-D mask transformers may drop when
@@ -24,19 +27,21 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from service.models.row_packing import PackedBatch, PackedLayout, pack_to_width
+from service.models.row_packing import PackedLayout, pack_to_width
 
 log = logging.getLogger(__name__)
 
-# (B, W, H) hidden states of a packed batch.
-PackedHidden = Callable[[PackedBatch], torch.Tensor]
+# A packed forward: the device's copies of `packed_tokens`' arrays (and whatever else a
+# model reads per row) to one output per row, or (B, W, H) hidden states.
+PackedForward = Callable[..., torch.Tensor]
+PackedInputs = tuple[torch.Tensor, ...]
 
 
 def probe_batches(
     rows: Sequence[Sequence[int]],
-    build: Callable[[Sequence[Sequence[int]], PackedLayout], PackedBatch],
-) -> list[PackedBatch]:
-    """Packed batches of four shapes from the same rows: in bins as wide as the longest
+    build: Callable[[Sequence[Sequence[int]], PackedLayout], PackedInputs],
+) -> list[PackedInputs]:
+    """Packed inputs of four shapes from the same rows: in bins as wide as the longest
     row (several bins, padding: the trace is taken on this one, whose mask hides tokens),
     all in one bin, the first row alone (a mask that hides nothing), and every row three
     times over (more rows and bins than the trace saw)."""
@@ -50,27 +55,17 @@ def probe_batches(
     ]
 
 
-def _tensors(packed: PackedBatch) -> tuple[torch.Tensor, ...]:
-    return (
-        packed.input_ids,
-        packed.position_ids,
-        packed.attention_mask,
-        packed.row_of_token,
-        packed.row_start,
-    )
+class _PackedForwardModule(torch.nn.Module):
+    """`forward` as a module, holding the model whose weights it reads: the trace keeps
+    them as the model's parameters, not as copies frozen into the graph."""
 
-
-class _PackedHiddenModule(torch.nn.Module):
-    """`hidden` as a module of plain tensors, holding the model whose weights it reads: the
-    trace keeps them as the model's parameters, not as copies frozen into the graph."""
-
-    def __init__(self, model: torch.nn.Module, hidden: PackedHidden) -> None:
+    def __init__(self, model: torch.nn.Module, forward: PackedForward) -> None:
         super().__init__()
         self.model = model
-        self._hidden = hidden
+        self._forward = forward
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self._hidden(PackedBatch(*tensors))
+        return self._forward(*tensors)
 
 
 # Each probe runs this many times and the last output counts: TorchScript's executor
@@ -88,17 +83,16 @@ def _grows_rope_with_length(model_config: object) -> bool:
     return False
 
 
-def traced_hidden(
+def traced_forward(
     model: torch.nn.Module,
-    hidden: PackedHidden,
-    probes: Sequence[PackedBatch],
+    forward: PackedForward,
+    probes: Sequence[PackedInputs],
     tolerance: float,
-) -> PackedHidden | None:
-    """`hidden` (a forward of `model`) traced on the first probe, or None where tracing
-    fails, where the graph would call back into Python (and so take the GIL), or where it
-    differs from `hidden` on any probe by more than `tolerance` (relative to outputs
-    larger than 1). Give probes of different shapes: a shape frozen into the trace shows
-    there."""
+) -> PackedForward | None:
+    """`forward` (of `model`) traced on the first probe, or None where tracing fails,
+    where the graph would call back into Python (and so take the GIL), or where it differs
+    from `forward` on any probe by more than `tolerance` (relative to outputs larger than
+    1). Give probes of different shapes: a shape frozen into the trace shows there."""
     if _grows_rope_with_length(getattr(model, "config", None)):
         log.warning("forward left eager: dynamic RoPE branches on the row length")
         return None
@@ -109,16 +103,16 @@ def traced_hidden(
             # from a tensor, harmless ones among them: the probes check the outputs instead.
             warnings.simplefilter("ignore")
             graph = torch.jit.trace(
-                _PackedHiddenModule(model, hidden), _tensors(probes[0]), check_trace=False
+                _PackedForwardModule(model, forward), probes[0], check_trace=False
             )
             if graph.inlined_graph.findAllNodes("prim::PythonOp"):
                 log.warning("forward left eager: the traced graph calls back into Python")
                 return None
             errors = []
             for probe in probes:
-                expected = hidden(probe)
+                expected = forward(*probe)
                 for _ in range(PROBE_PASSES):
-                    got = graph(*_tensors(probe))
+                    got = graph(*probe)
                 scale = max(1.0, float(expected.abs().max()))
                 errors.append(float((got - expected).abs().max()) / scale)
     except Exception as exc:  # tracers and encoders raise no common base
@@ -129,7 +123,7 @@ def traced_hidden(
         log.warning("forward left eager: the traced graph differs from eager (%s)", errors)
         return None
 
-    def traced(packed: PackedBatch) -> torch.Tensor:
-        return graph(*_tensors(packed))
+    def traced(*tensors: torch.Tensor) -> torch.Tensor:
+        return graph(*tensors)
 
     return traced
