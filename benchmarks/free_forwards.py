@@ -53,7 +53,7 @@ class FreeNetwork:
 # Each adapter's packed forward (traced at load) and its eager form, which calls `_model`.
 TRACED_FORWARDS = (
     ("_packed_scores", "_eager_packed_scores"),
-    ("_packed_embeddings", "_eager_packed_embeddings"),
+    ("_packed_forward", "_eager_packed_forward"),
 )
 
 # What each adapter kind reads from its network's output.

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from benchmarks.workload import load_items
-from service.config import load_reward_config
+from service.config import RewardConfig, load_reward_config
 from service.engine import batch_limits
-from service.models import EncodingMemo, Prepared
+from service.models import EncodingMemo, Prepared, load_models
 from service.models.packaged import MINILM, PACKAGED_PREFIX
 from service.models.row_packing import (
     PackedLayout,
@@ -24,7 +24,7 @@ from service.models.row_packing import (
     row_start_cells,
 )
 from tests import tiny_models
-from tests.test_models import load_aspect
+from tests.test_models import llama_holistic, load_aspect
 
 
 def cost(layout: PackedLayout, span: int) -> float:
@@ -178,6 +178,26 @@ def _cosines(model, prepared) -> list[float]:
     return [s.raw for score in model.run(prepared) for s in score.segments]
 
 
+def test_minilm_rows_cut_into_several_forwards_score_as_unpacked(tiny_paths, tmp_path):
+    """Forward calls priced at nothing cut the rows into several packed forwards: an
+    item's rows may run apart, so the cosines are taken after the forwards, not in them."""
+    spec = {"name": "relevance", "kind": "embedding_similarity", "device": "cpu"}
+    spec |= {"path": PACKAGED_PREFIX + MINILM, "max_length": 128}
+    config = RewardConfig.model_validate(
+        {
+            "holistic": llama_holistic(tiny_paths),
+            "aspects": [spec],
+            "batching": {"forward_overhead_tokens": 0},
+        }
+    )
+    cut = load_models(config, tmp_path)[1]
+    unpacked = _relevance(PACKAGED_PREFIX + MINILM, tiny_paths, tmp_path, pack_rows=False)
+    items = load_items(12)
+    prepared = [cut.prepare(i["prompt"], i["response"], EncodingMemo()) for i in items]
+    assert len(cut._packer.forwards([len(row) for p in prepared for row in p.rows])) > 1
+    assert _cosines(cut, prepared) == pytest.approx(_cosines(unpacked, prepared), abs=1e-4)
+
+
 def test_minilm_packs_its_rows_and_scores_as_unpacked_on_qa_feedback(tiny_paths, tmp_path):
     packed = _relevance(PACKAGED_PREFIX + MINILM, tiny_paths, tmp_path)
     unpacked = _relevance(PACKAGED_PREFIX + MINILM, tiny_paths, tmp_path, pack_rows=False)
@@ -185,10 +205,14 @@ def test_minilm_packs_its_rows_and_scores_as_unpacked_on_qa_feedback(tiny_paths,
     assert packed.fingerprint == unpacked.fingerprint  # how it runs, not what it scores
     items = load_items(24)
     prepared = [packed.prepare(i["prompt"], i["response"], EncodingMemo()) for i in items]
+    forward_counts = set()
     for size in (1, 8, 24):
         for start in range(0, 24, size):
             batch = prepared[start : start + size]
             assert _cosines(packed, batch) == pytest.approx(_cosines(unpacked, batch), abs=1e-4)
+            lengths = [len(row) for p in batch for row in p.rows]
+            forward_counts.add(min(len(packed._packer.forwards(lengths)), 2))
+    assert forward_counts == {1}  # each batch in one forward: cosines from its graph
     rows = [len(row) for p in prepared for row in p.rows]
     padded = packed.padded_tokens(prepared)
     assert sum(rows) <= padded < unpacked.padded_tokens(prepared)

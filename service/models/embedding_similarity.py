@@ -80,7 +80,7 @@ class EmbeddingSimilarityModel:
         self._packer = RowPacker.for_model(
             self._model.config, spec.max_length, overhead_tokens, self._pad_id
         )
-        self._packed_embeddings: PackedForward = self._eager_packed_embeddings
+        self._packed_forward: PackedForward = self._eager_packed_forward
         self.traced = False
         if spec.pack_rows:
             probe_rows = [self._tokenizer(text)["input_ids"] for text in _PACKING_PROBE]
@@ -141,43 +141,55 @@ class EmbeddingSimilarityModel:
         return embeddings
 
     def _packed_inputs(
-        self, rows: Sequence[Sequence[int]], layout: PackedLayout, position_offset: int
+        self,
+        rows: Sequence[Sequence[int]],
+        layout: PackedLayout,
+        position_offset: int,
+        partners: np.ndarray | None = None,
     ) -> PackedInputs:
+        """Tokens, and (2, N) each row's first cell and the row its cosine is taken with
+        (`partners`; itself if None): one copy each."""
         tokens, row_start = packed_tokens(rows, layout, self._pad_id, position_offset)
-        return to_device(tokens, self.device), to_device(row_start, self.device)
+        partner = np.arange(len(rows)) if partners is None else partners
+        row_pairs = np.stack([row_start, partner])
+        return to_device(tokens, self.device), to_device(row_pairs, self.device)
 
-    def _eager_packed_embeddings(
-        self, tokens: torch.Tensor, row_start: torch.Tensor
-    ) -> torch.Tensor:
-        """(N, H) normalised float32 embeddings from the packed inputs: the mask and the
-        pooling on the device, in the graph when traced."""
+    def _eager_packed_forward(
+        self, tokens: torch.Tensor, row_pairs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, H) normalised float32 embeddings, and (N,) each row's cosine with its
+        partner row: the mask, the pooling and the cosines on the device, in the graph
+        when traced."""
         dtype = torch.bool if takes_boolean_mask(self._model.config) else self._model.dtype
-        packed = PackedBatch.on_device(tokens, row_start, dtype, causal=False)
+        packed = PackedBatch.on_device(tokens, row_pairs[0], dtype, causal=False)
         hidden = self._model(
             input_ids=packed.input_ids,
             attention_mask=packed.attention_mask,
             position_ids=packed.position_ids,
         ).last_hidden_state  # (B, W, H)
-        return torch.nn.functional.normalize(mean_pooled(hidden, packed), dim=-1)
+        embeddings = torch.nn.functional.normalize(mean_pooled(hidden, packed), dim=-1)
+        return embeddings, (embeddings * embeddings[row_pairs[1]]).sum(-1)
 
     def _embed_packed(
         self, rows: Sequence[Sequence[int]], layout: PackedLayout, position_offset: int
     ) -> torch.Tensor:
-        return self._packed_embeddings(*self._packed_inputs(rows, layout, position_offset))
+        embeddings, _ = self._packed_forward(*self._packed_inputs(rows, layout, position_offset))
+        return embeddings
 
     @torch.inference_mode()
     def _trace(self, rows: Sequence[Sequence[int]], position_offset: int) -> None:
-        probes = probe_batches(
-            rows, lambda some, layout: self._packed_inputs(some, layout, position_offset)
-        )
+        def probe(some: Sequence[Sequence[int]], layout: PackedLayout) -> PackedInputs:
+            partners = np.arange(len(some))[::-1].copy()  # not itself: the cosines vary
+            return self._packed_inputs(some, layout, position_offset, partners)
+
         traced = traced_forward(
             self._model,
-            self._eager_packed_embeddings,
-            probes,
+            self._eager_packed_forward,
+            probe_batches(rows, probe),
             PACKING_TOLERANCE[self._spec.dtype],
         )
         if traced is not None:
-            self._packed_embeddings, self.traced = traced, True
+            self._packed_forward, self.traced = traced, True
 
     @torch.inference_mode()
     def _packing_offset(self, rows: Sequence[Sequence[int]]) -> int | None:
@@ -195,11 +207,14 @@ class EmbeddingSimilarityModel:
     @torch.inference_mode()
     def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
         all_rows = [row for p in batch for row in p.rows]
-        if self._packer.packs(all_rows):
-            embeddings = self._packer.run(all_rows, self._embed_packed)
-        else:
-            embeddings = self._embed_sorted_chunks(all_rows)
-        cosines = self._cosines_with_prompts(embeddings, [len(p.rows) for p in batch])
+        rows_per_item = [len(p.rows) for p in batch]
+        cosines = self._cosines_in_one_forward(all_rows, rows_per_item)
+        if cosines is None:
+            if self._packer.packs(all_rows):
+                embeddings = self._packer.run(all_rows, self._embed_packed)
+            else:
+                embeddings = self._embed_sorted_chunks(all_rows)
+            cosines = self._cosines_with_prompts(embeddings, rows_per_item)
         results: list[ModelOutput] = []
         first = 0
         for p in batch:
@@ -211,6 +226,22 @@ class EmbeddingSimilarityModel:
             first += len(p.rows)
         return results
 
+    def _cosines_in_one_forward(
+        self, rows: Sequence[Sequence[int]], rows_per_item: list[int]
+    ) -> list[float] | None:
+        """Each row's cosine with its item's prompt row, from the packed forward itself,
+        where every row runs in one (None elsewhere: an item's rows may run apart)."""
+        if not rows or not self._packer.packs(rows):
+            return None
+        forwards = self._packer.forwards([len(row) for row in rows])
+        if len(forwards) > 1 or forwards[0][0] != tuple(range(len(rows))):
+            return None
+        offset = self._packer.position_offset
+        assert offset is not None  # `packs` says so
+        inputs = self._packed_inputs(rows, forwards[0][1], offset, _prompt_rows(rows_per_item))
+        _, cosines = self._packed_forward(*inputs)
+        return cosines.tolist()  # (rows,)
+
     @staticmethod
     def _cosines_with_prompts(embeddings: torch.Tensor, rows_per_item: list[int]) -> list[float]:
         """Each row's cosine with its item's prompt row (the item's first; 1 for the prompt
@@ -219,8 +250,7 @@ class EmbeddingSimilarityModel:
         would copy every embedding to the host."""
         if not rows_per_item:
             return []
-        firsts = np.cumsum([0, *rows_per_item[:-1]])
-        prompt_of_row = to_device(np.repeat(firsts, rows_per_item), str(embeddings.device))
+        prompt_of_row = to_device(_prompt_rows(rows_per_item), str(embeddings.device))
         return (embeddings * embeddings[prompt_of_row]).sum(-1).tolist()  # (rows,)
 
     def describe(self) -> dict[str, Any]:
@@ -230,3 +260,9 @@ class EmbeddingSimilarityModel:
             "packs_rows": self.packs_rows,
             "traced": self.traced,
         }
+
+
+def _prompt_rows(rows_per_item: Sequence[int]) -> np.ndarray:
+    """(rows,) the index of each row's item's prompt row (the item's first)."""
+    firsts = np.cumsum([0, *rows_per_item[:-1]])
+    return np.repeat(firsts, rows_per_item)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -32,8 +33,9 @@ from service.models.row_packing import PackedLayout, pack_to_width
 log = logging.getLogger(__name__)
 
 # A packed forward: the device's copies of `packed_tokens`' arrays (and whatever else a
-# model reads per row) to one output per row, or (B, W, H) hidden states.
-PackedForward = Callable[..., torch.Tensor]
+# model reads per row) to one output per row, or (B, W, H) hidden states; or a tuple of
+# such tensors.
+PackedForward = Callable[..., Any]
 PackedInputs = tuple[torch.Tensor, ...]
 
 
@@ -110,11 +112,14 @@ def traced_forward(
                 return None
             errors = []
             for probe in probes:
-                expected = forward(*probe)
+                expected = _outputs(forward(*probe))
                 for _ in range(PROBE_PASSES):
-                    got = graph(*probe)
-                scale = max(1.0, float(expected.abs().max()))
-                errors.append(float((got - expected).abs().max()) / scale)
+                    got = _outputs(graph(*probe))
+                if len(got) != len(expected):
+                    raise ValueError(f"{len(got)} outputs traced, {len(expected)} eager")
+                for got_one, expected_one in zip(got, expected, strict=True):
+                    scale = max(1.0, float(expected_one.abs().max()))
+                    errors.append(float((got_one - expected_one).abs().max()) / scale)
     except Exception as exc:  # tracers and encoders raise no common base
         first_line = (str(exc).splitlines() or [""])[0]  # not the tensors some messages print
         log.warning("forward left eager: tracing failed (%s: %s)", type(exc).__name__, first_line)
@@ -123,7 +128,11 @@ def traced_forward(
         log.warning("forward left eager: the traced graph differs from eager (%s)", errors)
         return None
 
-    def traced(*tensors: torch.Tensor) -> torch.Tensor:
+    def traced(*tensors: torch.Tensor) -> Any:
         return graph(*tensors)
 
     return traced
+
+
+def _outputs(output: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return output if isinstance(output, tuple) else (output,)
