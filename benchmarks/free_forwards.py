@@ -6,7 +6,10 @@ validation, tokenising, batching, padding, combining, JSON. Each network here re
 zeros of the shape its adapter reads, at once, and everything around it runs as served:
 so the requests/s of this server bound the real one on any device, and its event loop's
 CPU per request says what the host spends. Embeddings come back 8 wide, not 384: pooling
-them is device work on a GPU, not host work.
+them is device work on a GPU, not host work. The packed forwards run eagerly here (a stand-in
+network is not traced): the mask, the head's read and the pooling are a few dozen ops
+called from Python per forward that the served server runs inside one graph call, so this
+bound is a little low.
 
 `python -m benchmarks.free_forwards --config C --port P --cache-dir D` serves it.
 """

@@ -7,10 +7,12 @@ On a GPU the server's forwards ran 1.7 times as long as the same batches in proc
 (session 25) while its event loop was busy about half the time. Each op a forward calls
 from Python lets go of the GIL and takes it back, and beside a thread running Python it
 waits up to the switch interval (Python's default 5 ms) to get it. Here a thread spins
-in Python for the whole measurement: the worst case of a busy event loop, so `beside_ms`
-bounds what sharing the GIL can cost a forward of each batch size. `--switch-interval-ms`
-sets the interval while the spinning thread runs, as `batching.gil_switch_interval_ms`
-does in the server.
+in Python for the whole measurement: the worst case of one busy event loop, so
+`beside_ms` bounds what sharing the GIL with one such thread can cost a `run` of each
+batch size. `--switch-interval-ms` sets the interval while the spinning thread runs, as
+`batching.gil_switch_interval_ms` does in the server. On a CPU give `--threads 1` (each
+of the server's CPU slots runs one torch thread): else the forward's own threads compete
+with the spinning one for cores, and the loss mixes that with the GIL's waits.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from service.models import EncodingMemo, Prepared, RewardModel
 class GilContention:
     model: str
     device: str
-    items: int  # per forward
+    items: int  # per `run` (the packer may cut it into several forwards)
     ops_from_python: int  # top-level profiler events of one `run`: GIL hand-overs
     alone_ms: float  # median, the mean of the medians before and after `beside_ms`
     beside_ms: float  # median, beside a thread spinning in Python
@@ -120,7 +122,7 @@ def main() -> int:
     parser.add_argument("--holistic", choices=["minilm", *HOLISTIC_SIZES], default="minilm")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "alarm-serve")
-    parser.add_argument("--sizes", default="1,8,64", help="items per forward, comma-separated")
+    parser.add_argument("--sizes", default="1,8,64", help="items per run, comma-separated")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--switch-interval-ms", type=float, help="Python's own (5 ms) if unset")
     parser.add_argument("--threads", type=int, help="torch threads (1: as each CPU slot runs)")

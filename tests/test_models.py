@@ -329,21 +329,21 @@ def test_embedding_similarity_calls_as_many_ops_from_python_for_many_items_as_fo
     assert ops_from_python(32) == ops_from_python(4)
 
 
-# What a packed forward may still call from Python: the copies of its inputs to the device
-# (`lift_fresh` and `to` each), and of its outputs back into a list.
-COPIES_IN_AND_OUT = {"aten::lift_fresh", "aten::to", "aten::resolve_conj", "aten::resolve_neg"}
+# On the CPU: a copy of a host array to the device is `lift_fresh` then `to`; a result read
+# back into a list, `resolve_conj` then `resolve_neg`.
+COPY_IN = ["aten::lift_fresh", "aten::to"]
+READ_BACK = ["aten::resolve_conj", "aten::resolve_neg"]
 
 
-def _compute_called_from_python(model, batch) -> list[str]:
-    """The ops `model.run(batch)` calls from Python, copies left out: a traced graph shows
-    as one `forward`, whatever it runs inside."""
+def _called_from_python(model, batch) -> list[str]:
+    """The ops `model.run(batch)` calls from Python, in order: a traced graph shows as one
+    `forward`, whatever it runs inside."""
     from torch.profiler import ProfilerActivity, profile
 
     model.run(batch)  # layouts cached, as the batcher leaves them
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         model.run(batch)
-    events = [event.name for event in profiler.events() if event.cpu_parent is None]
-    return [name for name in events if name not in COPIES_IN_AND_OUT]
+    return [event.name for event in profiler.events() if event.cpu_parent is None]
 
 
 @pytest.mark.parametrize("family", ["llama", "deberta", "bert", "roberta"])
@@ -363,7 +363,14 @@ def test_a_traced_scalar_rm_builds_its_mask_and_runs_its_head_inside_the_graph(
     while len(model._packer.forwards([len(p.rows[0]) for p in batch])) > 1:
         batch = batch[:-1]
     assert len(batch) >= 2
-    assert _compute_called_from_python(model, batch) == ["forward"]
+    # Tokens and each row's read cell in, the graph, the scores to the host and to a list.
+    assert _called_from_python(model, batch) == [
+        *COPY_IN,
+        *COPY_IN,
+        "forward",
+        "aten::to",
+        *READ_BACK,
+    ]
 
 
 def test_traced_embeddings_pool_and_take_cosines_inside_the_graph(tiny_paths, tmp_path):
@@ -376,7 +383,8 @@ def test_traced_embeddings_pool_and_take_cosines_inside_the_graph(tiny_paths, tm
     assert model.describe()["traced"]
     batch = [model.prepare(i["prompt"], i["response"], EncodingMemo()) for i in load_items(4)]
     assert len(model._packer.forwards([len(row) for p in batch for row in p.rows])) == 1
-    assert _compute_called_from_python(model, batch) == ["forward"]
+    # Tokens and (row, prompt row) pairs in, the graph, the cosines to a list.
+    assert _called_from_python(model, batch) == [*COPY_IN, *COPY_IN, "forward", *READ_BACK]
 
 
 @pytest.mark.parametrize(("unit", "expected"), [("chars", 11 / 10), ("words", 2 / 10)])

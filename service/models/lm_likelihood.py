@@ -38,10 +38,10 @@ from service.models.loading import (
 from service.models.row_packing import (
     PACKING_TOLERANCE,
     PAIR_PROBE,
-    PackedBatch,
     PackedLayout,
     RowPacker,
     narrower_sliding_window,
+    packed_mask,
     packed_tokens,
     packing_position_offset,
     takes_boolean_mask,
@@ -152,23 +152,23 @@ class LmLikelihoodModel:
     # right-padded server), where cut batches run on both slots (1.05x; 8 single-item
     # clients 1.09x; scratch pair script, 3 rounds x 12 s).
 
-    def _eager_hidden(self, tokens: torch.Tensor, row_start: torch.Tensor) -> torch.Tensor:
-        """(B, W, H) from the packed inputs, the causal mask built on the device (in the
+    def _eager_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, W, H) from the packed tokens, the causal mask built on the device (in the
         graph when traced)."""
         mask_dtype = torch.bool if takes_boolean_mask(self._model.config) else self._model.dtype
-        packed = PackedBatch.on_device(tokens, row_start, mask_dtype, causal=True)
+        ids, positions, row_grid = tokens.unbind(0)
         return self._backbone(
-            input_ids=packed.input_ids,
-            attention_mask=packed.attention_mask,
-            position_ids=packed.position_ids,
+            input_ids=ids,
+            attention_mask=packed_mask(row_grid, mask_dtype, causal=True),
+            position_ids=positions,
             use_cache=False,
         ).last_hidden_state
 
     def _packed_inputs(
         self, rows: Sequence[Sequence[int]], layout: PackedLayout, position_offset: int
     ) -> PackedInputs:
-        tokens, row_start = packed_tokens(rows, layout, self._pad_id, position_offset)
-        return to_device(tokens, self.device), to_device(row_start, self.device)
+        tokens, _ = packed_tokens(rows, layout, self._pad_id, position_offset)
+        return (to_device(tokens, self.device),)
 
     def _response_log_probs(
         self,
@@ -216,7 +216,7 @@ class LmLikelihoodModel:
     ) -> torch.Tensor:
         tokens, row_start = packed_tokens(rows, layout, self._pad_id, position_offset)
         tokens_on_device = to_device(tokens, self.device)
-        hidden = self._hidden(tokens_on_device, to_device(row_start, self.device))  # (B, W, H)
+        hidden = self._hidden(tokens_on_device)  # (B, W, H)
         ids = tokens_on_device[0]
         return self._response_log_probs(hidden, ids, row_start, rows, first_scored)
 

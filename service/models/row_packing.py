@@ -259,17 +259,23 @@ class PackedBatch:
         forward traces this with the model, so the mask costs no call from Python.
         `causal`: a token attends to its own row's earlier tokens only (decoders)."""
         ids, positions, row_grid = tokens.unbind(0)  # (B, W) each
-        # Padding shares one row number: it attends to padding only.
-        allowed = row_grid[:, None, :, None] == row_grid[:, None, None, :]  # (B, 1, W, W)
-        if causal:
-            width = row_grid.shape[1]
-            allowed &= torch.ones(width, width, dtype=torch.bool, device=tokens.device).tril()
-        if mask_dtype == torch.bool:
-            mask = allowed
-        else:
-            mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=tokens.device)
-            mask.masked_fill_(~allowed, torch.finfo(mask_dtype).min)
+        mask = packed_mask(row_grid, mask_dtype, causal)
         return cls(ids, positions, mask, row_grid.reshape(-1), row_cells)
+
+
+def packed_mask(row_grid: torch.Tensor, mask_dtype: torch.dtype, causal: bool) -> torch.Tensor:
+    """(B, 1, W, W) from each token's row number (B, W), on its device: boolean (True: may
+    attend) or additive (0 within a row, the dtype's min across). Shapes are read from the
+    tensor, so a trace keeps them."""
+    # Padding shares one row number: it attends to padding only.
+    allowed = row_grid[:, None, :, None] == row_grid[:, None, None, :]  # (B, 1, W, W)
+    if causal:
+        width = row_grid.shape[1]
+        allowed &= torch.ones(width, width, dtype=torch.bool, device=row_grid.device).tril()
+    if mask_dtype == torch.bool:
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=row_grid.device)
+    return mask.masked_fill_(~allowed, torch.finfo(mask_dtype).min)
 
 
 def packed_tokens(
@@ -306,7 +312,8 @@ def packed_batch(
     device: str,
     causal: bool = False,
 ) -> PackedBatch:
-    """`rows` laid out as `layout` says, on `device`, `row_cells` at each row's first token."""
+    """`rows` laid out as `layout` says, on `device`, `row_cells` at each row's first token
+    (the adapters copy `packed_tokens`' arrays themselves; this serves tests and tools)."""
     tokens, row_start = packed_tokens(rows, layout, pad_id, position_offset)
     return PackedBatch.on_device(
         to_device(tokens, device), to_device(row_start, device), dtype, causal
@@ -338,8 +345,11 @@ def mean_pooled(hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     sums = torch.zeros(count + 1, flat.shape[-1], device=flat.device).index_add_(
         0, batch.row_of_token, flat
     )
-    tokens = torch.bincount(batch.row_of_token, minlength=count + 1).clamp(min=1)
-    return (sums / tokens[:, None])[:count]
+    # Not `bincount`: on a GPU it reads the largest row number back to size its output,
+    # and so waits for the forward mid-graph.
+    ones = torch.ones_like(batch.row_of_token, dtype=torch.float32)  # (B * W,)
+    tokens = torch.zeros(count + 1, device=flat.device).index_add_(0, batch.row_of_token, ones)
+    return (sums / tokens.clamp(min=1)[:, None])[:count]
 
 
 def pack_to_width(lengths: Sequence[int], width: int) -> PackedLayout:

@@ -7,9 +7,11 @@ interpreter's switch interval each time. Measured on a 2-core CPU (MiniLM, 16 pa
 one torch thread, 3 s windows): 1 eager forward beside a thread spinning in Python against
 4 to 5 alone; traced, 4 to 5 beside it. A traced graph runs from one C++ call that lets go
 of the GIL throughout. What a model traces starts from the host's arrays on the device
-(`packed_tokens`' tokens and one cell per row) and ends with its output per row: the mask,
-the head or the pooling inside, so that only the copies, the call and the read-back
-remain as calls from Python, each a hand-over of the GIL that may wait for it.
+(`packed_tokens`' tokens, and for the scalar RMs and embeddings one cell per row) and takes
+in the mask: the scalar RMs' graph ends with each row's score (the head inside), the
+embedding model's with its embeddings and cosines, so that only the copies, the call and
+the read-back remain as calls from Python, each a hand-over of the GIL that may wait for
+it. The LM's graph ends with the hidden states; its head runs after.
 
 Traced only where the inputs fix the graph's control flow: packed rows (a 4-D mask and
 explicit position ids), never right-padded rows, whose 2-D mask transformers may drop when
@@ -118,6 +120,11 @@ def traced_forward(
                 if len(got) != len(expected):
                     raise ValueError(f"{len(got)} outputs traced, {len(expected)} eager")
                 for got_one, expected_one in zip(got, expected, strict=True):
+                    if got_one.shape != expected_one.shape:  # a shape frozen in the trace
+                        raise ValueError(
+                            f"shape {tuple(got_one.shape)} traced, eager "
+                            f"{tuple(expected_one.shape)}"
+                        )
                     scale = max(1.0, float(expected_one.abs().max()))
                     errors.append(float((got_one - expected_one).abs().max()) / scale)
     except Exception as exc:  # tracers and encoders raise no common base
