@@ -38,6 +38,7 @@ from benchmarks.summary import plot, print_table, summarise, write_atomically
 from benchmarks.workload import load_items
 from service.config import load_reward_config
 from service.engine import HOST_DEVICE, batch_limits, device_slots
+from service.memory import share_one_heap
 from service.models import load_models
 
 GRID = [(1, 1), (8, 1), (64, 1), (256, 1), (1, 16), (8, 16), (64, 16)]
@@ -219,6 +220,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main() -> int:
+    share_one_heap()  # the server's heap policy (service.memory), for the in-process limits
     args = _parser().parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     config_path = args.out / "config.yaml"

@@ -26,6 +26,7 @@ from benchmarks.limit import padded_counter
 from benchmarks.models import HOLISTIC_SIZES, load_benchmark_models
 from benchmarks.workload import load_items
 from service.engine import HOST_DEVICE
+from service.memory import share_one_heap
 from service.models import EncodingMemo, Prepared, RewardModel
 
 
@@ -76,6 +77,7 @@ def measure_overhead(
 
 
 def main() -> int:
+    share_one_heap()  # the server's heap policy (service.memory)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

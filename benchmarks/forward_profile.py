@@ -44,7 +44,7 @@ from benchmarks.workload import load_items
 from service.batch_forming import BatchLimits
 from service.config import RewardConfig
 from service.engine import HOST_DEVICE, batch_limits
-from service.memory import keep_freed_memory
+from service.memory import keep_freed_memory, share_one_heap
 from service.models import EncodingMemo, Prepared, RewardModel
 
 JIT_MODES = ("default", "no-fuser", "no-optimize")
@@ -171,6 +171,7 @@ def _sizes(text: str) -> list[int]:
 
 
 def main() -> int:
+    share_one_heap()  # the server's heap policy (service.memory)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from service.config import RewardConfig, ServiceSettings, load_reward_config
+from service.memory import share_one_heap
 from service.models import RewardModel, load_models
 from service.models.packed_heads import PackedScalarHead
 from service.models.row_packing import PackedBatch
@@ -94,6 +95,7 @@ def load_free_models(config: RewardConfig, cache_dir: Path) -> list[RewardModel]
 
 
 def main() -> None:
+    share_one_heap()  # the server's heap policy (service.memory)
     import uvicorn
 
     from service.api import create_app

@@ -32,6 +32,7 @@ from benchmarks.gpu_utilisation import gpu_name
 from benchmarks.models import HOLISTIC_SIZES, load_benchmark_models
 from benchmarks.workload import load_items
 from service.engine import HOST_DEVICE
+from service.memory import share_one_heap
 from service.models import EncodingMemo, Prepared, RewardModel
 
 
@@ -116,6 +117,7 @@ def measure_contention(
 
 
 def main() -> int:
+    share_one_heap()  # the server's heap policy (service.memory)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -46,6 +46,7 @@ from benchmarks.servers import (
 from benchmarks.workload import load_items
 from service.config import load_reward_config
 from service.engine import RewardEngine, ScoreInput
+from service.memory import share_one_heap
 from service.metrics import ServiceMetrics
 
 POINTS = [(1, 1), (64, 1), (256, 1), (8, 16), (64, 16)]
@@ -183,6 +184,7 @@ def summarise(concurrency: int, k: int, rounds: list[tuple[Measured, Measured]])
 
 
 def main() -> int:
+    share_one_heap()  # the server's heap policy (service.memory), for the engine alone
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from service.config import ServiceSettings, load_reward_config
 from service.errors import ConfigError
+from service.memory import share_one_heap
 
 
 def _openapi_document() -> dict[str, Any]:
@@ -137,6 +138,7 @@ def _ray(settings: ServiceSettings, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    share_one_heap()  # before any other thread allocates (service.memory)
     parser = argparse.ArgumentParser(prog="alarm-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     server = argparse.ArgumentParser(add_help=False)  # shared by `serve` and `ray`

@@ -37,7 +37,12 @@ from service.errors import (
     NotReady,
 )
 from service.gil_switch import SwitchInterval
-from service.memory import keep_freed_memory, release_free_heap
+from service.memory import (
+    HeapTrimPolicy,
+    keep_freed_memory,
+    release_free_heap,
+    resident_bytes,
+)
 from service.metrics import ServiceMetrics
 from service.models import (
     AspectScore,
@@ -104,7 +109,10 @@ class ScoredItem:
 class RewardEngine:
     """Owns the models' batchers and threads; `score` is safe to call concurrently."""
 
-    HEAP_TRIM_INTERVAL_S = 10.0  # see service.memory: keeps resident memory flat
+    HEAP_TRIM_INTERVAL_S = 10.0  # see service.memory: when idle, or past a ceiling
+    # Under load, free pages go back only once resident memory is this far above what it
+    # was at start (the models loaded): below it, the next forwards reuse them as they are.
+    HEAP_HEADROOM_BYTES = 2 << 30
 
     def __init__(
         self, models: Sequence[RewardModel], config: RewardConfig, metrics: ServiceMetrics
@@ -160,6 +168,7 @@ class RewardEngine:
         self._admission = Admission(config.batching.max_queue_items, config.limits, metrics)
         self._accepting = False
         self._heap_trimmer: asyncio.Task[None] | None = None
+        self._forwards_started = 0  # device batches, for the heap trimmer
         self._switch_interval = SwitchInterval()  # batching.gil_switch_interval_ms
 
     def _observer(self, name: str) -> Callable[[BatchStats], None]:
@@ -180,6 +189,7 @@ class RewardEngine:
         async def run_on_device(batch: list[Prepared]) -> Sequence[ModelOutput | BaseException]:
             # The halves run in the same worker thread: on a one-slot device (a GPU, unless
             # gpu_workers > 1) nothing else interleaves with them.
+            self._forwards_started += 1
             return await pool.run(run_splitting, batch)
 
         return run_on_device
@@ -205,8 +215,12 @@ class RewardEngine:
             raise
 
     async def _trim_heap_periodically(self) -> None:
+        at_start = resident_bytes()
+        policy = HeapTrimPolicy(None if at_start is None else at_start + self.HEAP_HEADROOM_BYTES)
         while True:
             await asyncio.sleep(self.HEAP_TRIM_INTERVAL_S)
+            if not policy.due(self._forwards_started, resident_bytes()):
+                continue
             # In a worker thread: the event loop keeps answering while glibc walks its heap.
             if not await self._tokenize_pool.run(release_free_heap):
                 return  # not glibc: nothing to do, ever

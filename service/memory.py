@@ -1,4 +1,4 @@
-"""The process's heap policy: freed memory is kept for reuse, and given back periodically.
+"""The process's heap policy: one heap, freed memory kept for reuse, given back when idle.
 
 Tensors of ever-changing shapes (batch x length) fragment glibc's heap: freed blocks stay
 mapped and resident memory climbs load after load (measured on the benchmark's MiniLM
@@ -11,10 +11,21 @@ threshold (128 KiB, rising up to 32 MiB as such blocks are freed) is mapped for 
 unmapped when freed, and a heap's free top is cut back past the trim threshold. A
 forward's activations (megabytes, of shapes that change batch to batch) then come back as
 fresh pages, each zero-filled at its first touch: thousands of page faults per forward on
-this project's CPU benchmark (HISTORY.md, session 23). So freed memory is kept instead,
-and the periodic trim gives back the free pages of every arena and the main heap's top;
-a worker thread's arena keeps its heap's free top (at most one heap, 64 MiB on 64-bit)
-for that thread's next forwards.
+this project's CPU benchmark (HISTORY.md, session 23). So freed memory is kept instead.
+
+Kept only in one heap: a thread's own arena grows in heaps of at most 64 MiB (on 64-bit),
+and glibc maps a larger block (a 64-item batch's 96 MiB MLP activation) for itself and
+unmaps it when freed, whatever the thresholds, and deletes a heap once it is all free. The
+device threads' forwards faulted in ~500 pages per scored item that way (session 27), each
+zero-filled, and on a VM whose freed pages go back to the host (virtio-balloon free page
+reporting, as on this project's VM) each first touch also faults on the host: up to a fifth
+of the server's CPU went to clearing pages. `share_one_heap` puts every thread on the main
+arena, which grows without that limit, and `keep_freed_memory` maps no block for itself.
+A trim gives free pages back and the forwards after it fault their activations in again,
+so the engine trims when its forwards have stopped for a while, and under load only once
+resident memory passes a ceiling (`HeapTrimPolicy`): trimmed every 10 s, the server
+faulted in 140 to 330 pages per item; trimmed only when idle, 0 to 160 per item, its
+resident memory climbing from 0.9 to 1.7 GB over 80 s of mixed load (session 27).
 """
 
 from __future__ import annotations
@@ -23,12 +34,16 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 # mallopt(3) parameters, from <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 # A heap keeps up to this much free memory at its top, until the periodic trim; blocks up
 # to this size come from a heap (in a worker thread's arena: up to the size of one heap).
 KEPT_FREE_BYTES = 1 << 30
@@ -71,6 +86,49 @@ def keep_freed_memory() -> bool:
         libc.mallopt(_M_MMAP_THRESHOLD, size) == 1
         for size in (KEPT_FREE_BYTES, _OLDEST_MAX_MMAP_THRESHOLD)
     )
-    if not (trim and mmap):
+    # No block mapped for itself: above the threshold too, blocks come from the heap.
+    unmapped = libc.mallopt(_M_MMAP_MAX, 0) == 1
+    if not (trim and mmap and unmapped):
         log.warning("glibc refused to keep freed memory: forwards will fault pages in anew")
-    return trim and mmap
+    return trim and mmap and unmapped
+
+
+def share_one_heap() -> bool:
+    """Every thread allocates from the main arena (see the module's docstring). Effective
+    only before a second thread first allocates: glibc fixes its arena limit then, so a
+    process calls this first thing. False where the C library is not glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    return libc.mallopt(_M_ARENA_MAX, 1) == 1
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory; None where /proc does not say (not Linux)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class HeapTrimPolicy:
+    """Whether to give free heap pages back now, asked every few seconds with the count of
+    forwards started so far: after an interval without one (once per idle spell), and
+    under load only while resident memory is above `ceiling_bytes` (always, when either
+    is unknown)."""
+
+    def __init__(self, ceiling_bytes: int | None) -> None:
+        self._ceiling_bytes = ceiling_bytes
+        self._seen = 0
+        self._trimmed_at = 0
+
+    def due(self, forwards_started: int, resident: int | None) -> bool:
+        busy = forwards_started != self._seen
+        self._seen = forwards_started
+        if busy:
+            return resident is None or self._ceiling_bytes is None or resident > self._ceiling_bytes
+        if forwards_started == self._trimmed_at:
+            return False
+        self._trimmed_at = forwards_started
+        return True

@@ -311,7 +311,7 @@ def test_an_invalid_deadline_is_refused_with_422(slow_queue_server, body, header
     assert reply.json()["error"]["type"] == "invalid_request"
 
 
-async def test_the_engine_gives_free_heap_pages_back_periodically(
+async def test_the_engine_gives_free_heap_pages_back_once_its_forwards_stop(
     tiny_paths, tmp_path, monkeypatch
 ):
     import service.engine as engine_module
@@ -324,11 +324,41 @@ async def test_the_engine_gives_free_heap_pages_back_periodically(
     async with asgi_client(config, tmp_path) as client:
         await wait_ready(client)
         await asyncio.sleep(0.5)
-        assert len(calls) >= 2
+        after_warm_up = len(calls)
+        assert after_warm_up >= 1  # the warm-up's forwards are over
+        reply = await client.post("/v1/rewards", json={"items": [ITEM]})
+        assert reply.status_code == 200
+        await asyncio.sleep(0.5)
+        after_request = len(calls)
+        assert after_request > after_warm_up  # the request's forwards are over
+        await asyncio.sleep(0.3)
+        assert len(calls) == after_request  # once per idle spell, not on every tick
     stopped_at = len(calls)
     await asyncio.sleep(0.2)
     assert len(calls) == stopped_at  # the trimmer stops with the engine
     assert release_free_heap()  # glibc (Linux): the real call works here
+
+
+def test_the_heap_is_trimmed_when_idle_and_under_load_only_above_the_ceiling():
+    from service.memory import HeapTrimPolicy
+
+    policy = HeapTrimPolicy(ceiling_bytes=1000)
+    assert not policy.due(forwards_started=3, resident=900)  # busy, under the ceiling
+    assert policy.due(forwards_started=3, resident=900)  # no forward since: idle
+    assert not policy.due(forwards_started=3, resident=900)  # still the same idle spell
+    assert policy.due(forwards_started=5, resident=1001)  # busy, above the ceiling
+    assert policy.due(forwards_started=9, resident=None)  # resident memory unknown: trim
+    unknown = HeapTrimPolicy(ceiling_bytes=None)
+    assert unknown.due(forwards_started=1, resident=10)
+
+
+def test_resident_bytes_reads_this_process():
+    from service.memory import resident_bytes
+
+    resident = resident_bytes()
+    if resident is None:
+        pytest.skip("no /proc: resident memory unknown")
+    assert 10 << 20 < resident < 64 << 30
 
 
 async def test_the_engine_keeps_freed_memory_for_reuse_from_its_start(
@@ -396,3 +426,72 @@ def test_kept_freed_memory_is_reused_without_page_faults():
     # By default each round maps the block afresh: 12,288 pages, each faulted in.
     assert faults("default") > 4 * 10_000
     assert faults("keep") < 1_000  # the freed block is reused as it is
+
+
+# In a worker thread, as the engine's forwards run: allocates, fills and frees a 96 MiB
+# block (larger than a thread arena's heap) five times, and prints the thread's page faults
+# of the last four rounds. "one-heap" calls the CLI's first step before any thread starts.
+_THREAD_FAULT_PROBE = """
+import ctypes, ctypes.util, resource, sys, threading
+from service.memory import keep_freed_memory, share_one_heap
+if sys.argv[1] == "one-heap":
+    assert share_one_heap()
+assert keep_freed_memory()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 96 << 20
+def cycle():
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+def forwards():
+    cycle()
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for _ in range(4):
+        cycle()
+    print(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+thread = threading.Thread(target=forwards)
+thread.start()
+thread.join()
+"""
+
+
+def test_worker_threads_reuse_large_freed_blocks_once_the_process_shares_one_heap():
+    from service.memory import _glibc
+
+    if _glibc() is None:
+        pytest.skip("not glibc: the C library hands memory back its own way")
+    huge_pages = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if huge_pages.exists() and "[always]" in huge_pages.read_text():
+        pytest.skip("transparent huge pages: a fresh block faults in 2 MiB at a time")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("MALLOC_") and key != "GLIBC_TUNABLES"
+    }
+
+    def faults(mode: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", _THREAD_FAULT_PROBE, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+        )
+        return int(run.stdout.strip())
+
+    # In the thread's own arena the block is mapped and unmapped each round: 24,576 pages.
+    assert faults("arena-per-thread") > 4 * 20_000
+    assert faults("one-heap") < 1_000
+
+
+def test_the_command_shares_one_heap_before_anything_else(monkeypatch):
+    import service.__main__ as cli
+
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "share_one_heap", lambda: calls.append("heap") or True)
+    monkeypatch.setattr(cli, "render_openapi", lambda: calls.append("openapi") or "")
+    assert cli.main(["openapi"]) == 0
+    assert calls == ["heap", "openapi"]
