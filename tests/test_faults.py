@@ -397,7 +397,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def test_kept_freed_memory_is_reused_without_page_faults():
+def _probe_faults(probe: str, mode: str) -> int:
+    """The page faults a probe script prints, run in a child whose heap policy is glibc's
+    default unless the probe sets it; skips where glibc's faults cannot be counted so."""
     from service.memory import _glibc
 
     if _glibc() is None:
@@ -405,23 +407,25 @@ def test_kept_freed_memory_is_reused_without_page_faults():
     huge_pages = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if huge_pages.exists() and "[always]" in huge_pages.read_text():
         pytest.skip("transparent huge pages: a fresh block faults in 2 MiB at a time")
-    # The child's heap policy is glibc's default unless the probe sets it.
     env = {
         key: value
         for key, value in os.environ.items()
         if not key.startswith("MALLOC_") and key != "GLIBC_TUNABLES"
     }
+    run = subprocess.run(
+        [sys.executable, "-c", probe, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+    )
+    return int(run.stdout.strip())
 
+
+def test_kept_freed_memory_is_reused_without_page_faults():
     def faults(mode: str) -> int:
-        run = subprocess.run(
-            [sys.executable, "-c", _FAULT_PROBE, mode],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parents[1],
-            env=env,
-        )
-        return int(run.stdout.strip())
+        return _probe_faults(_FAULT_PROBE, mode)
 
     # By default each round maps the block afresh: 12,288 pages, each faulted in.
     assert faults("default") > 4 * 10_000
@@ -458,29 +462,8 @@ thread.join()
 
 
 def test_worker_threads_reuse_large_freed_blocks_once_the_process_shares_one_heap():
-    from service.memory import _glibc
-
-    if _glibc() is None:
-        pytest.skip("not glibc: the C library hands memory back its own way")
-    huge_pages = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if huge_pages.exists() and "[always]" in huge_pages.read_text():
-        pytest.skip("transparent huge pages: a fresh block faults in 2 MiB at a time")
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("MALLOC_") and key != "GLIBC_TUNABLES"
-    }
-
     def faults(mode: str) -> int:
-        run = subprocess.run(
-            [sys.executable, "-c", _THREAD_FAULT_PROBE, mode],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parents[1],
-            env=env,
-        )
-        return int(run.stdout.strip())
+        return _probe_faults(_THREAD_FAULT_PROBE, mode)
 
     # In the thread's own arena the block is mapped and unmapped each round: 24,576 pages.
     assert faults("arena-per-thread") > 4 * 20_000
