@@ -24,7 +24,7 @@ arena, which grows without that limit, and `keep_freed_memory` maps no block for
 A trim gives free pages back and the forwards after it fault their activations in again,
 so the engine trims when its forwards have stopped for a while, and under load only once
 resident memory passes a ceiling (`HeapTrimPolicy`): trimmed every 10 s, the server
-faulted in 140 to 330 pages per item; trimmed only when idle, 0 to 160 per item, its
+faulted in 142 to 327 pages per item; trimmed only when idle, 0 to 164 per item, its
 resident memory climbing from 0.9 to 1.7 GB over 80 s of mixed load (session 27).
 """
 
