@@ -111,7 +111,7 @@ class RewardEngine:
 
     HEAP_TRIM_INTERVAL_S = 10.0  # see service.memory: when idle, or past a ceiling
     # Under load, free pages go back only once resident memory is this far above what it
-    # was at start (the models loaded): below it, the next forwards reuse them as they are.
+    # was after the last trim (or at start): below it, the next forwards reuse them as they are.
     HEAP_HEADROOM_BYTES = 2 << 30
 
     def __init__(
@@ -169,6 +169,7 @@ class RewardEngine:
         self._accepting = False
         self._heap_trimmer: asyncio.Task[None] | None = None
         self._forwards_started = 0  # device batches, for the heap trimmer
+        self._forwards_running = 0
         self._switch_interval = SwitchInterval()  # batching.gil_switch_interval_ms
 
     def _observer(self, name: str) -> Callable[[BatchStats], None]:
@@ -190,7 +191,11 @@ class RewardEngine:
             # The halves run in the same worker thread: on a one-slot device (a GPU, unless
             # gpu_workers > 1) nothing else interleaves with them.
             self._forwards_started += 1
-            return await pool.run(run_splitting, batch)
+            self._forwards_running += 1
+            try:
+                return await pool.run(run_splitting, batch)
+            finally:
+                self._forwards_running -= 1
 
         return run_on_device
 
@@ -215,15 +220,15 @@ class RewardEngine:
             raise
 
     async def _trim_heap_periodically(self) -> None:
-        at_start = resident_bytes()
-        policy = HeapTrimPolicy(None if at_start is None else at_start + self.HEAP_HEADROOM_BYTES)
+        policy = HeapTrimPolicy(self.HEAP_HEADROOM_BYTES, resident_bytes())
         while True:
             await asyncio.sleep(self.HEAP_TRIM_INTERVAL_S)
-            if not policy.due(self._forwards_started, resident_bytes()):
+            if not policy.due(self._forwards_started, self._forwards_running, resident_bytes()):
                 continue
             # In a worker thread: the event loop keeps answering while glibc walks its heap.
             if not await self._tokenize_pool.run(release_free_heap):
                 return  # not glibc: nothing to do, ever
+            policy.trimmed(resident_bytes())
 
     async def stop(self) -> None:
         self._accepting = False

@@ -21,6 +21,8 @@ zero-filled, and on a VM whose freed pages go back to the host (virtio-balloon f
 reporting, as on this project's VM) each first touch also faults on the host: up to a fifth
 of the server's CPU went to clearing pages. `share_one_heap` puts every thread on the main
 arena, which grows without that limit, and `keep_freed_memory` maps no block for itself.
+(Only in processes that call it first: `alarm-serve ray`'s replicas, Ray's own worker
+processes, still give each thread its arena.)
 A trim gives free pages back and the forwards after it fault their activations in again,
 so the engine trims when its forwards have stopped for a while, and under load only once
 resident memory passes a ceiling (`HeapTrimPolicy`): trimmed every 10 s, the server
@@ -94,9 +96,9 @@ def keep_freed_memory() -> bool:
 
 
 def share_one_heap() -> bool:
-    """Every thread allocates from the main arena (see the module's docstring). Effective
-    only before a second thread first allocates: glibc fixes its arena limit then, so a
-    process calls this first thing. False where the C library is not glibc."""
+    """Threads allocate from the main arena (see the module's docstring). Threads that have
+    already allocated keep their own arenas, and new ones may reuse those, so a process
+    calls this first thing. False where the C library is not glibc."""
     libc = _glibc()
     if libc is None:
         return False
@@ -113,22 +115,32 @@ def resident_bytes() -> int | None:
 
 
 class HeapTrimPolicy:
-    """Whether to give free heap pages back now, asked every few seconds with the count of
-    forwards started so far: after an interval without one (once per idle spell), and
-    under load only while resident memory is above `ceiling_bytes` (always, when either
-    is unknown)."""
+    """Whether to give free heap pages back now, asked every few seconds with the forwards
+    started so far and those running: after an interval in which none started and none
+    ran (once per idle spell), and under load only while resident memory is more than
+    `headroom_bytes` above what it was after the last trim (or at start); always when
+    resident memory is unknown."""
 
-    def __init__(self, ceiling_bytes: int | None) -> None:
-        self._ceiling_bytes = ceiling_bytes
+    def __init__(self, headroom_bytes: int, resident_at_start: int | None) -> None:
+        self._headroom_bytes = headroom_bytes
+        self._floor = resident_at_start
         self._seen = 0
         self._trimmed_at = 0
 
-    def due(self, forwards_started: int, resident: int | None) -> bool:
-        busy = forwards_started != self._seen
+    def due(self, forwards_started: int, running: int, resident: int | None) -> bool:
+        busy = forwards_started != self._seen or running > 0
         self._seen = forwards_started
         if busy:
-            return resident is None or self._ceiling_bytes is None or resident > self._ceiling_bytes
+            return (
+                resident is None
+                or self._floor is None
+                or (resident > self._floor + self._headroom_bytes)
+            )
         if forwards_started == self._trimmed_at:
             return False
         self._trimmed_at = forwards_started
         return True
+
+    def trimmed(self, resident: int | None) -> None:
+        """After a trim: the ceiling under load moves to `headroom_bytes` above this."""
+        self._floor = resident

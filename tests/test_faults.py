@@ -342,14 +342,17 @@ async def test_the_engine_gives_free_heap_pages_back_once_its_forwards_stop(
 def test_the_heap_is_trimmed_when_idle_and_under_load_only_above_the_ceiling():
     from service.memory import HeapTrimPolicy
 
-    policy = HeapTrimPolicy(ceiling_bytes=1000)
-    assert not policy.due(forwards_started=3, resident=900)  # busy, under the ceiling
-    assert policy.due(forwards_started=3, resident=900)  # no forward since: idle
-    assert not policy.due(forwards_started=3, resident=900)  # still the same idle spell
-    assert policy.due(forwards_started=5, resident=1001)  # busy, above the ceiling
-    assert policy.due(forwards_started=9, resident=None)  # resident memory unknown: trim
-    unknown = HeapTrimPolicy(ceiling_bytes=None)
-    assert unknown.due(forwards_started=1, resident=10)
+    policy = HeapTrimPolicy(headroom_bytes=100, resident_at_start=900)
+    assert not policy.due(forwards_started=3, running=1, resident=950)  # busy, under it
+    assert not policy.due(forwards_started=3, running=1, resident=950)  # one long forward
+    assert policy.due(forwards_started=3, running=0, resident=950)  # none since: idle
+    assert not policy.due(forwards_started=3, running=0, resident=950)  # the same idle spell
+    assert policy.due(forwards_started=5, running=2, resident=1001)  # busy, above the ceiling
+    policy.trimmed(resident=990)
+    assert not policy.due(forwards_started=7, running=2, resident=1050)  # ceiling moved up
+    assert policy.due(forwards_started=9, running=2, resident=None)  # unknown: trim
+    unknown = HeapTrimPolicy(headroom_bytes=100, resident_at_start=None)
+    assert unknown.due(forwards_started=1, running=1, resident=10)
 
 
 def test_resident_bytes_reads_this_process():
