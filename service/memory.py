@@ -46,8 +46,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-# A heap keeps up to this much free memory at its top, until the periodic trim; blocks up
-# to this size come from a heap (in a worker thread's arena: up to the size of one heap).
+# A heap keeps up to this much free memory at its top, until the engine trims it; blocks up
+# to this size come from a heap (in a thread's own arena: up to the size of one heap).
 KEPT_FREE_BYTES = 1 << 30
 # The most some older glibc accepts as the mmap threshold (HEAP_MAX_SIZE / 2 on 64-bit).
 _OLDEST_MAX_MMAP_THRESHOLD = 32 << 20
