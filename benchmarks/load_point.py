@@ -21,22 +21,38 @@ from benchmarks.scrape import (
     limit_batch_stats,
     padding_efficiency,
 )
-from benchmarks.servers import paused
+from benchmarks.servers import page_faults, paused, server_processes
 from benchmarks.summary import median_round
 
 LIMIT_ITEMS = 256  # workload items the in-process limits are measured on
 
 
 def load_once(
-    name: str, url: str, items: list[dict[str, str]], point: tuple[int, int], seconds: float
+    name: str,
+    url: str,
+    leader: int,
+    items: list[dict[str, str]],
+    point: tuple[int, int],
+    seconds: float,
 ) -> dict[str, Any]:
     concurrency, per_request = point
     before = httpx.get(f"{url}/metrics").text if name == "alarm-serve" else ""
+    pids = server_processes(leader)
+    faults = page_faults(pids)
     with GpuUtilisation() as gpu:
         result: LoadResult = asyncio.run(
             run_load(url, "/v1/rewards", items, concurrency, per_request, seconds)
         )
-    row = {"system": name, **asdict(result), "gpu_utilisation_percent": gpu.mean_percent}
+    faults = page_faults(pids) - faults
+    scored = result.requests * per_request
+    row = {
+        "system": name,
+        **asdict(result),
+        "gpu_utilisation_percent": gpu.mean_percent,
+        # The server's page faults (all its processes) per item scored: memory it gave
+        # back and had to fault in again, each page zero-filled.
+        "faults_per_item": faults / scored if scored else None,
+    }
     if name == "alarm-serve":
         after = httpx.get(f"{url}/metrics").text
         row["padding_efficiency"] = padding_efficiency(before, after)
@@ -45,6 +61,7 @@ def load_once(
     print(
         f"  {name:13s} {result.items_per_s:8.1f} items/s  p50 {result.p50_ms:8.1f} ms"
         f"  p99 {result.p99_ms:8.1f} ms  errors {result.errors}"
+        + (f"  faults/item {row['faults_per_item']:.0f}" if scored else "")
         + (f"  host CPU {row['host_cpu_share']:.3f}" if "host_cpu_share" in row else "")
         + (f"  GPU {gpu.mean_percent:.0f}%" if gpu.mean_percent is not None else "")
         + (f"\n    batches: {batch_line(row['batches'])}" if "batches" in row else ""),
@@ -88,7 +105,9 @@ def measure_point(
                 with paused(list(leaders.values())):
                     before.append(limit_of(window, None))
             with paused([leader for other, leader in leaders.items() if other != name]):
-                by_system[name].append(load_once(name, servers[name], items, point, seconds))
+                by_system[name].append(
+                    load_once(name, servers[name], leaders[name], items, point, seconds)
+                )
             if name != "alarm-serve":
                 continue
             # The in-flight limit again (pooled with its timing before the load) and the

@@ -181,6 +181,16 @@ def cpu_seconds(pids: set[int]) -> float:
     return total / ticks
 
 
+def page_faults(pids: set[int]) -> int:
+    """Page faults (minor + major) the live processes among `pids` have taken so far: a
+    server whose memory goes back to the OS between forwards faults it in again."""
+    total = 0
+    for pid in pids:
+        if (fields := _stat_fields(pid)) is not None:
+            total += int(fields[7]) + int(fields[9])  # minflt, majflt
+    return total
+
+
 def idle_cpu_share(leader: int, seconds: float) -> float:
     """CPU-seconds per second a server uses while nobody sends it anything."""
     pids = server_processes(leader)

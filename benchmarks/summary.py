@@ -26,6 +26,7 @@ def median_round(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The round with the median throughput (its latencies with it), every round beside it."""
     median = dict(sorted(rows, key=lambda row: row["items_per_s"])[len(rows) // 2])
     median["rounds_items_per_s"] = [row["items_per_s"] for row in rows]
+    median["rounds_faults_per_item"] = [row.get("faults_per_item") for row in rows]
     if "host_cpu_share" in median:  # one figure per point: the median of the rounds
         median["rounds_host_cpu_share"] = [row["host_cpu_share"] for row in rows]
         median["host_cpu_share"] = _median_known(median["rounds_host_cpu_share"])

@@ -110,6 +110,10 @@ class RewardEngine:
     """Owns the models' batchers and threads; `score` is safe to call concurrently."""
 
     HEAP_TRIM_INTERVAL_S = 10.0  # see service.memory: when idle, or past a ceiling
+    # Idle this long before free pages go back: a PPO trainer's reward calls come in bursts,
+    # one per step, minutes apart at most; trimmed between them, every burst faults its
+    # activations in again (HISTORY.md, session 28).
+    HEAP_IDLE_BEFORE_TRIM_S = 300.0
     # Under load, free pages go back only once resident memory is this far above what it
     # was after the last trim (or at start): below it, the next forwards reuse them as they are.
     HEAP_HEADROOM_BYTES = 2 << 30
@@ -220,7 +224,8 @@ class RewardEngine:
             raise
 
     async def _trim_heap_periodically(self) -> None:
-        policy = HeapTrimPolicy(self.HEAP_HEADROOM_BYTES, resident_bytes())
+        idle_checks = math.ceil(self.HEAP_IDLE_BEFORE_TRIM_S / self.HEAP_TRIM_INTERVAL_S)
+        policy = HeapTrimPolicy(self.HEAP_HEADROOM_BYTES, resident_bytes(), idle_checks)
         while True:
             await asyncio.sleep(self.HEAP_TRIM_INTERVAL_S)
             if not policy.due(self._forwards_started, self._forwards_running, resident_bytes()):

@@ -319,6 +319,7 @@ async def test_the_engine_gives_free_heap_pages_back_once_its_forwards_stop(
 
     calls: list[int] = []
     monkeypatch.setattr(engine_module.RewardEngine, "HEAP_TRIM_INTERVAL_S", 0.05)
+    monkeypatch.setattr(engine_module.RewardEngine, "HEAP_IDLE_BEFORE_TRIM_S", 0.2)
     monkeypatch.setattr(engine_module, "release_free_heap", lambda: calls.append(1) or True)
     config = RewardConfig.model_validate(tiny_config_dict(tiny_paths))
     async with asgi_client(config, tmp_path) as client:
@@ -355,6 +356,21 @@ def test_the_heap_is_trimmed_when_idle_and_under_load_only_above_the_ceiling():
     assert unknown.due(forwards_started=1, running=1, resident=10)
 
 
+def test_short_pauses_between_bursts_keep_the_heap():
+    """A trainer's next step comes back within the idle spell: its forwards reuse the pages."""
+    from service.memory import HeapTrimPolicy
+
+    policy = HeapTrimPolicy(headroom_bytes=100, resident_at_start=900, idle_checks=3)
+    assert not policy.due(forwards_started=4, running=0, resident=950)  # a burst
+    assert not policy.due(forwards_started=4, running=0, resident=950)  # idle 1
+    assert not policy.due(forwards_started=4, running=0, resident=950)  # idle 2
+    assert not policy.due(forwards_started=6, running=1, resident=950)  # the next burst
+    assert not policy.due(forwards_started=6, running=0, resident=950)  # idle 1, anew
+    assert not policy.due(forwards_started=6, running=0, resident=950)  # idle 2
+    assert policy.due(forwards_started=6, running=0, resident=950)  # idle 3: trim
+    assert not policy.due(forwards_started=6, running=0, resident=950)  # once per spell
+
+
 def test_resident_bytes_reads_this_process():
     from service.memory import resident_bytes
 
@@ -362,6 +378,42 @@ def test_resident_bytes_reads_this_process():
     if resident is None:
         pytest.skip("no /proc: resident memory unknown")
     assert 10 << 20 < resident < 64 << 30
+
+
+def test_the_benchmark_counts_the_page_faults_a_server_takes():
+    """What the benchmark's faults per item rest on: a child touching 64 MiB of new memory
+    (16,384 pages) is seen to fault about that many pages, and nothing while it waits."""
+    from benchmarks.servers import page_faults
+
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("no /proc: page faults unknown")
+    huge_pages = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if huge_pages.exists() and "[always]" in huge_pages.read_text():
+        pytest.skip("transparent huge pages: 2 MiB per fault, not 4 KiB")
+    touch = "import sys; sys.stdin.readline(); block = b'x' * (64 << 20); print(len(block))"
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"print('ready', flush=True); {touch}; sys.stdin.readline()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready"
+        idle = page_faults({child.pid})
+        time.sleep(0.2)
+        idle = page_faults({child.pid}) - idle
+        before = page_faults({child.pid})
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == str(64 << 20)
+        touched = page_faults({child.pid}) - before
+    finally:
+        child.kill()
+        child.wait()
+    assert idle == 0
+    assert 16_384 * 0.9 < touched < 16_384 * 4
+    assert page_faults({child.pid}) == 0  # gone: counts nothing
 
 
 async def test_the_engine_keeps_freed_memory_for_reuse_from_its_start(
