@@ -12,16 +12,12 @@ batch that runs out of device memory is halved and retried (`run_halving_on_oom`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import hashlib
-import json
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from service.admission import Admission
 from service.batch_forming import BatchLimits
@@ -37,13 +33,10 @@ from service.errors import (
     NotReady,
 )
 from service.gil_switch import SwitchInterval
-from service.memory import (
-    HeapTrimPolicy,
-    keep_freed_memory,
-    release_free_heap,
-    resident_bytes,
-)
+from service.heap_trimmer import HeapTrimmer
+from service.memory import keep_freed_memory
 from service.metrics import ServiceMetrics
+from service.model_catalog import ModelCatalog
 from service.models import (
     AspectScore,
     HolisticScore,
@@ -109,15 +102,6 @@ class ScoredItem:
 class RewardEngine:
     """Owns the models' batchers and threads; `score` is safe to call concurrently."""
 
-    HEAP_TRIM_INTERVAL_S = 10.0  # see service.memory: when idle, or past a ceiling
-    # Idle this long before free pages go back: a PPO trainer's reward calls come in bursts,
-    # one per step, minutes apart at most; trimmed between them, every burst faults its
-    # activations in again (HISTORY.md, session 28).
-    HEAP_IDLE_BEFORE_TRIM_S = 300.0
-    # Under load, free pages go back only once resident memory is this far above what it
-    # was after the last trim (or at start): below it, the next forwards reuse them as they are.
-    HEAP_HEADROOM_BYTES = 2 << 30
-
     def __init__(
         self, models: Sequence[RewardModel], config: RewardConfig, metrics: ServiceMetrics
     ) -> None:
@@ -168,12 +152,10 @@ class RewardEngine:
         self._caches: dict[str, ScoreCache[ModelOutput]] = {
             model.name: ScoreCache(config.cache.max_items) for model in self._models
         }
-        self._reward_definitions: dict[CombineMode, str] = {}
+        self.catalog = ModelCatalog(self._models, config)  # identities, reward definition
         self._admission = Admission(config.batching.max_queue_items, config.limits, metrics)
         self._accepting = False
-        self._heap_trimmer: asyncio.Task[None] | None = None
-        self._forwards_started = 0  # device batches, for the heap trimmer
-        self._forwards_running = 0
+        self._heap_trimmer = HeapTrimmer(self._tokenize_pool.run)
         self._switch_interval = SwitchInterval()  # batching.gil_switch_interval_ms
 
     def _observer(self, name: str) -> Callable[[BatchStats], None]:
@@ -194,12 +176,8 @@ class RewardEngine:
         async def run_on_device(batch: list[Prepared]) -> Sequence[ModelOutput | BaseException]:
             # The halves run in the same worker thread: on a one-slot device (a GPU, unless
             # gpu_workers > 1) nothing else interleaves with them.
-            self._forwards_started += 1
-            self._forwards_running += 1
-            try:
+            with self._heap_trimmer.forward():
                 return await pool.run(run_splitting, batch)
-            finally:
-                self._forwards_running -= 1
 
         return run_on_device
 
@@ -213,7 +191,7 @@ class RewardEngine:
         self._accepting = True
         keep_freed_memory()  # for reuse by the next forwards; the trimmer gives it back
         self._switch_interval.apply(self._config.batching.gil_switch_interval_ms)
-        self._heap_trimmer = asyncio.create_task(self._trim_heap_periodically())
+        self._heap_trimmer.start()
         try:
             # Not a trainer's request: bypasses admission, so trainer metrics stay clean.
             await self._score_admitted(
@@ -223,73 +201,16 @@ class RewardEngine:
             self._switch_interval.restore()
             raise
 
-    async def _trim_heap_periodically(self) -> None:
-        idle_checks = math.ceil(self.HEAP_IDLE_BEFORE_TRIM_S / self.HEAP_TRIM_INTERVAL_S)
-        policy = HeapTrimPolicy(self.HEAP_HEADROOM_BYTES, resident_bytes(), idle_checks)
-        while True:
-            await asyncio.sleep(self.HEAP_TRIM_INTERVAL_S)
-            if not policy.due(self._forwards_started, self._forwards_running, resident_bytes()):
-                continue
-            # In a worker thread: the event loop keeps answering while glibc walks its heap.
-            if not await self._tokenize_pool.run(release_free_heap):
-                return  # not glibc: nothing to do, ever
-            policy.trimmed(resident_bytes())
-
     async def stop(self) -> None:
         self._accepting = False
         try:
-            if self._heap_trimmer is not None:
-                self._heap_trimmer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._heap_trimmer
+            await self._heap_trimmer.stop()
             for batcher in self._batchers.values():
                 await batcher.stop()
             for pool in (*self._device_pools.values(), self._tokenize_pool):
                 pool.shutdown()
         finally:
             self._switch_interval.restore()
-
-    def reward_definition(self, mode: CombineMode) -> str:
-        """A hash of everything that determines a reward: models, versions, parameters.
-
-        Fixed for the engine's life, so hashed once per mode: every response carries it."""
-        if mode not in self._reward_definitions:
-            self._reward_definitions[mode] = self._hash_definition(mode)
-        return self._reward_definitions[mode]
-
-    def _hash_definition(self, mode: CombineMode) -> str:
-        definition = {
-            "models": [(m.name, m.kind, m.role, m.fingerprint) for m in self._models],
-            "holistic": asdict(self._holistic_params),
-            "aspects": [asdict(a) for a in self._aspect_params],
-            "mode": mode.value,
-        }
-        digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
-        return f"sha256:{digest}"
-
-    def describe_models(self) -> list[dict[str, Any]]:
-        """Each model's identity and settings; aspects also say what one raw value covers
-        (granularity), which way is better (direction) and how segments make one value."""
-        declared: dict[str, dict[str, Any]] = {
-            self._config.holistic.name: {"granularity": "sequence", "direction": "higher"}
-        }
-        for aspect in self._config.aspects:
-            declared[aspect.name] = {
-                "granularity": aspect.granularity,
-                "direction": aspect.direction,
-                "aggregate": aspect.aggregate,
-            }
-        return [
-            {
-                "name": m.name,
-                "role": m.role,
-                "kind": m.kind,
-                "device": m.device,
-                "fingerprint": m.fingerprint,
-                "details": {**declared[m.name], **m.describe()},
-            }
-            for m in self._models
-        ]
 
     def _prepare_together(self, calls: list[PrepareCall]) -> list[Outcome[list[Prepared]]]:
         """In a tokenizer thread: the calls queued in one turn of the event loop (every

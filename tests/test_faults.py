@@ -314,13 +314,13 @@ def test_an_invalid_deadline_is_refused_with_422(slow_queue_server, body, header
 async def test_the_engine_gives_free_heap_pages_back_once_its_forwards_stop(
     tiny_paths, tmp_path, monkeypatch
 ):
-    import service.engine as engine_module
+    import service.heap_trimmer as trimmer_module
     from service.memory import release_free_heap
 
     calls: list[int] = []
-    monkeypatch.setattr(engine_module.RewardEngine, "HEAP_TRIM_INTERVAL_S", 0.05)
-    monkeypatch.setattr(engine_module.RewardEngine, "HEAP_IDLE_BEFORE_TRIM_S", 0.2)
-    monkeypatch.setattr(engine_module, "release_free_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr(trimmer_module.HeapTrimmer, "INTERVAL_S", 0.05)
+    monkeypatch.setattr(trimmer_module.HeapTrimmer, "IDLE_BEFORE_TRIM_S", 0.2)
+    monkeypatch.setattr(trimmer_module, "release_free_heap", lambda: calls.append(1) or True)
     config = RewardConfig.model_validate(tiny_config_dict(tiny_paths))
     async with asgi_client(config, tmp_path) as client:
         await wait_ready(client)

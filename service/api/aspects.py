@@ -62,5 +62,5 @@ async def aspect_consistency(
             for a in report.aspects
         ],
         selected=selected,
-        reward_definition=engine.reward_definition(config.combination.mode),
+        reward_definition=engine.catalog.reward_definition(config.combination.mode),
     )

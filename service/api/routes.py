@@ -186,7 +186,7 @@ async def score_rewards(
     )
     return RewardResponse(
         results=[_to_result(item, s) for item, s in zip(body.items, scored, strict=True)],
-        reward_definition=engine.reward_definition(mode),
+        reward_definition=engine.catalog.reward_definition(mode),
     )
 
 
@@ -200,11 +200,11 @@ async def list_models(request: Request, _: str = Depends(authenticated_trainer))
     engine = engine_of(request)
     config = state_of(request).config
     return ModelsResponse(
-        models=[ModelInfo(**m) for m in engine.describe_models()],
+        models=[ModelInfo(**m) for m in engine.catalog.describe_models()],
         combination=config.combination.model_dump(mode="json"),
         batching=config.batching.model_dump(mode="json"),
         limits=config.limits.model_dump(mode="json"),
-        reward_definitions={m.value: engine.reward_definition(m) for m in CombineMode},
+        reward_definitions={m.value: engine.catalog.reward_definition(m) for m in CombineMode},
     )
 
 
