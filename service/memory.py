@@ -21,8 +21,8 @@ zero-filled, and on a VM whose freed pages go back to the host (virtio-balloon f
 reporting, as on this project's VM) each first touch also faults on the host: up to a fifth
 of the server's CPU went to clearing pages. `share_one_heap` puts every thread on the main
 arena, which grows without that limit, and `keep_freed_memory` maps no block for itself.
-(Only in processes that call it first: `alarm-serve ray`'s replicas, Ray's own worker
-processes, still give each thread its arena.)
+(Only in processes that call it first; `alarm-serve ray`'s replicas, Ray's worker
+processes, get one heap from MALLOC_ARENA_MAX=1 in their environment instead.)
 A trim gives free pages back and the forwards after it fault their activations in again,
 so the engine trims when its forwards have stopped for minutes, and under load only once
 resident memory passes a ceiling (`HeapTrimPolicy`): trimmed every 10 s, the server

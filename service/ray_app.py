@@ -15,6 +15,11 @@ reached: one replica's view per scrape, never the sum. Fleet-wide numbers come f
 own metrics (`ray_serve_*` request counts, latencies, ongoing requests and replica counts
 per deployment), which each Ray node exports to Prometheus on its metrics export port.
 Responses carry the replica's id in the `X-Alarm-Replica` header.
+
+Memory: a replica runs in a Ray worker process, whose threads have allocated long before
+the engine starts, too late for `service.memory.share_one_heap`; the replicas' runtime
+environment sets MALLOC_ARENA_MAX=1 instead, read by glibc as the process starts, and the
+engine's `keep_freed_memory` does the rest.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from service.config import RewardConfig, ServiceSettings
 from service.errors import ConfigError
 
 APP_NAME = "alarm-serve"
+# glibc reads this as a replica's process starts: one heap for every thread (service.memory).
+REPLICA_ENV_VARS = {"MALLOC_ARENA_MAX": "1"}
 REPLICA_HEADER = b"x-alarm-replica"
 REQUEST_ID = b"x-request-id"
 log = logging.getLogger(__name__)
@@ -88,7 +95,11 @@ class ReplicaScale:
         if gpus is None:
             gpus = 1.0 if cluster_gpus >= 1 else 0.0
         options: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": gpus},
+            "ray_actor_options": {
+                "num_cpus": self.cpus_per_replica,
+                "num_gpus": gpus,
+                "runtime_env": {"env_vars": REPLICA_ENV_VARS},
+            },
             "max_ongoing_requests": self.max_ongoing_requests,
         }
         if self.max_replicas is None:

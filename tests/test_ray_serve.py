@@ -39,7 +39,11 @@ ITEMS = [
 def test_replica_scale_becomes_ray_deployment_options():
     fixed = ReplicaScale(replicas=2).deployment_options(cluster_gpus=0)
     assert fixed["num_replicas"] == 2
-    assert fixed["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.0}
+    assert fixed["ray_actor_options"] == {
+        "num_cpus": 1,
+        "num_gpus": 0.0,
+        "runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "1"}},  # one heap (service.memory)
+    }
     scaled = ReplicaScale(min_replicas=1, max_replicas=4).deployment_options(cluster_gpus=8)
     assert "num_replicas" not in scaled
     assert scaled["ray_actor_options"]["num_gpus"] == 1.0  # one GPU per replica
@@ -81,6 +85,21 @@ def ray_cli(config: Path, cache_dir: Path, log: Path, port: int) -> Iterator[sub
                 process.wait()
         if group_alive(process.pid):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def replica_environments() -> list[dict[str, str]]:
+    """The environment of every live alarm-serve replica process (Ray names them so)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"ServeReplica:alarm-serve" in (
+                (entry / "cmdline").read_bytes()
+            ):
+                pairs = (entry / "environ").read_bytes().split(b"\0")
+                found.append(dict(p.decode().partition("=")[::2] for p in pairs if b"=" in p))
+        except OSError:
+            continue  # exited, or not ours to read
+    return found
 
 
 def group_alive(pgid: int) -> bool:
@@ -136,6 +155,11 @@ async def test_two_ray_replicas_score_like_the_plain_app_and_stop_cleanly(
                     assert len(response.headers.get_list("x-request-id")) == 1
                     replicas.add(response.headers["x-alarm-replica"])
             assert len(replicas) == 2, f"answered only by {replicas}"
+            # Ray's worker processes had threads long before the engine: one heap for all
+            # of them comes from the environment glibc read at their start.
+            environments = replica_environments()
+            assert len(environments) == 2
+            assert all(env.get("MALLOC_ARENA_MAX") == "1" for env in environments)
 
             models = await http.get("/v1/models")
             assert models.status_code == 200
