@@ -18,7 +18,7 @@ from service.memory import HeapTrimPolicy, release_free_heap, resident_bytes
 class HeapTrimmer:
     INTERVAL_S = 10.0
     # Idle this long before free pages go back: a PPO trainer's reward calls come in bursts,
-    # one per step, minutes apart at most; trimmed between them, every burst faults its
+    # one per step, seconds to minutes apart; trimmed between them, every burst faults its
     # activations in again (HISTORY.md, session 28).
     IDLE_BEFORE_TRIM_S = 300.0
     # Under load, free pages go back only once resident memory is this far above what it

@@ -29,7 +29,8 @@ resident memory passes a ceiling (`HeapTrimPolicy`): trimmed every 10 s, the ser
 faulted in 142 to 327 pages per item; trimmed only when idle, 0 to 164 per item, its
 resident memory climbing from 0.9 to 1.7 GB over 80 s of mixed load (session 27). Trimmed
 after 10 s idle, bursts of load 25 s apart (a PPO trainer's steps) faulted 300 to 460 pages
-per item each; after 5 minutes idle, 40 to 84 (session 28).
+per item each; trimmed after 5 minutes idle, 213 in the first burst, then 40 to 84
+(session 28).
 """
 
 from __future__ import annotations
