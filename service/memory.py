@@ -132,7 +132,6 @@ class HeapTrimPolicy:
         self._idle_checks = max(1, idle_checks)
         self._seen = 0
         self._idle_for = 0  # checks in a row without a forward
-        self._trimmed_at = 0
 
     def due(self, forwards_started: int, running: int, resident: int | None) -> bool:
         busy = forwards_started != self._seen or running > 0
@@ -145,10 +144,7 @@ class HeapTrimPolicy:
                 or (resident > self._floor + self._headroom_bytes)
             )
         self._idle_for += 1
-        if self._idle_for < self._idle_checks or forwards_started == self._trimmed_at:
-            return False
-        self._trimmed_at = forwards_started
-        return True
+        return self._idle_for == self._idle_checks  # once per idle spell
 
     def trimmed(self, resident: int | None) -> None:
         """After a trim: the ceiling under load moves to `headroom_bytes` above this."""

@@ -429,27 +429,37 @@ async def test_the_engine_keeps_freed_memory_for_reuse_from_its_start(
         assert calls == [1]
 
 
-# Allocates, fills and frees a 48 MiB block (above glibc's largest automatic mmap
-# threshold) five times, and prints the page faults of the last four rounds.
-_FAULT_PROBE = """
-import ctypes, ctypes.util, resource, sys
-from service.memory import keep_freed_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
+# Appended to each probe once its heap policy is set: `cycle(size)` allocates, fills and
+# frees one block through glibc itself.
+_BLOCK_CYCLE = """
+import ctypes, ctypes.util
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-size = 48 << 20
-def cycle():
+def cycle(size):
     block = libc.malloc(size)
     ctypes.memset(block, 1, size)
     libc.free(block)
-cycle()
+"""
+
+# Allocates, fills and frees a 48 MiB block (above glibc's largest automatic mmap
+# threshold) five times, and prints the page faults of the last four rounds.
+_FAULT_PROBE = (
+    """
+import resource, sys
+from service.memory import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+"""
+    + _BLOCK_CYCLE
+    + """
+cycle(48 << 20)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(4):
-    cycle()
+    cycle(48 << 20)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
+)
 
 
 def _probe_faults(probe: str, mode: str) -> int:
@@ -490,30 +500,27 @@ def test_kept_freed_memory_is_reused_without_page_faults():
 # In a worker thread, as the engine's forwards run: allocates, fills and frees a 96 MiB
 # block (larger than a thread arena's heap) five times, and prints the thread's page faults
 # of the last four rounds. "one-heap" calls the CLI's first step before any thread starts.
-_THREAD_FAULT_PROBE = """
-import ctypes, ctypes.util, resource, sys, threading
+_THREAD_FAULT_PROBE = (
+    """
+import resource, sys, threading
 from service.memory import keep_freed_memory, share_one_heap
 if sys.argv[1] == "one-heap":
     assert share_one_heap()
 assert keep_freed_memory()
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-size = 96 << 20
-def cycle():
-    block = libc.malloc(size)
-    ctypes.memset(block, 1, size)
-    libc.free(block)
+"""
+    + _BLOCK_CYCLE
+    + """
 def forwards():
-    cycle()
+    cycle(96 << 20)
     before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
     for _ in range(4):
-        cycle()
+        cycle(96 << 20)
     print(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
 thread = threading.Thread(target=forwards)
 thread.start()
 thread.join()
 """
+)
 
 
 def test_worker_threads_reuse_large_freed_blocks_once_the_process_shares_one_heap():
