@@ -29,7 +29,7 @@ from service.models.base import (
     prepare_together,
 )
 from service.models.encoding_memo import EncodingMemo
-from service.models.loading import call_overhead_tokens, place
+from service.models.loading import call_overhead_tokens, place, tokenise_in_callers_threads
 from service.models.packaged import resolve_model_path
 
 __all__ = [
@@ -90,5 +90,6 @@ def _build(spec: ModelSpec, index: int, cache_dir: Path, batching: BatchingConfi
 
 def load_models(config: RewardConfig, cache_dir: Path) -> list[RewardModel]:
     """Load the holistic model first, then every aspect, in config order."""
+    tokenise_in_callers_threads()  # before any tokenizer can start the library's pool
     specs: list[ModelSpec] = [config.holistic, *config.aspects]
     return [_build(spec, i, cache_dir, config.batching) for i, spec in enumerate(specs)]
