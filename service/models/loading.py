@@ -174,8 +174,9 @@ def tokenise_in_callers_threads() -> None:
     """Turn off the tokenizers library's own thread pool, unless TOKENIZERS_PARALLELISM is
     set: the engine tokenises in threads of its own beside forwards that keep every core
     busy, and the pool would wake more threads onto those cores for a request's few texts.
-    At one single-item client 1.015 and 1.027 times the items/s without it (16 paired
-    rounds each), level at C=64 k=1, C=8 k=16 and C=1 k=16 (HISTORY.md, session 29)."""
+    One item's tokenising in process: 0.21 ms against 0.31. At one single-item client, per
+    paired round 1.015x, 1.027x and 1.009x the items/s without the pool (medians of 16
+    rounds, three runs); level at C=64 k=1, C=8 k=16, C=1 k=16 (HISTORY.md, session 29)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
