@@ -198,7 +198,7 @@ class RewardEngine:
                 [ScoreInput("Warm-up question?", "A warm-up answer.")], None, "warm-up"
             )
         except BaseException:  # no stop() follows a failed start: leave the process as found
-            self._switch_interval.restore()
+            await self.stop()  # the batchers, the trimmer, the worker threads, the interval
             raise
 
     async def stop(self) -> None:

@@ -1,6 +1,7 @@
 """`batching.gil_switch_interval_ms`: the GIL's switch interval while the app serves, and
 Python's own again once it has stopped."""
 
+import asyncio
 import sys
 
 import httpx
@@ -66,7 +67,7 @@ def test_applied_twice_the_interval_found_first_is_restored_once():
         sys.setswitchinterval(before)
 
 
-async def test_a_start_that_fails_leaves_the_interval_as_it_found_it(
+async def test_a_start_that_fails_stops_its_tasks_and_restores_the_interval(
     tiny_config: RewardConfig, tmp_path, monkeypatch
 ):
     from service.engine import RewardEngine
@@ -84,6 +85,10 @@ async def test_a_start_that_fails_leaves_the_interval_as_it_found_it(
 
     monkeypatch.setattr(engine, "_score_admitted", failing_warm_up)
     before = sys.getswitchinterval()
+    tasks_before = asyncio.all_tasks()
     with pytest.raises(RuntimeError, match="warm-up failed"):
         await engine.start()
     assert sys.getswitchinterval() == before
+    await asyncio.sleep(0)  # cancelled tasks finish on the loop's next turn
+    # The batchers and the heap trimmer stopped with it: no task of the engine's is left.
+    assert {task for task in asyncio.all_tasks() if not task.done()} <= tasks_before
