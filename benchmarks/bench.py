@@ -36,6 +36,7 @@ from benchmarks.models import HOLISTIC_SIZES, RELEVANCE_PATH, write_config
 from benchmarks.servers import free_port, idle_cpu_share, start_server, stop_server
 from benchmarks.summary import plot, print_table, summarise, write_atomically
 from benchmarks.workload import load_items
+from service.allocator import loaded_allocator, run_again_with_tcmalloc
 from service.config import load_reward_config
 from service.engine import HOST_DEVICE, batch_limits, device_slots
 from service.memory import share_one_heap
@@ -220,7 +221,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main() -> int:
-    share_one_heap()  # the server's heap policy (service.memory), for the in-process limits
+    # The server's malloc (service.allocator) and heap policy (service.memory), for the
+    # in-process limits; every server started below inherits the malloc (ALARM_ALLOCATOR).
+    run_again_with_tcmalloc()
+    share_one_heap()
     args = _parser().parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     config_path = args.out / "config.yaml"
@@ -326,6 +330,11 @@ def main() -> int:
             leaders[system] = processes[-1].pid
             warm_up = run_load(servers[system], "/v1/rewards", measured, 4, 4, args.warmup_seconds)
             asyncio.run(warm_up)
+        results["allocator"] = {
+            "limits": loaded_allocator(),
+            **{system: loaded_allocator(leader) for system, leader in leaders.items()},
+        }
+        print(f"malloc: {results['allocator']}", flush=True)
         # What pausing the idle servers saves: each one's CPU use while nobody calls it.
         results["idle_cpu_share"] = {
             system: idle_cpu_share(leader, 5.0) for system, leader in leaders.items()

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from service.allocator import AllocatorError, loaded_allocator, run_again_with_tcmalloc
 from service.config import ServiceSettings, load_reward_config
 from service.errors import ConfigError
 from service.memory import share_one_heap
@@ -36,6 +37,7 @@ def _serve(settings: ServiceSettings) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger(__name__).info("malloc: %s", loaded_allocator())
     config = load_reward_config(settings.config)
     failure: list[str] = []
     server: uvicorn.Server | None = None
@@ -138,6 +140,12 @@ def _ray(settings: ServiceSettings, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["serve"]:  # the command line, not a caller's list
+        try:
+            run_again_with_tcmalloc()  # before any thread starts (service.allocator)
+        except AllocatorError as exc:
+            print(f"alarm-serve: configuration error: {exc}", file=sys.stderr)
+            return 2
     share_one_heap()  # before any other thread allocates (service.memory)
     parser = argparse.ArgumentParser(prog="alarm-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)

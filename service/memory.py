@@ -40,6 +40,7 @@ import ctypes.util
 import functools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,26 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+@functools.cache
+def _tcmalloc_release() -> Callable[[], None] | None:
+    """TCMalloc's own call that returns its free pages, where it serves the process
+    (service.allocator); None where it does not."""
+    try:
+        release = ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory
+    except (AttributeError, OSError):
+        return None
+    release.argtypes = ()
+    release.restype = None
+    return release
+
+
 def release_free_heap() -> bool:
-    """Return free heap pages to the OS; False where the C library cannot (not glibc)."""
+    """Return free heap pages to the OS; False where the malloc serving the process
+    cannot be asked to (neither glibc's nor TCMalloc)."""
+    tcmalloc_release = _tcmalloc_release()
+    if tcmalloc_release is not None:
+        tcmalloc_release()
+        return True
     libc = _glibc()
     if libc is None:
         return False
