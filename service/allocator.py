@@ -68,8 +68,9 @@ def loaded_allocator(pid: int | str = "self") -> str:
     return "system"
 
 
-def chosen_allocator(environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
-    choice = environ.get(CHOICE_ENV, "auto").strip().lower() or "auto"
+def chosen_allocator() -> str:
+    """ALARM_ALLOCATOR's value (`auto` when unset); AllocatorError for anything unknown."""
+    choice = os.environ.get(CHOICE_ENV, "auto").strip().lower() or "auto"
     if choice not in CHOICES:
         raise AllocatorError(f"{CHOICE_ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
     return choice
