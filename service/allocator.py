@@ -8,7 +8,7 @@ CPU benchmark (HISTORY.md, session 30; two servers up at once, alternating 5 s r
 1.021x items/s at one single-item client, 1.026x at 64, 1.017x at 256 and 1.020x at 8
 clients of 16 items, and 0.8 GB resident after a minute of mixed load against 1.5 GB. The
 in-process limits did not rise with it (two short runs each). PyTorch's own CPU launcher
-(`torch.backends.xeon.run_cpu`) preloads it for the same reason.
+(`torch.backends.xeon.run_cpu`) preloads it too, by default.
 
 A malloc can only be swapped before the process starts, so `alarm-serve serve` runs itself
 again once with the library in LD_PRELOAD (`run_again_with_tcmalloc`). The choice comes
