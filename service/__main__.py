@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ray":
             return _ray(settings, args)
         return _serve(settings)
-    except (ConfigError, ValidationError) as exc:
+    except (AllocatorError, ConfigError, ValidationError) as exc:
         print(f"alarm-serve: configuration error: {exc}", file=sys.stderr)
         return 2
 

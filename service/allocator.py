@@ -11,7 +11,8 @@ in-process limits did not rise with it (two short runs each). PyTorch's own CPU 
 (`torch.backends.xeon.run_cpu`) preloads it too, by default.
 
 A malloc can only be swapped before the process starts, so `alarm-serve serve` runs itself
-again once with the library in LD_PRELOAD (`run_again_with_tcmalloc`). The choice comes
+again once with the library in LD_PRELOAD (`run_again_with_tcmalloc`), and `alarm-serve ray`
+starts its replicas with it (`preload_environment`). The choice comes
 from ALARM_ALLOCATOR: `auto` (the default: TCMalloc if found), `tcmalloc` (fails if not
 found) or `system`. Debian and Ubuntu ship it as libtcmalloc-minimal4, conda as gperftools.
 """
@@ -76,20 +77,14 @@ def chosen_allocator() -> str:
     return choice
 
 
-def run_again_with_tcmalloc() -> None:
-    """Replace this process by itself with TCMalloc preloaded, when ALARM_ALLOCATOR asks for
-    it (`auto`: where the library is installed) and another malloc serves it now. Returns
-    only where nothing is to be done; call it before any thread starts."""
+def preload_environment() -> dict[str, str]:
+    """Variables that start a new process on TCMalloc, as ALARM_ALLOCATOR chooses: for this
+    process run again, or for one started elsewhere (a Ray replica), which then calls
+    `confirm_preloaded`. Empty where the choice is `system`, or `auto` and no library is
+    installed; AllocatorError where it is `tcmalloc` and none is."""
     choice = chosen_allocator()
-    tried = os.environ.pop(_RUN_AGAIN_ENV, None)  # not inherited by this process's children
-    if choice == "system" or loaded_allocator() != "system":
-        return
-    if tried:  # run again with it preloaded, and still not loaded: the loader refused it
-        message = f"preloading {tried} did not take: the C library's malloc serves"
-        if choice == "tcmalloc":
-            raise AllocatorError(message)
-        log.warning(message)
-        return
+    if choice == "system":
+        return {}
     library = find_tcmalloc()
     if library is None:
         if choice == "tcmalloc":
@@ -97,9 +92,41 @@ def run_again_with_tcmalloc() -> None:
                 f"{CHOICE_ENV}=tcmalloc, but no TCMalloc library was found "
                 "(Debian/Ubuntu: apt-get install libtcmalloc-minimal4)"
             )
+        return {}
+    return {
+        "LD_PRELOAD": f"{library} {os.environ.get('LD_PRELOAD', '')}".strip(),
+        CHOICE_ENV: choice,
+        _RUN_AGAIN_ENV: str(library),
+    }
+
+
+def confirm_preloaded() -> bool:
+    """In a process started with `preload_environment`: False where the library was
+    preloaded and the C library's malloc still serves (the loader refused it), after a
+    warning, or AllocatorError under `tcmalloc`. True otherwise. The marker variable is
+    taken out of the environment, so that this process's children may try for themselves."""
+    tried = os.environ.pop(_RUN_AGAIN_ENV, None)
+    if not tried or loaded_allocator() != "system":
+        return True
+    message = f"preloading {tried} did not take: the C library's malloc serves"
+    if chosen_allocator() == "tcmalloc":
+        raise AllocatorError(message)
+    log.warning(message)
+    return False
+
+
+def run_again_with_tcmalloc() -> None:
+    """Replace this process by itself with TCMalloc preloaded, when ALARM_ALLOCATOR asks for
+    it (`auto`: where the library is installed) and another malloc serves it now. Returns
+    only where nothing is to be done; call it before any thread starts."""
+    if not confirm_preloaded():  # run again already: never a third time
         return
-    os.environ["LD_PRELOAD"] = f"{library} {os.environ.get('LD_PRELOAD', '')}".strip()
-    os.environ[_RUN_AGAIN_ENV] = str(library)
+    if chosen_allocator() == "system" or loaded_allocator() != "system":
+        return
+    variables = preload_environment()
+    if not variables:
+        return
+    os.environ.update(variables)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, sys.orig_argv)

@@ -36,13 +36,14 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.allocator import confirm_preloaded, loaded_allocator, preload_environment
 from service.api import create_app
 from service.config import RewardConfig, ServiceSettings
 from service.errors import ConfigError
 
 APP_NAME = "alarm-serve"
 # glibc reads this as a replica's process starts: one heap for every thread (service.memory).
-REPLICA_ENV_VARS = {"MALLOC_ARENA_MAX": "1"}
+ONE_HEAP_ENV_VARS = {"MALLOC_ARENA_MAX": "1"}
 REPLICA_HEADER = b"x-alarm-replica"
 REQUEST_ID = b"x-request-id"
 log = logging.getLogger(__name__)
@@ -89,8 +90,11 @@ class ReplicaScale:
         if (self.gpus_per_replica or 0) < 0 or self.cpus_per_replica < 0:
             raise ConfigError("gpus_per_replica and cpus_per_replica must be >= 0")
 
-    def deployment_options(self, cluster_gpus: float) -> dict[str, Any]:
-        """Options for `Deployment.options`, given the GPUs the Ray cluster has."""
+    def deployment_options(
+        self, cluster_gpus: float, env_vars: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Options for `Deployment.options`, given the GPUs the Ray cluster has and the
+        environment each replica's process starts with (`replica_env_vars`)."""
         gpus = self.gpus_per_replica
         if gpus is None:
             gpus = 1.0 if cluster_gpus >= 1 else 0.0
@@ -98,7 +102,9 @@ class ReplicaScale:
             "ray_actor_options": {
                 "num_cpus": self.cpus_per_replica,
                 "num_gpus": gpus,
-                "runtime_env": {"env_vars": REPLICA_ENV_VARS},
+                "runtime_env": {
+                    "env_vars": dict(ONE_HEAP_ENV_VARS) if env_vars is None else env_vars
+                },
             },
             "max_ongoing_requests": self.max_ongoing_requests,
         }
@@ -113,6 +119,14 @@ class ReplicaScale:
             "target_ongoing_requests": self.target_ongoing_requests,
         }
         return options
+
+
+def replica_env_vars() -> dict[str, str]:
+    """What a replica's process starts with: one glibc heap, and TCMalloc preloaded as
+    ALARM_ALLOCATOR chooses (service.allocator), as `alarm-serve serve` runs. The library's
+    path is the driver's; on a node without it the loader skips it, and the replica says so
+    (`confirm_preloaded`). AllocatorError where `tcmalloc` is asked for and not installed."""
+    return {**ONE_HEAP_ENV_VARS, **preload_environment()}
 
 
 class ReplicaHeaders:
@@ -146,6 +160,8 @@ class AlarmReplica:
     def __init__(self, settings: ServiceSettings, config: RewardConfig) -> None:
         self._settings = settings
         self._config = config
+        confirm_preloaded()  # a preload the loader refused: a warning, or an error
+        log.info("malloc: %s", loaded_allocator())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Built here rather than pickled from the driver: the app holds locks, a metrics
@@ -160,10 +176,14 @@ ALARM_DEPLOYMENT = serve.deployment(name=APP_NAME)(serve.ingress()(AlarmReplica)
 
 
 def build_application(
-    settings: ServiceSettings, config: RewardConfig, scale: ReplicaScale, cluster_gpus: float
+    settings: ServiceSettings,
+    config: RewardConfig,
+    scale: ReplicaScale,
+    cluster_gpus: float,
+    env_vars: dict[str, str] | None = None,
 ) -> serve.Application:
     """The Ray Serve application of alarm-serve, ready for `serve.run`."""
-    options = scale.deployment_options(cluster_gpus)
+    options = scale.deployment_options(cluster_gpus, env_vars)
     return ALARM_DEPLOYMENT.options(**options).bind(settings, config)
 
 
@@ -176,6 +196,7 @@ def serve_on_ray(
     proxy listens on `settings.host:settings.port`. Settings, API keys included, reach the
     replicas as deployment arguments kept by Ray's controller. Returns the exit status.
     """
+    env_vars = replica_env_vars()  # before Ray starts: a malloc it cannot have stops here
     ray.init(address=address, include_dashboard=False)
     # ray.init makes SIGTERM exit at once; stop the same way as Ctrl-C instead, so that
     # the replicas stop their engines and a local Ray instance is torn down.
@@ -183,7 +204,8 @@ def serve_on_ray(
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         gpus = float(ray.cluster_resources().get("GPU", 0.0))
-        serve.run(build_application(settings, config, scale, gpus), name=APP_NAME, route_prefix="/")
+        application = build_application(settings, config, scale, gpus, env_vars)
+        serve.run(application, name=APP_NAME, route_prefix="/")
         log.info("ready: http://%s:%d (%s on Ray Serve)", settings.host, settings.port, APP_NAME)
         threading.Event().wait()  # ends only by a signal's KeyboardInterrupt
     except KeyboardInterrupt:

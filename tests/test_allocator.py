@@ -133,3 +133,15 @@ def test_without_tcmalloc_the_heap_trimmer_uses_glibc():
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     result = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_preload_environment_keeps_a_preload_already_there(monkeypatch):
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: Path("/lib/libtcmalloc.so.4"))
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libother.so")
+    monkeypatch.setenv("ALARM_ALLOCATOR", "tcmalloc")
+    variables = allocator.preload_environment()
+    assert variables["LD_PRELOAD"] == "/lib/libtcmalloc.so.4 /opt/libother.so"
+    assert variables["ALARM_ALLOCATOR"] == "tcmalloc"  # so the new process knows to refuse
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
+    with pytest.raises(allocator.AllocatorError, match="libtcmalloc-minimal4"):
+        allocator.preload_environment()

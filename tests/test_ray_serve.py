@@ -19,8 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.allocator import find_tcmalloc, loaded_allocator
 from service.errors import ConfigError
-from service.ray_app import ReplicaScale
+from service.ray_app import ReplicaScale, replica_env_vars
 from tests.conftest import asgi_client, wait_ready
 from tests.server_process import ALARM_SERVE, free_port
 
@@ -53,6 +54,9 @@ def test_replica_scale_becomes_ray_deployment_options():
         "max_replicas": 4,
         "target_ongoing_requests": 16,
     }
+    given = {"MALLOC_ARENA_MAX": "1", "LD_PRELOAD": "/lib/libtcmalloc_minimal.so.4"}
+    options = ReplicaScale().deployment_options(cluster_gpus=0, env_vars=given)
+    assert options["ray_actor_options"]["runtime_env"] == {"env_vars": given}
     with pytest.raises(ConfigError, match="needs max_replicas"):
         ReplicaScale(min_replicas=2)
     with pytest.raises(ConfigError, match="max_replicas"):
@@ -87,16 +91,17 @@ def ray_cli(config: Path, cache_dir: Path, log: Path, port: int) -> Iterator[sub
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def replica_environments() -> list[dict[str, str]]:
-    """The environment of every live alarm-serve replica process (Ray names them so)."""
-    found = []
+def replica_environments() -> dict[int, dict[str, str]]:
+    """pid -> environment of every live alarm-serve replica process (Ray names them so)."""
+    found = {}
     for entry in Path("/proc").iterdir():
         try:
             if entry.name.isdigit() and b"ServeReplica:alarm-serve" in (
                 (entry / "cmdline").read_bytes()
             ):
                 pairs = (entry / "environ").read_bytes().split(b"\0")
-                found.append(dict(p.decode().partition("=")[::2] for p in pairs if b"=" in p))
+                environment = dict(p.decode().partition("=")[::2] for p in pairs if b"=" in p)
+                found[int(entry.name)] = environment
         except OSError:
             continue  # exited, or not ours to read
     return found
@@ -156,10 +161,13 @@ async def test_two_ray_replicas_score_like_the_plain_app_and_stop_cleanly(
                     replicas.add(response.headers["x-alarm-replica"])
             assert len(replicas) == 2, f"answered only by {replicas}"
             # Ray's worker processes had threads long before the engine: one heap for all
-            # of them comes from the environment glibc read at their start.
+            # of them comes from the environment glibc read at their start, and TCMalloc,
+            # where installed, from the preload they started with, as `serve` runs.
             environments = replica_environments()
             assert len(environments) == 2
-            assert all(env.get("MALLOC_ARENA_MAX") == "1" for env in environments)
+            assert all(env.get("MALLOC_ARENA_MAX") == "1" for env in environments.values())
+            malloc = "tcmalloc" if find_tcmalloc() is not None else "system"
+            assert [loaded_allocator(pid) for pid in environments] == [malloc, malloc]
 
             models = await http.get("/v1/models")
             assert models.status_code == 200
@@ -184,3 +192,34 @@ async def test_two_ray_replicas_score_like_the_plain_app_and_stop_cleanly(
         assert not group_alive(process.pid), "Ray processes outlived alarm-serve ray"
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{base_url}/healthz", timeout=2)
+
+
+def test_replicas_start_on_the_malloc_alarm_allocator_chooses(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr("service.allocator.find_tcmalloc", lambda: Path("/lib/libtcmalloc.so.4"))
+    monkeypatch.setenv("ALARM_ALLOCATOR", "auto")
+    assert replica_env_vars() == {
+        "MALLOC_ARENA_MAX": "1",
+        "LD_PRELOAD": "/lib/libtcmalloc.so.4",
+        "ALARM_ALLOCATOR": "auto",
+        "ALARM_ALLOCATOR_PRELOADED": "/lib/libtcmalloc.so.4",  # checked by the replica
+    }
+    monkeypatch.setenv("ALARM_ALLOCATOR", "system")
+    assert replica_env_vars() == {"MALLOC_ARENA_MAX": "1"}
+    monkeypatch.setattr("service.allocator.find_tcmalloc", lambda: None)
+    monkeypatch.setenv("ALARM_ALLOCATOR", "auto")
+    assert replica_env_vars() == {"MALLOC_ARENA_MAX": "1"}
+
+
+def test_ray_refuses_an_allocator_it_cannot_give_its_replicas(tiny_config_file, tmp_path):
+    """Before Ray starts: nothing to tear down, and the same exit status as `serve`."""
+    command = [ALARM_SERVE, "ray", "--config", str(tiny_config_file), "--port", str(free_port())]
+    result = subprocess.run(
+        [*command, "--cache-dir", str(tmp_path)],
+        env={**os.environ, **RAY_ENV, "ALARM_ALLOCATOR": "mimalloc"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "ALARM_ALLOCATOR='mimalloc'" in result.stderr
