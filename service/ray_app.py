@@ -36,7 +36,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.allocator import confirm_preloaded, loaded_allocator, preload_environment
+from service.allocator import confirm_preloaded, preload_environment
 from service.api import create_app
 from service.config import RewardConfig, ServiceSettings
 from service.errors import ConfigError
@@ -161,7 +161,6 @@ class AlarmReplica:
         self._settings = settings
         self._config = config
         confirm_preloaded()  # a preload the loader refused: a warning, or an error
-        log.info("malloc: %s", loaded_allocator())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Built here rather than pickled from the driver: the app holds locks, a metrics
