@@ -196,16 +196,16 @@ async def test_requests_arriving_together_prepare_every_device_models_items_in_o
         )
 
 
-class PoisonedTokenizer:
-    """A real tokenizer that raises on any batch holding a text with "POISON" in it."""
+class PoisonedEncoder:
+    """A real tokenizer's encoder that raises on any batch holding a text with "POISON"."""
 
-    def __init__(self, tokenizer) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, encoder) -> None:
+        self._encoder = encoder
 
-    def __call__(self, texts, **kwargs):
+    def __call__(self, texts, add_special_tokens, offsets):
         if any("POISON" in text for text in texts):
             raise ValueError("the tokenizer rejects this text")
-        return self._tokenizer(texts, **kwargs)
+        return self._encoder(texts, add_special_tokens, offsets)
 
 
 async def test_a_text_that_fails_to_tokenise_fails_only_its_own_request_among_those_grouped(
@@ -224,7 +224,7 @@ async def test_a_text_that_fails_to_tokenise_fails_only_its_own_request_among_th
         alone = await engine.score(clean)
         (completeness,) = [m for m in models if m.name == "completeness"]
         shared = completeness._shared_tokenizer
-        shared.tokenizer = PoisonedTokenizer(shared.tokenizer)
+        shared.encoder = PoisonedEncoder(shared.encoder)
         handed.clear()
         outcomes = await asyncio.gather(
             engine.score(poisoned), engine.score(clean), return_exceptions=True

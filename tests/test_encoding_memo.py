@@ -18,27 +18,27 @@ PROMPT = "Who wrote Hamlet?"
 RESPONSES = ["Shakespeare.", "William Shakespeare did.", "Marlowe.", "Nobody knows."]
 
 
-class CountingTokenizer:
-    """Delegates to a real tokenizer, counting the texts it is given; `delay_s` holds each
-    call open so that a second thread asking for the same texts arrives during it."""
+class CountingEncoder:
+    """Delegates to a tokenizer's encoder, counting the texts it is given; `delay_s` holds
+    each call open so that a second thread asking for the same texts arrives during it."""
 
-    def __init__(self, tokenizer, delay_s: float = 0.0) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, encoder, delay_s: float = 0.0) -> None:
+        self._encoder = encoder
         self._delay_s = delay_s
         self.texts: list[str] = []
         self.calls = 0
 
-    def __call__(self, texts, **kwargs):
+    def __call__(self, texts, add_special_tokens, offsets):
         self.calls += 1
         self.texts += texts
         time.sleep(self._delay_s)
-        return self._tokenizer(texts, **kwargs)
+        return self._encoder(texts, add_special_tokens, offsets)
 
 
-def counted(tokenizer, delay_s: float = 0.0) -> tuple[SharedTokenizer, CountingTokenizer]:
+def counted(tokenizer, delay_s: float = 0.0) -> tuple[SharedTokenizer, CountingEncoder]:
     shared = SharedTokenizer(tokenizer)
-    counter = CountingTokenizer(tokenizer, delay_s)
-    shared.tokenizer = counter
+    counter = CountingEncoder(shared.encoder, delay_s)
+    shared.encoder = counter
     return shared, counter
 
 

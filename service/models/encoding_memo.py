@@ -15,13 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
-@dataclass(frozen=True)
-class Encoding:
-    """Immutable: one encoding is handed to every model that asks for its text."""
-
-    ids: tuple[int, ...]
-    offsets: tuple[tuple[int, int], ...] | None  # each token's character span, if asked
+from service.models.text_encoders import Encoding, TextEncoder, WrapperEncoder, pipeline_encoder
 
 
 def tokenizer_key(tokenizer: Any) -> str:
@@ -40,28 +34,20 @@ def tokenizer_key(tokenizer: Any) -> str:
 
 class SharedTokenizer:
     """A model's tokenizer with the key its encodings are shared under. Wrap it after its
-    last change (pad token, added tokens): the key is taken here, once."""
+    last change (pad token, added tokens): the key and the encoder are chosen here, once."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.key = tokenizer_key(tokenizer)
+        self.encoder: TextEncoder = pipeline_encoder(tokenizer) or WrapperEncoder(tokenizer)
 
     def encode(
         self, texts: Sequence[str], add_special_tokens: bool, offsets: bool
     ) -> list[Encoding]:
-        """One batched call for all `texts`. Always a list, even of one text, so that no
-        tokenizer applies a single-string special case (CodeLlama's `<FILL_ME>` infilling)
-        to a trainer's text."""
+        """One batched call for all `texts`."""
         if not texts:
             return []
-        encoded = self.tokenizer(
-            list(texts), add_special_tokens=add_special_tokens, return_offsets_mapping=offsets
-        )
-        spans = encoded["offset_mapping"] if offsets else [None] * len(texts)
-        return [
-            Encoding(tuple(ids), None if span is None else tuple(span))
-            for ids, span in zip(encoded["input_ids"], spans, strict=True)
-        ]
+        return self.encoder(texts, add_special_tokens, offsets)
 
 
 @dataclass
