@@ -248,7 +248,8 @@ class PeerScorer:
         lock = device_lock if device_lock is not None else nullcontext()
         outputs = []
         for model in self.models:
-            # One batched tokenizer call per batch, as a plain user's `tokenizer(texts)`.
+            # One batched tokenizer call per batch, as a plain user's `tokenizer(texts)`,
+            # through the adapters' own encoder (the Rust pipeline where it matches).
             pairs = [(i.prompt, i.response) for i in items]
             prepared = prepare_items(model, pairs, EncodingMemo())
             with lock:
