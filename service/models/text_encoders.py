@@ -3,7 +3,7 @@ exactly what the tokenizer's own call gives.
 
 A transformers call wraps the Rust `encode_batch` in Python: argument checks, truncation
 and padding state set on the shared backend, the result converted into a `BatchEncoding`.
-On the 2-CPU VM that wrapper took 0.02 ms of a 0.1 ms encode when warm and about 0.1 ms
+On the 2-CPU VM that wrapper took 0.02 ms of a 0.1 ms encode when warm and 0.1 to 0.2 ms
 more after 20 ms asleep (a request's tokenising after a forward; `benchmarks/HISTORY.md`,
 session 32), all of it holding the GIL the event loop needs. The direct path encodes
 with a private copy of the pipeline, so no other caller's truncation or padding can reach
