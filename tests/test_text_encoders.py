@@ -91,11 +91,12 @@ def test_truncation_set_on_the_tokenizer_later_does_not_reach_the_private_pipeli
 
 
 def test_a_tokenizer_class_with_its_own_call_keeps_its_call(tiny_paths):
+    """Its call changes only a word no probe text holds: the class check alone decides."""
     tokenizer = load_tokenizer(str(tiny_paths["llama_rm"]))
 
     class Shouting(type(tokenizer)):
         def __call__(self, text, *args, **kwargs):
-            return super().__call__([t.upper() for t in text], *args, **kwargs)
+            return super().__call__([t.replace("quiet", "QUIET") for t in text], *args, **kwargs)
 
     tokenizer.__class__ = Shouting
     shared = SharedTokenizer(tokenizer)
@@ -104,6 +105,18 @@ def test_a_tokenizer_class_with_its_own_call_keeps_its_call(tiny_paths):
     assert list(encoding.ids) == tokenizer(["quiet"])["input_ids"][0]
     plain = SharedTokenizer(load_tokenizer(str(tiny_paths["llama_rm"])))
     assert encoding != plain.encode(["quiet"], True, False)[0]  # the class's call did count
+
+
+def test_a_pipeline_that_cannot_be_probed_leaves_the_tokenizer_its_call(tiny_paths, monkeypatch):
+    import service.models.text_encoders as text_encoders
+
+    def broken(tokenizer):
+        raise RuntimeError("no probes today")
+
+    monkeypatch.setattr(text_encoders, "probe_texts", broken)
+    shared = SharedTokenizer(load_tokenizer(str(tiny_paths["llama_rm"])))
+    assert isinstance(shared.encoder, WrapperEncoder)
+    assert shared.encode(["Paris."], True, False)[0].ids
 
 
 def test_a_pipeline_that_encodes_otherwise_than_the_call_is_not_used(tiny_paths):

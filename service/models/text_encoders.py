@@ -9,7 +9,8 @@ session 32), all of it holding the GIL the event loop needs. The direct path enc
 with a private copy of the pipeline, so no other caller's truncation or padding can reach
 it, and it is used only where it gives the same ids and offsets as the tokenizer's own
 call on probe texts (special tokens written in the text, Unicode, a text longer than the
-model's maximum); any tokenizer whose class changes how a call encodes keeps its call.
+model's maximum); a tokenizer whose class overrides a step of transformers' call path
+(or switches language modes per call) keeps its call.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class Encoding:
 
 
 class TextEncoder(Protocol):
+    """`texts` in one batched call, in order; offsets only when asked."""
+
     def __call__(
         self, texts: Sequence[str], add_special_tokens: bool, offsets: bool
     ) -> list[Encoding]: ...
@@ -84,37 +87,54 @@ def pipeline_encoder(tokenizer: Any) -> PipelineEncoder | None:
         return None
     from tokenizers import Tokenizer
 
-    pipeline = Tokenizer.from_str(backend.to_str())
-    pipeline.no_truncation()
-    pipeline.no_padding()
-    pipeline.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
-    direct, wrapped = PipelineEncoder(pipeline), WrapperEncoder(tokenizer)
-    texts = probe_texts(tokenizer)
-    for add_special_tokens in (True, False):
-        if direct(texts, add_special_tokens, True) != wrapped(texts, add_special_tokens, True):
-            log.info("%s encodes through its own call", type(tokenizer).__name__)
-            return None
+    name = type(tokenizer).__name__
+    try:  # a pipeline that cannot be copied or probed loses only the direct path
+        pipeline = Tokenizer.from_str(backend.to_str())
+        pipeline.no_truncation()
+        pipeline.no_padding()
+        pipeline.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+        direct, wrapped = PipelineEncoder(pipeline), WrapperEncoder(tokenizer)
+        texts = probe_texts(tokenizer)
+        same = all(
+            direct(texts, add_special_tokens, True) == wrapped(texts, add_special_tokens, True)
+            for add_special_tokens in (True, False)
+        )
+    except Exception as exc:
+        log.info("%s encodes through its own call: its pipeline failed a probe (%r)", name, exc)
+        return None
+    if not same:
+        log.info("%s encodes through its own call: its pipeline encodes otherwise", name)
+        return None
     return direct
 
 
 def _calls_the_pipeline_as_is(tokenizer: Any) -> bool:
-    """True for a fast tokenizer whose class keeps transformers' own `__call__` and
-    `_encode_plus`, which hand the texts to the pipeline unchanged."""
+    """True for a fast tokenizer whose class keeps transformers' own steps from the call to
+    the pipeline and back, and has no per-call language mode (MBart, NLLB: the call
+    rebuilds the post-processor each time, which a copy would not follow)."""
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
     cls = type(tokenizer)
+    own_steps = [
+        (PreTrainedTokenizerBase, "__call__"),
+        (PreTrainedTokenizerBase, "_get_padding_truncation_strategies"),
+        (TokenizersBackend, "_encode_plus"),
+        (TokenizersBackend, "set_truncation_and_padding"),
+        (TokenizersBackend, "_convert_encoding"),
+    ]
     return (
         isinstance(tokenizer, TokenizersBackend)
-        and cls.__call__ is PreTrainedTokenizerBase.__call__
-        and cls._encode_plus is TokenizersBackend._encode_plus
+        and not hasattr(tokenizer, "_switch_to_input_mode")
+        and all(getattr(cls, step) is getattr(base, step) for base, step in own_steps)
     )
 
 
 def probe_texts(tokenizer: Any) -> list[str]:
     """Texts on which the two paths must agree: plain, blank, Unicode, every special
-    token written in the text, and one longer than the tokenizer's maximum length (a call
-    that truncated by default would differ there)."""
+    token written in the text, and one longer than the tokenizer's maximum length up to
+    8,192 words (520 where it sets none), where a call that truncated by default would
+    differ."""
     specials = " ".join(str(token) for token in getattr(tokenizer, "all_special_tokens", []))
     longest = getattr(tokenizer, "model_max_length", 512)
     words = min(int(longest), 8192) + 8 if longest and longest < 10**6 else 520
