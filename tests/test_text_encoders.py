@@ -107,6 +107,19 @@ def test_a_tokenizer_class_with_its_own_call_keeps_its_call(tiny_paths):
     assert encoding != plain.encode(["quiet"], True, False)[0]  # the class's call did count
 
 
+def test_a_tokenizer_with_a_per_call_language_mode_keeps_its_call(tiny_paths):
+    """MBart- and NLLB-style classes rebuild their post-processor on each call, which a
+    copy made once would not follow, even where today's probes agree."""
+    tokenizer = load_tokenizer(str(tiny_paths["llama_rm"]))
+
+    class Multilingual(type(tokenizer)):
+        def _switch_to_input_mode(self):
+            pass
+
+    tokenizer.__class__ = Multilingual
+    assert isinstance(SharedTokenizer(tokenizer).encoder, WrapperEncoder)
+
+
 def test_a_pipeline_that_cannot_be_probed_leaves_the_tokenizer_its_call(tiny_paths, monkeypatch):
     import service.models.text_encoders as text_encoders
 
