@@ -1,11 +1,13 @@
 """Model adapters on tiny models built offline, through the real from_pretrained path."""
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from service.config import RewardConfig
+from service.errors import ConfigError
 from service.models import AspectScore, EncodingMemo, HolisticScore, load_models, prepare_items
 from service.models.packaged import MINILM, PACKAGED_PREFIX
 from tests.conftest import tiny_config_dict
@@ -451,6 +453,27 @@ def test_embedding_similarity_truncates_long_rows_and_keeps_special_tokens(tiny_
     assert prompt_row[0] == tokenizer.cls_token_id and prompt_row[-1] == tokenizer.sep_token_id
     (score,) = model.run([item])
     assert len(score.segments) == 2 and score.truncated
+
+
+@pytest.mark.parametrize("written", ["{here}/weights", "./weights", "../here/weights"])
+def test_a_local_model_path_must_name_a_folder(written, tmp_path, monkeypatch):
+    from service.models.packaged import resolve_model_path
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    path = written.format(here=here)
+    with pytest.raises(ConfigError, match=rf"model path '{re.escape(path)}' is not a folder"):
+        resolve_model_path(path, tmp_path)
+    (here / "weights").mkdir()
+    assert resolve_model_path(path, tmp_path) == path
+
+
+def test_a_hub_id_is_left_for_transformers_to_resolve(tmp_path, monkeypatch):
+    from service.models.packaged import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("owner/name", tmp_path) == "owner/name"
 
 
 def test_a_rule_fingerprint_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):

@@ -1,8 +1,9 @@
 """Scale-out on Ray Serve: `alarm-serve ray` with two CPU replicas, scored over real HTTP.
 
-Ray is heavy on a small machine, so there is one Ray instance in this module: the CLI
-starts it locally, the test talks to the Ray proxy with httpx, then SIGTERM must stop
-Serve and Ray and leave no process of theirs behind.
+Ray is heavy on a small machine, so there are two Ray instances in this module, one at a
+time: the CLI starts each locally. In the first, the test talks to the Ray proxy with
+httpx, then SIGTERM must stop Serve and Ray and leave no process of theirs behind; in the
+second, the replicas cannot load their models and the CLI must end the same way by itself.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from service.allocator import find_tcmalloc, loaded_allocator
 from service.errors import ConfigError
 from service.ray_app import ReplicaScale, replica_env_vars
-from tests.conftest import asgi_client, wait_ready
+from tests.conftest import asgi_client, tiny_config_dict, wait_ready
 from tests.server_process import ALARM_SERVE, free_port
 
 pytestmark = pytest.mark.slow
@@ -184,14 +186,36 @@ async def test_two_ray_replicas_score_like_the_plain_app_and_stop_cleanly(
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, log.read_text()
-        # Serve's replicas and the local Ray instance went with it.
-        for _ in range(50):
-            if not group_alive(process.pid):
-                break
-            await asyncio.sleep(0.2)
-        assert not group_alive(process.pid), "Ray processes outlived alarm-serve ray"
+        await wait_group_gone(process.pid)  # Serve's replicas and the local Ray instance
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{base_url}/healthz", timeout=2)
+
+
+async def wait_group_gone(pgid: int) -> None:
+    for _ in range(50):
+        if not group_alive(pgid):
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError("Ray processes outlived alarm-serve ray")
+
+
+@pytest.mark.timeout(300)
+async def test_replicas_that_cannot_load_their_models_end_ray_with_exit_1(tiny_paths, tmp_path):
+    """A wrong model path fails inside the replicas, not in the CLI: once Serve gives up
+    retrying them, `alarm-serve ray` must say why, exit 1 and take Ray down, not hang."""
+    missing = tmp_path / "no-such-model"
+    config = tiny_config_dict(tiny_paths)
+    config["holistic"]["path"] = str(missing)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    log = tmp_path / "alarm-serve-ray.log"
+    with ray_cli(config_file, tmp_path / "cache", log, free_port()) as process:
+        exit_status = await asyncio.to_thread(process.wait, 240)
+        assert exit_status == 1, log.read_text()
+        await wait_group_gone(process.pid)
+    text = log.read_text()
+    assert "deployment failed" in text
+    assert f"model loading failed: ConfigError: model path '{missing}' is not a folder" in text
 
 
 def test_replicas_start_on_the_malloc_alarm_allocator_chooses(monkeypatch):

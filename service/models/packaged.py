@@ -65,8 +65,14 @@ def _convert_smollm2(cache_dir: Path) -> Path:
 
 
 def resolve_model_path(path: str, cache_dir: Path) -> str:
-    """Turn `packaged:<name>` into a local folder; any other path or hub id is returned as is."""
+    """Turn `packaged:<name>` into a local folder; any other path or hub id is returned as is.
+
+    A path written as one (absolute, `./` or `../`) that is not a folder is refused here:
+    transformers would try it as a hub id and say only that the id is malformed."""
     if not path.startswith(PACKAGED_PREFIX):
+        written_as_path = Path(path).is_absolute() or path.startswith(("./", "../"))
+        if written_as_path and not Path(path).is_dir():
+            raise ConfigError(f"model path {path!r} is not a folder (a hub id is 'owner/name')")
         return path
     name = path.removeprefix(PACKAGED_PREFIX)
     if name == MINILM:
