@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
 import httpx
@@ -20,9 +21,10 @@ from trainer_client._protocol import (
     check_status,
     chunks,
     normalize_items,
+    parse_models,
     parse_reply,
-    strip_client_ids,
     transport_error,
+    with_caller_ids,
 )
 from trainer_client._types import RetryPolicy, RewardBatch, RewardReply, Timeouts
 
@@ -33,6 +35,22 @@ def _with_key(headers: dict[str, str] | None, api_key: str | None) -> dict[str, 
     if api_key:
         merged["Authorization"] = f"Bearer {api_key}"
     return merged
+
+
+# How the body came over the wire; the reply rebuilt from its decoded bytes has neither.
+_BODY_FRAMING = {"content-encoding", "content-length", "transfer-encoding"}
+
+
+class _AttemptTimedOut(Exception):
+    """Internal: one attempt's reply was still coming in when its time ran out."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no whole reply within {seconds} s")
+        self.seconds = seconds
+
+
+class _Abandoned(Exception):
+    """Internal: another chunk of the same call failed, so this one stops."""
 
 
 class _ClientBase:
@@ -64,9 +82,17 @@ class _ClientBase:
         first = next(self._next_replica) % len(self.base_urls)
         return CallPlan(self.base_urls, first, self.retry, deadline, self._rng)
 
+    def _attempt_s(self, plan: CallPlan) -> float:
+        """What one attempt may take, its whole reply read: `read_s`, or less near the end."""
+        return max(0.001, min(self.timeouts.read_s, plan.remaining_s()))
+
     def _timeout(self, plan: CallPlan) -> httpx.Timeout:
-        read = max(0.001, min(self.timeouts.read_s, plan.remaining_s()))
+        read = self._attempt_s(plan)
         return httpx.Timeout(read, connect=min(self.timeouts.connect_s, read))
+
+    @staticmethod
+    def _timed_out(url: str, seconds: float) -> ServerUnavailable:
+        return ServerUnavailable(f"no whole reply from {url} within {seconds:.3g} s")
 
     @staticmethod
     def _deadline_header(plan: CallPlan) -> dict[str, str]:
@@ -84,14 +110,14 @@ class _ClientBase:
         return payload
 
     @staticmethod
-    def _assemble(items: list[dict[str, Any]], replies: list[RewardReply]) -> RewardBatch:
+    def _assemble(caller_ids: list[str | None], replies: list[RewardReply]) -> RewardBatch:
         definitions = {r.reward_definition for r in replies}
         if len(definitions) > 1:
             raise ProtocolError(
                 f"replicas served different reward definitions: {sorted(definitions)}"
             )
         results = [result for reply in replies for result in reply.results]
-        return RewardBatch(strip_client_ids(results, items), definitions.pop())
+        return RewardBatch(with_caller_ids(results, caller_ids), definitions.pop())
 
 
 class AsyncRewardClient(_ClientBase):
@@ -145,20 +171,24 @@ class AsyncRewardClient(_ClientBase):
         plan = self._plan(deadline)
         while True:
             url = plan.url() + path
+            attempt_s = self._attempt_s(plan)
             try:
-                response = await self._http.request(
-                    method,
-                    url,
-                    timeout=self._timeout(plan),
-                    headers=self._deadline_header(plan),
-                    **kwargs,
-                )
+                async with asyncio.timeout(attempt_s):
+                    response = await self._http.request(
+                        method,
+                        url,
+                        timeout=self._timeout(plan),
+                        headers=self._deadline_header(plan),
+                        **kwargs,
+                    )
                 if sent is not None:
                     return parse_reply(response, sent)
                 check_status(response)
                 return response
             except httpx.TransportError as exc:
                 delay = plan.next_delay(transport_error(url, exc), None)
+            except TimeoutError:  # the reply was still coming in when the attempt's time ran out
+                delay = plan.next_delay(self._timed_out(url, attempt_s), None)
             except RetryableReply as retry:
                 delay = plan.next_delay(retry.error, retry.retry_after_s)
             await asyncio.sleep(delay)
@@ -167,14 +197,13 @@ class AsyncRewardClient(_ClientBase):
         """The server's `/v1/models`: models, combination parameters and limits."""
         deadline = time.monotonic() + self.timeouts.total_s
         response = await self._request("GET", "/v1/models", deadline)
-        info: dict[str, Any] = response.json()
-        self._server_max_items = int(info["limits"]["max_items_per_request"])
+        info, self._server_max_items = parse_models(response)
         return info
 
     async def score(self, items: Sequence[Item], *, mode: str | None = None) -> RewardBatch:
         """Every item's reward, in input order, or a typed error: never a partial result."""
         deadline = time.monotonic() + self.timeouts.total_s
-        payload = normalize_items(items)
+        payload, caller_ids = normalize_items(items)
         if not payload:
             return RewardBatch([], "")
         if self._server_max_items is None:
@@ -193,7 +222,7 @@ class AsyncRewardClient(_ClientBase):
         finally:
             for task in tasks:
                 task.cancel()
-        return self._assemble(payload, list(replies))
+        return self._assemble(caller_ids, list(replies))
 
     async def rewards(self, items: Sequence[Item], *, mode: str | None = None) -> list[float]:
         return (await self.score(items, mode=mode)).rewards
@@ -262,56 +291,91 @@ class RewardClient(_ClientBase):
         path: str,
         deadline: float,
         sent: list[dict[str, Any]] | None = None,
+        abandoned: threading.Event | None = None,
         **kwargs: Any,
     ) -> Any:
+        """One logical request, retried; `abandoned` set: stop at the next read or retry."""
+        abandoned = abandoned or threading.Event()
         plan = self._plan(deadline)
         while True:
             url = plan.url() + path
             try:
-                response = self._http.request(
-                    method,
-                    url,
-                    timeout=self._timeout(plan),
-                    headers=self._deadline_header(plan),
-                    **kwargs,
-                )
+                response = self._attempt(method, url, plan, abandoned, **kwargs)
                 if sent is not None:
                     return parse_reply(response, sent)
                 check_status(response)
                 return response
             except httpx.TransportError as exc:
                 delay = plan.next_delay(transport_error(url, exc), None)
+            except _AttemptTimedOut as timed_out:
+                delay = plan.next_delay(self._timed_out(url, timed_out.seconds), None)
             except RetryableReply as retry:
                 delay = plan.next_delay(retry.error, retry.retry_after_s)
-            time.sleep(delay)
+            if abandoned.wait(delay):
+                raise _Abandoned
+
+    def _attempt(
+        self, method: str, url: str, plan: CallPlan, abandoned: threading.Event, **kwargs: Any
+    ) -> httpx.Response:
+        """One HTTP attempt, its whole reply read within `_attempt_s`: httpx's own timeout
+        bounds each read, so a reply that trickles in would otherwise hold the call."""
+        if abandoned.is_set():
+            raise _Abandoned
+        attempt_s = self._attempt_s(plan)
+        give_up_at = time.monotonic() + attempt_s
+        headers = self._deadline_header(plan)
+        timeout = self._timeout(plan)
+        with self._http.stream(method, url, timeout=timeout, headers=headers, **kwargs) as reply:
+            body = bytearray()
+            for part in reply.iter_bytes():  # decoded, as a plain request's content is
+                body += part
+                if abandoned.is_set():
+                    raise _Abandoned
+                if time.monotonic() > give_up_at:
+                    raise _AttemptTimedOut(attempt_s)
+        kept = [(k, v) for k, v in reply.headers.multi_items() if k not in _BODY_FRAMING]
+        return httpx.Response(
+            reply.status_code, headers=kept, content=bytes(body), request=reply.request
+        )
 
     def models(self) -> dict[str, Any]:
         """The server's `/v1/models`: models, combination parameters and limits."""
         deadline = time.monotonic() + self.timeouts.total_s
-        info: dict[str, Any] = self._request("GET", "/v1/models", deadline).json()
-        self._server_max_items = int(info["limits"]["max_items_per_request"])
+        info, self._server_max_items = parse_models(self._request("GET", "/v1/models", deadline))
         return info
 
     def score(self, items: Sequence[Item], *, mode: str | None = None) -> RewardBatch:
         """Every item's reward, in input order, or a typed error: never a partial result."""
         deadline = time.monotonic() + self.timeouts.total_s
-        payload = normalize_items(items)
+        payload, caller_ids = normalize_items(items)
         if not payload:
             return RewardBatch([], "")
         if self._server_max_items is None:
             self.models()
+        abandoned = threading.Event()  # one chunk failed: the others stop, not retry on
         futures = [
             self._pool.submit(
-                self._request, "POST", "/v1/rewards", deadline, c, json=self._payload(c, mode)
+                self._request,
+                "POST",
+                "/v1/rewards",
+                deadline,
+                c,
+                abandoned,
+                json=self._payload(c, mode),
             )
             for c in chunks(payload, self._chunk_size())
         ]
         try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in futures:  # the first failure in input order among those done
+                if future in done and future.exception() is not None:
+                    raise future.exception()  # type: ignore[misc]
             replies = [f.result() for f in futures]
         finally:
+            abandoned.set()
             for future in futures:
                 future.cancel()
-        return self._assemble(payload, replies)
+        return self._assemble(caller_ids, replies)
 
     def rewards(self, items: Sequence[Item], *, mode: str | None = None) -> list[float]:
         return self.score(items, mode=mode).rewards

@@ -5,11 +5,13 @@ No I/O here, so both clients run exactly the same rules.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -30,9 +32,12 @@ from trainer_client._types import RetryPolicy, RewardReply, RewardResult
 Item = Mapping[str, Any] | tuple[str, str]
 
 
-def normalize_items(items: Sequence[Item]) -> list[dict[str, Any]]:
-    """Accept (prompt, response) pairs or dicts; give every item an id to check attribution."""
+def normalize_items(items: Sequence[Item]) -> tuple[list[dict[str, Any]], list[str | None]]:
+    """Accept (prompt, response) pairs or dicts. Every item sent gets an id, to check
+    attribution; the second list holds the caller's own ids (None where the client made one
+    up), which the results carry back."""
     payload = []
+    caller_ids: list[str | None] = []
     for index, item in enumerate(items):
         if isinstance(item, tuple):
             prompt, response = item
@@ -41,11 +46,12 @@ def normalize_items(items: Sequence[Item]) -> list[dict[str, Any]]:
             entry = {"prompt": item["prompt"], "response": item["response"]}
             if item.get("id") is not None:
                 entry["id"] = str(item["id"])
-        for field in ("prompt", "response"):
-            _check_text(entry[field], f"items.{index}.{field}")
+        for text_field in ("prompt", "response"):
+            _check_text(entry[text_field], f"items.{index}.{text_field}")
+        caller_ids.append(entry.get("id"))
         entry.setdefault("id", f"#{index}")
         payload.append(entry)
-    return payload
+    return payload, caller_ids
 
 
 def _check_text(value: object, where: str) -> None:
@@ -71,10 +77,21 @@ class RetryableReply(Exception):
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    try:
-        return float(response.headers["retry-after"])
-    except (KeyError, ValueError):
+    """Retry-After in seconds: a number, or an HTTP date (as proxies send it)."""
+    value = response.headers.get("retry-after")
+    if value is None:
         return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        when = when.replace(tzinfo=datetime.UTC)
+    return max((when - datetime.datetime.now(datetime.UTC)).total_seconds(), 0.0)
 
 
 def _error_message(response: httpx.Response) -> tuple[str, object]:
@@ -119,17 +136,33 @@ def parse_reply(response: httpx.Response, sent: list[dict[str, Any]]) -> RewardR
     return reply
 
 
-def strip_client_ids(results: list[RewardResult], items: list[dict[str, Any]]) -> list[Any]:
-    """Ids the client invented (#n) are not the caller's: report them as None."""
+def parse_models(response: httpx.Response) -> tuple[dict[str, Any], int]:
+    """`/v1/models`'s reply and the items a request may hold, or ProtocolError."""
+    check_status(response)
+    try:
+        info = json.loads(response.content)
+        max_items = int(info["limits"]["max_items_per_request"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"malformed reply from {response.request.url}: {exc!r}") from exc
+    if max_items < 1:
+        raise ProtocolError(f"{response.request.url} allows {max_items} items per request")
+    return info, max_items
+
+
+def with_caller_ids(results: list[RewardResult], caller_ids: list[str | None]) -> list[Any]:
+    """Each result under its caller's id: None where the client made the id up."""
     return [
-        r.model_copy(update={"id": None}) if str(item["id"]).startswith("#") else r
-        for r, item in zip(results, items, strict=True)
+        r if r.id == caller_id else r.model_copy(update={"id": caller_id})
+        for r, caller_id in zip(results, caller_ids, strict=True)
     ]
 
 
 @dataclass
 class CallPlan:
-    """Retry bookkeeping for one logical request: replica rotation, backoff and deadline."""
+    """Retry bookkeeping for one logical request: replica rotation, backoff and deadline.
+
+    A replica's Retry-After holds back only the next attempt on that replica: a call whose
+    next attempt goes to another replica tries it at once."""
 
     urls: Sequence[str]
     first: int
@@ -137,15 +170,21 @@ class CallPlan:
     deadline: float
     rng: random.Random
     attempt: int = 0
+    not_before: dict[int, float] = field(default_factory=dict)  # replica -> monotonic time
+
+    def _replica(self) -> int:
+        return (self.first + self.attempt) % len(self.urls)
 
     def url(self) -> str:
-        return self.urls[(self.first + self.attempt) % len(self.urls)]
+        return self.urls[self._replica()]
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()
 
     def next_delay(self, error: RewardClientError, retry_after_s: float | None) -> float:
         """Delay before the next attempt, or raise `error` (or DeadlineExceeded) to give up."""
+        if retry_after_s:
+            self.not_before[self._replica()] = time.monotonic() + retry_after_s
         self.attempt += 1
         if self.attempt >= self.policy.max_attempts:
             raise type(error)(
@@ -163,7 +202,8 @@ class CallPlan:
             )
         )
         backoff *= 1 + self.policy.jitter * (2 * self.rng.random() - 1)
-        delay = max(backoff, retry_after_s or 0.0)  # never sooner than the server asked
+        asked = self.not_before.get(self._replica(), 0.0) - time.monotonic()
+        delay = max(backoff, asked, 0.0)  # never sooner than that replica asked
         if delay >= self.remaining_s():
             raise DeadlineExceeded(
                 f"deadline passed after {self.attempt} attempts; last error: {error}",

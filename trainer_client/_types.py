@@ -8,8 +8,9 @@ from pydantic import BaseModel, ConfigDict
 
 
 class _Reply(BaseModel):
-    # Unknown fields are ignored so a newer server does not break an older client.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # Unknown fields are ignored so a newer server does not break an older client; a NaN
+    # or infinite number is a broken reply, never a reward to train on.
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
 
 class Holistic(_Reply):
