@@ -1,4 +1,4 @@
-"""ALaRM's hierarchical reward combination (ALARM.md section 2), as pure per-response math.
+"""ALaRM's hierarchical reward combination (docs/method.md section 2), as pure per-response math.
 
 No torch and no batching here: a response's reward depends only on its own scores and the
 static parameters, so it cannot depend on what else shared its batch.

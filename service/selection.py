@@ -1,4 +1,4 @@
-"""ALaRM's aspect selection by consistency with the holistic reward (ALARM.md section 3).
+"""ALaRM's aspect selection by consistency with the holistic reward (docs/method.md section 3).
 
 Pure functions over scored pairs: no torch, no HTTP. For each pair of responses to one
 prompt, the holistic preference is sign(h1 - h2); an aspect's is the sign of the difference

@@ -1,4 +1,4 @@
-"""The ALaRM combination math (ALARM.md section 2), pinned to the paper's numbers."""
+"""The ALaRM combination math (docs/method.md section 2), pinned to the paper's numbers."""
 
 import math
 

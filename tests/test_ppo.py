@@ -140,3 +140,13 @@ def test_alarm_ppo_learns_a_verifiable_reward_through_the_service(tmp_path):
         "tokens_per_s",
     } <= set(log[-1])
     assert (out / "curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch-size", "--max-prompt-tokens"])
+def test_alarm_ppo_refuses_a_count_below_one_before_loading_anything(flag, capsys):
+    from trainer_client.ppo.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--server", "http://x", "--policy", "p", "--prompts", "p.txt", flag, "0"])
+    assert exited.value.code == 2
+    assert f"argument {flag}: must be at least 1, not 0" in capsys.readouterr().err

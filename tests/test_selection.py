@@ -1,4 +1,4 @@
-"""The consistency metric (ALARM.md section 3) on hand-made pairs."""
+"""The consistency metric (docs/method.md section 3) on hand-made pairs."""
 
 import pytest
 

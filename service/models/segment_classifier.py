@@ -1,4 +1,4 @@
-"""Fine-Grained RLHF-style segment rewards (ALARM.md section 4).
+"""Fine-Grained RLHF-style segment rewards (docs/method.md section 4).
 
 Input: "{prefix} <sep> s1 <sep> s2 ..."; the token classifier's logits at each separator
 decide that segment's label. Separators are located by character offset, so a separator

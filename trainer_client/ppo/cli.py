@@ -12,6 +12,13 @@ from trainer_client.ppo.run import load_prompts, train
 from trainer_client.ppo.trainer import PPOConfig, PPOTrainer
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alarm-ppo", description=__doc__)
     parser.add_argument("--server", action="append", required=True, help="base URL (repeatable)")
@@ -21,13 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", required=True, help="causal LM folder or hub id")
     parser.add_argument("--prompts", type=Path, required=True, help=".jsonl (prompt) or .txt")
     parser.add_argument("--out", type=Path, default=Path("runs/ppo"))
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=PPOConfig.batch_size)
-    parser.add_argument("--mini-batch-size", type=int, default=PPOConfig.mini_batch_size)
-    parser.add_argument("--ppo-epochs", type=int, default=PPOConfig.ppo_epochs)
+    parser.add_argument("--steps", type=_positive, default=20)
+    parser.add_argument("--batch-size", type=_positive, default=PPOConfig.batch_size)
+    parser.add_argument("--mini-batch-size", type=_positive, default=PPOConfig.mini_batch_size)
+    parser.add_argument("--ppo-epochs", type=_positive, default=PPOConfig.ppo_epochs)
     parser.add_argument("--lr", type=float, default=PPOConfig.learning_rate)
-    parser.add_argument("--max-new-tokens", type=int, default=PPOConfig.max_new_tokens)
-    parser.add_argument("--max-prompt-tokens", type=int, default=PPOConfig.max_prompt_tokens)
+    parser.add_argument("--max-new-tokens", type=_positive, default=PPOConfig.max_new_tokens)
+    parser.add_argument("--max-prompt-tokens", type=_positive, default=PPOConfig.max_prompt_tokens)
     parser.add_argument("--init-kl-coef", type=float, default=PPOConfig.init_kl_coef)
     parser.add_argument("--mode", help="combination mode to request (default: server's)")
     parser.add_argument("--seed", type=int, default=0)

@@ -12,7 +12,8 @@ from trainer_client.ppo.trainer import PPOTrainer
 
 
 def prompt_batches(prompts: Sequence[str], batch_size: int, seed: int) -> Iterator[list[str]]:
-    """Endless shuffled batches; every prompt is used once per pass."""
+    """Endless shuffled batches: each pass over a new shuffle yields its whole batches, so
+    the few prompts left over from one pass (fewer than a batch) wait for a later one."""
     rng = random.Random(seed)
     order = list(prompts)
     while True:

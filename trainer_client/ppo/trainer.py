@@ -28,6 +28,7 @@ from trainer_client.ppo.losses import (
     masked_whiten,
 )
 from trainer_client.ppo.policy import PolicyWithValueHead, response_slice
+from trainer_client.ppo.prompts import fit_prompt, templated
 
 
 @dataclass(frozen=True)
@@ -82,26 +83,14 @@ class PPOTrainer:
         self.kl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
         self._rng = random.Random(config.seed)
 
-    def _prompt_text(self, prompt: str) -> str:
-        if self.tokenizer.chat_template:
-            return str(
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}],
-                    tokenize=False,
-                    add_generation_prompt=True,
-                )
-            )
-        return prompt
-
     @torch.no_grad()
     def rollout(self, prompts: Sequence[str]) -> Rollout:
-        texts = [self._prompt_text(p) for p in prompts]
+        limit = self.config.max_prompt_tokens
+        fitted = [fit_prompt(self.tokenizer, p, limit) for p in prompts]
         encoded = self.tokenizer(
-            texts,
+            [templated(self.tokenizer, p) for p in fitted],
             return_tensors="pt",
             padding=True,
-            truncation=True,
-            max_length=self.config.max_prompt_tokens,
             add_special_tokens=not self.tokenizer.chat_template,
         ).to(self.device)
         prompt_width = encoded["input_ids"].shape[1]
@@ -129,7 +118,7 @@ class PPOTrainer:
             attention_mask=torch.cat([encoded["attention_mask"], response_mask.long()], dim=1),
             response_mask=response_mask,
             prompt_width=prompt_width,
-            prompts=list(prompts),
+            prompts=fitted,  # scored as the policy saw them
             responses=[self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens],
             response_tokens=tokens,
         )
