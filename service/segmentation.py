@@ -53,7 +53,10 @@ _ABBREVIATIONS = frozenset(
     ]
 )
 # Terminal punctuation (plus closing quotes/brackets) followed by whitespace or the end.
-_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
+# Tried only where a run of it begins, and never given back: otherwise a run of n marks
+# followed by a letter (a policy's "!!!!...a") is tried from each of its n starts, and
+# each try walks to the run's end, n^2 steps with the GIL held.
+_SENTENCE_END = re.compile(r"(?<![.!?])[.!?]++[\"')\]]*+(?=\s|$)")
 _CLAUSE_END = re.compile(r"[,;:](?=\s)")
 
 
@@ -74,13 +77,15 @@ def _strip_span(text: str, start: int, end: int) -> tuple[int, int] | None:
 def _cut(text: str, start: int, end: int, pattern: re.Pattern[str]) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
     piece_start = start
-    for match in pattern.finditer(text, start, end):
-        if match.group().startswith(".") and _is_abbreviation(text, match.start()):
+    # A slice, not finditer's pos: a lookbehind would see the text before `start`.
+    for match in pattern.finditer(text[start:end]):
+        match_start, match_end = start + match.start(), start + match.end()
+        if match.group().startswith(".") and _is_abbreviation(text, match_start):
             continue
-        span = _strip_span(text, piece_start, match.end())
+        span = _strip_span(text, piece_start, match_end)
         if span:
             spans.append(span)
-        piece_start = match.end()
+        piece_start = match_end
     tail = _strip_span(text, piece_start, end)
     if tail:
         spans.append(tail)
