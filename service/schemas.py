@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.combine import CombineMode
+from service.errors import PayloadTooLarge
+
+# The validation context's key for `limits.max_items_per_request` (service.api.lean_route).
+MAX_ITEMS = "max_items"
 
 
 def _require_valid_unicode(text: str) -> str:
@@ -16,6 +20,15 @@ def _require_valid_unicode(text: str) -> str:
     except UnicodeEncodeError as exc:
         raise ValueError(f"text is not valid Unicode ({exc.reason})") from exc
     return text
+
+
+def _within_item_limit(items: object, info: ValidationInfo) -> object:
+    """Before any item is validated: a body of 400,000 empty items (1.2 MB) took 12 s of
+    the event loop to answer with its 800,000 errors, and a valid one 1.4 s to refuse."""
+    limit = (info.context or {}).get(MAX_ITEMS)
+    if limit is not None and isinstance(items, list) and len(items) > limit:
+        raise PayloadTooLarge(f"{len(items)} items exceed max_items_per_request={limit}")
+    return items
 
 
 class _Wire(BaseModel):
@@ -40,6 +53,7 @@ class RewardRequest(_Wire):
         None,
         gt=0,
         allow_inf_nan=False,
+        strict=True,  # a number: `true` is not 1 ms, nor "5000" 5 s
         description=(
             "The client's remaining budget in milliseconds, counted from when the server "
             "receives the request. Work not yet scored when it runs out is dropped and the "
@@ -47,6 +61,8 @@ class RewardRequest(_Wire):
             "header."
         ),
     )
+
+    _items_within_limit = field_validator("items", mode="before")(_within_item_limit)
 
 
 class HolisticResult(_Wire):
@@ -100,6 +116,8 @@ class OpenRLHFRequest(BaseModel):
     query: list[str] = Field(description="Full texts: prompt followed by response.")
     prompts: list[str] | None = Field(None, description="The prompt prefix of each query.")
     labels: list[Any] | None = Field(None, description="Accepted and ignored.")
+
+    _query_within_limit = field_validator("query", mode="before")(_within_item_limit)
 
     @field_validator("query", "prompts")
     @classmethod

@@ -6,6 +6,8 @@ result where the input is legal, else the one error shape with the right type. N
 never a hang.
 """
 
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,6 +150,22 @@ def test_ten_thousand_items_get_413(http):
     assert_error(reply, 413, "payload_too_large")
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/rewards", b'{"items": [' + b",".join([b"{}"] * 100_000) + b"]}"),
+        ("/get_reward", b'{"query": [' + b",".join([b"1"] * 100_000) + b"]}"),
+    ],
+)
+def test_a_flood_of_invalid_items_is_refused_by_its_count_before_any_is_read(http, path, body):
+    """Each invalid item's errors used to come back, here 200,000, built on the event loop
+    while every other request waited; the count alone is enough to refuse them."""
+    assert len(body) < LIMITS["max_request_bytes"]
+    error = assert_error(post_raw(http, body, path), 413, "payload_too_large")
+    assert error["message"] == "100000 items exceed max_items_per_request=512"
+    assert not error["details"]
+
+
 def test_a_body_over_max_request_bytes_gets_413_with_or_without_content_length(http):
     padding = b" " * LIMITS["max_request_bytes"]
     body = b'{"items": [' + ITEM_JSON + b"]}" + padding
@@ -210,6 +228,10 @@ def test_a_body_over_max_request_bytes_gets_413_with_or_without_content_length(h
         b'{"items": [{"prompt": Infinity, "response": "r"}]}',
         b'{"items": [{"prompt": "p", "response": "r", "id": -Infinity}]}',
         b'{"items": NaN}',
+        # A deadline that is not a number (`true` was read as 1 ms, "5000" as 5 s).
+        b'{"items": [' + ITEM_JSON + b'], "deadline_ms": true}',
+        b'{"items": [' + ITEM_JSON + b'], "deadline_ms": false}',
+        b'{"items": [' + ITEM_JSON + b'], "deadline_ms": "5000"}',
         # Unknown fields, top level and per item.
         b'{"items": [' + ITEM_JSON + b'], "temperature": 0.7}',
         b'{"items": [{"prompt": "p", "response": "r", "score": 1.0}]}',
@@ -243,6 +265,34 @@ def test_openrlhf_scores_empty_and_nul_texts(http):
     reply = http.post("/get_reward", json={"query": queries, "prompts": ["", "p", "p", "\x00"]})
     assert reply.status_code == 200, reply.text
     assert len(OpenRLHFResponse.model_validate(reply.json()).rewards) == len(queries)
+
+
+def test_a_request_id_comes_back_as_the_bytes_it_was_sent_as(http):
+    sent = "café-☕-1".encode()  # UTF-8, which the server reads as latin-1 bytes
+    response = http.post("/v1/rewards", json={"items": [ITEM]}, headers={"x-request-id": sent})
+    assert response.status_code == 200, response.text
+    assert dict(response.headers.raw)[b"x-request-id"] == sent
+
+
+def requests_counted(http: httpx.Client, route: str, status: str) -> float:
+    prefix = f'alarm_requests_total{{route="{route}",status="{status}"}} '
+    lines = [line for line in http.get("/metrics").text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+@pytest.mark.parametrize("path", ["/v1/rewards", "/get_reward", "/v1/aspects/consistency"])
+def test_a_client_gone_before_its_body_arrived_is_a_499_not_a_server_error(server, http, path):
+    before = {status: requests_counted(http, path, status) for status in ("499", "500", "422")}
+    port = int(server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        connection.sendall(head.encode() + b"Content-Length: 1000\r\n\r\n" + b'{"items": [')
+    deadline = time.monotonic() + TIMEOUT_S
+    while requests_counted(http, path, "499") == before["499"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert requests_counted(http, path, "499") == before["499"] + 1
+    assert requests_counted(http, path, "500") == before["500"]
+    assert requests_counted(http, path, "422") == before["422"]
 
 
 def test_unknown_routes_and_methods_get_the_error_shape(http):

@@ -12,8 +12,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from service.errors import AlarmError
+from service.errors import AlarmError, ClientDisconnected
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"{'.'.join(first['loc'])}: {first['msg']}"
         return error_response(422, "invalid_request", message, _request_id(request), details)
 
+    async def on_client_gone(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette's, raised while the body is read: the same hang-up as ClientDisconnected.
+        gone = ClientDisconnected("the client closed the connection before its body arrived")
+        return await on_alarm_error(request, gone)
+
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         # Raised by the framework, never by our code: unknown routes and methods, and bodies
         # that FastAPI could not read, which it reports as a 400 chained to the cause.
@@ -73,6 +79,8 @@ def install_error_handlers(app: FastAPI) -> None:
         cause = exc.__cause__
         if isinstance(cause, AlarmError):  # the size cap on a chunked body (middleware)
             return await on_alarm_error(request, cause)
+        if isinstance(cause, ClientDisconnect):
+            return await on_client_gone(request, cause)
         if exc.status_code == 400:  # invalid UTF-8, nesting too deep: as malformed JSON
             reason = f"{type(cause).__name__}: {cause}" if cause else exc.detail
             message = f"body: cannot be parsed as JSON ({reason})"
@@ -89,4 +97,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AlarmError, on_alarm_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(Exception, on_unexpected)

@@ -28,6 +28,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from service.schemas import MAX_ITEMS
+
 # What an endpoint served by this class takes, by name (checked when the route is built).
 SCORING_PARAMETERS = ("body", "request", "deadline_header_ms", "trainer")
 DEADLINE_HEADER = "X-Request-Deadline-Ms"
@@ -51,7 +53,9 @@ def _is_json(content_type: str | None) -> bool:
     )
 
 
-def parse_json_body(model: type[M], raw: bytes, content_type: str | None) -> M:
+def parse_json_body(
+    model: type[M], raw: bytes, content_type: str | None, max_items: int | None = None
+) -> M:
     """`raw` validated as `model`, or a `RequestValidationError` located in the body.
 
     pydantic-core parses and validates in one pass. What it cannot parse goes through
@@ -65,8 +69,9 @@ def parse_json_body(model: type[M], raw: bytes, content_type: str | None) -> M:
     if not _is_json(content_type):
         message = f"expected Content-Type application/json, got {content_type or 'none'}"
         raise RequestValidationError([{"type": "content_type", "loc": ("body",), "msg": message}])
+    context = {MAX_ITEMS: max_items}  # a longer list is refused before its items are read
     try:
-        return model.model_validate_json(raw)
+        return model.model_validate_json(raw, context=context)
     except ValidationError as exc:
         if not any(error["type"] == "json_invalid" for error in exc.errors()):
             raise RequestValidationError(_located(exc.errors(), "body")) from None
@@ -78,7 +83,7 @@ def parse_json_body(model: type[M], raw: bytes, content_type: str | None) -> M:
             [{"type": "json_invalid", "loc": ("body",), "msg": message}]
         ) from None
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         raise RequestValidationError(_located(exc.errors(), "body")) from None
 
@@ -120,8 +125,12 @@ class LeanScoringRoute(APIRoute):
 
         async def handle(request: Request) -> Response:
             trainer = await trainer_of(request)
+            limits = request.app.state.alarm.config.limits
             body = parse_json_body(
-                body_model, await request.body(), request.headers.get("content-type")
+                body_model,
+                await request.body(),
+                request.headers.get("content-type"),
+                limits.max_items_per_request,
             )
             deadline_ms = parse_deadline_header(
                 deadline_ms_of, request.headers.get(DEADLINE_HEADER)

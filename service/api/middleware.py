@@ -38,7 +38,9 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+                # The bytes the client sent, back as they came (latin-1 maps each to itself).
+                echoed = request_id.encode("latin-1")
+                message.setdefault("headers", []).append((b"x-request-id", echoed))
             await send(message)
 
         try:
