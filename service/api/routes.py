@@ -221,7 +221,11 @@ async def readyz(request: Request) -> HealthResponse:
     return HealthResponse(status="ready")
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}, 401: ERROR_RESPONSES[401]},
+)
 async def metrics(request: Request) -> Response:
     """Prometheus metrics (prefix `alarm_`); needs an API key if so configured."""
     if state_of(request).settings.metrics_require_auth:
