@@ -150,3 +150,24 @@ def test_the_client_sends_its_api_key(server_url):
     with RewardClient(server_url, api_key="nope") as client, pytest.raises(Unauthorized) as info:
         client.rewards([(PROMPT, "Shakespeare.")])
     assert info.value.status == 401
+
+
+async def test_metrics_need_a_key_when_so_configured(tiny_config, tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from service.api import create_app
+    from service.config import ServiceSettings
+
+    settings = ServiceSettings(
+        cache_dir=tmp_path, api_keys=f"small:{KEYS['small']}", metrics_require_auth=True
+    )
+    app = create_app(settings, tiny_config, registry=CollectorRegistry())
+    transport = httpx.ASGITransport(app=app)  # no lifespan: /metrics needs no models
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        refused = await http.get("/metrics")
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error"]["type"] == "unauthorized"
+        assert refused.headers["www-authenticate"] == "Bearer"
+        allowed = await http.get("/metrics", headers=auth("small"))
+        assert allowed.status_code == 200 and "alarm_" in allowed.text
+        assert (await http.get("/healthz")).status_code == 200
