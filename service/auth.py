@@ -40,10 +40,22 @@ def _parse_file(path: Path) -> dict[str, str]:
     return data
 
 
+def _sendable(key: str) -> bool:
+    """A key an `Authorization` header can carry as written: visible ASCII, no spaces.
+    Servers read header bytes as latin-1, so any other key could never match."""
+    return key.isascii() and key.isprintable() and not any(c.isspace() for c in key)
+
+
 class Authenticator:
     def __init__(self, keys_by_trainer: dict[str, str]) -> None:
         if len(set(keys_by_trainer.values())) != len(keys_by_trainer):
             raise ConfigError("two trainers share one API key")
+        unsendable = sorted(name for name, key in keys_by_trainer.items() if not _sendable(key))
+        if unsendable:  # the trainers are named, never their keys
+            raise ConfigError(
+                f"API keys of {unsendable} must be visible ASCII without spaces, "
+                "or no request could present them"
+            )
         self._keys = [(name, key.encode()) for name, key in keys_by_trainer.items()]
 
     @classmethod

@@ -333,6 +333,22 @@ async def test_health_and_metrics(client):
     assert 'alarm_requests_total{route="/v1/rewards",status="200"}' in metrics
 
 
+async def test_requests_are_counted_by_route_template_and_unknown_paths_under_one_label(client):
+    await client.get("/openapi.json")
+    await client.get("/docs")
+    for path in ("/nowhere", "/v1/models/extra", "/docs/x"):
+        await client.get(path)
+    metrics = (await client.get("/metrics")).text
+    assert 'alarm_requests_total{route="/openapi.json",status="200"}' in metrics
+    assert 'alarm_requests_total{route="/docs",status="200"}' in metrics
+    unmatched = [line for line in metrics.splitlines() if 'route="unmatched"' in line]
+    assert any(
+        line.startswith('alarm_requests_total{route="unmatched",status="404"} ')
+        for line in unmatched
+    )
+    assert not any(path in metrics for path in ("/nowhere", "/v1/models/extra", "/docs/x"))
+
+
 async def test_a_model_that_cannot_load_keeps_the_service_unready(tiny_paths, tmp_path):
     broken = tiny_config_dict(tiny_paths)
     broken["holistic"]["path"] = str(tmp_path / "missing-model")

@@ -171,3 +171,14 @@ async def test_metrics_need_a_key_when_so_configured(tiny_config, tmp_path):
         allowed = await http.get("/metrics", headers=auth("small"))
         assert allowed.status_code == 200 and "alarm_" in allowed.text
         assert (await http.get("/healthz")).status_code == 200
+
+
+@pytest.mark.parametrize("key", ["clé-0123456789", "two words", "tab\there", "bell\x07"])
+def test_a_key_no_header_could_carry_is_refused_at_start_naming_only_its_trainer(key):
+    from service.auth import Authenticator
+    from service.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"API keys of \['odd'\] must be visible ASCII") as raised:
+        Authenticator({"odd": key, "plain": KEYS["small"]})
+    assert key not in str(raised.value)
+    assert Authenticator({"plain": KEYS["small"]}).trainers == ["plain"]

@@ -84,4 +84,8 @@ def _capped(receive: Receive, limit: int) -> Receive:
 def _route_template(scope: Scope) -> str:
     # Label by route template, never by raw path: unknown paths must not add label values.
     route: Any = scope.get("route")
-    return getattr(route, "path", "unmatched")
+    if route is not None:
+        return str(route.path)
+    if "endpoint" in scope and not scope.get("path_params"):
+        return str(scope["path"])  # a static framework route (/docs, /openapi.json)
+    return "unmatched"
