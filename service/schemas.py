@@ -185,6 +185,15 @@ class ConsistencyRequest(_Wire):
     )
     top_k: int | None = Field(None, ge=1, description="Select the k most consistent aspects.")
 
+    @field_validator("pairs", mode="before")
+    @classmethod
+    def _pairs_within_item_limit(cls, pairs: object, info: ValidationInfo) -> object:
+        """Two items a pair, counted as `check_limits` counts them, before any is read."""
+        limit = (info.context or {}).get(MAX_ITEMS)
+        if limit is not None and isinstance(pairs, list) and 2 * len(pairs) > limit:
+            raise PayloadTooLarge(f"{2 * len(pairs)} items exceed max_items_per_request={limit}")
+        return pairs
+
     @field_validator("max_inconsistency", "top_k", mode="before")
     @classmethod
     def _not_a_boolean(cls, value: object) -> object:

@@ -155,6 +155,7 @@ def test_ten_thousand_items_get_413(http):
     [
         ("/v1/rewards", b'{"items": [' + b",".join([b"{}"] * 100_000) + b"]}"),
         ("/get_reward", b'{"query": [' + b",".join([b"1"] * 100_000) + b"]}"),
+        ("/v1/aspects/consistency", b'{"pairs": [' + b",".join([b"{}"] * 50_000) + b"]}"),
     ],
 )
 def test_a_flood_of_invalid_items_is_refused_by_its_count_before_any_is_read(http, path, body):
@@ -258,6 +259,23 @@ def test_invalid_bodies_get_422_invalid_request(http, body):
 )
 def test_invalid_openrlhf_bodies_get_422_invalid_request(http, body):
     assert_error(post_raw(http, body, "/get_reward"), 422, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "message"),
+    [
+        (b'{"pairs": []}', "text/plain", "expected Content-Type application/json"),
+        (b'{"pairs": [', "application/json", "cannot be parsed as JSON"),
+        (b'{"pairs": [{"prompt": "p", "response_1": "a"}]}', "application/json", "response_2"),
+    ],
+)
+def test_the_consistency_route_refuses_bad_bodies_as_the_scoring_routes_do(
+    http, body, content_type, message
+):
+    response = http.post(
+        "/v1/aspects/consistency", content=body, headers={"content-type": content_type}
+    )
+    assert message in assert_error(response, 422, "invalid_request")["message"]
 
 
 def test_openrlhf_scores_empty_and_nul_texts(http):

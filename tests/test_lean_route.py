@@ -1,7 +1,7 @@
 """`LeanScoringRoute`: the scoring endpoints' own per-request handling (not FastAPI's)."""
 
 import pytest
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 
 from service.api.lean_route import (
@@ -22,6 +22,21 @@ def test_an_endpoint_with_other_parameters_is_refused_when_the_route_is_built():
 
     with pytest.raises(TypeError, match="expected"):
         router.post("/score")(score)
+
+
+def test_an_endpoint_without_the_deadline_header_is_served_without_it():
+    router = APIRouter(route_class=LeanScoringRoute)
+
+    async def anyone(request: Request) -> str:
+        return "anyone"
+
+    async def score(
+        body: RewardRequest, request: Request, trainer: str = Depends(anyone)
+    ) -> RewardResponse:
+        raise AssertionError("never called")
+
+    router.post("/score")(score)  # built: before, only the four-parameter form was
+    assert not router.routes[0].dependant.header_params  # nothing declared, nothing read
 
 
 def test_python_reads_what_pydantic_core_cannot_and_the_schema_names_the_problem():

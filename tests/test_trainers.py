@@ -51,11 +51,16 @@ def metric(base_url: str, prefix: str) -> float:
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEYS['big']}"}],
     ids=["missing", "wrong", "not-bearer"],
 )
-@pytest.mark.parametrize("path", ["/v1/rewards", "/get_reward", "/v1/models"])
+@pytest.mark.parametrize(
+    "path", ["/v1/rewards", "/get_reward", "/v1/aspects/consistency", "/v1/models"]
+)
 def test_scoring_routes_refuse_a_missing_or_wrong_key(server_url, headers, path):
     body = {"items": [ITEM]} if path == "/v1/rewards" else {"query": ["x"], "prompts": [""]}
     if path == "/v1/models":
         reply = httpx.get(f"{server_url}{path}", headers=headers)
+    elif path == "/v1/aspects/consistency":  # no key: 401, before the body is even parsed
+        json_headers = {**headers, "content-type": "application/json"}
+        reply = httpx.post(f"{server_url}{path}", content=b'{"pairs": [', headers=json_headers)
     else:
         reply = httpx.post(f"{server_url}{path}", json=body, headers=headers)
     assert reply.status_code == 401, reply.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from service.api.disconnect import cancel_on_disconnect
+from service.api.lean_route import LeanScoringRoute
 from service.api.routes import (
     ERROR_RESPONSES,
     check_limits,
@@ -17,7 +18,7 @@ from service.engine import ScoreInput
 from service.schemas import AspectConsistencyResult, ConsistencyRequest, ConsistencyResponse
 from service.selection import select
 
-router = APIRouter()
+router = APIRouter(route_class=LeanScoringRoute)  # the scoring routes' parsing and errors
 
 
 @router.post(

@@ -30,8 +30,10 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from service.schemas import MAX_ITEMS
 
-# What an endpoint served by this class takes, by name (checked when the route is built).
+# What an endpoint served by this class takes, by name (checked when the route is built):
+# all of these, or all but the deadline header.
 SCORING_PARAMETERS = ("body", "request", "deadline_header_ms", "trainer")
+WITHOUT_DEADLINE = tuple(name for name in SCORING_PARAMETERS if name != "deadline_header_ms")
 DEADLINE_HEADER = "X-Request-Deadline-Ms"
 M = TypeVar("M", bound=BaseModel)
 
@@ -107,13 +109,14 @@ def parse_deadline_header(adapter: TypeAdapter[Any], value: str | None) -> float
 
 
 class LeanScoringRoute(APIRoute):
-    """For endpoints taking exactly `SCORING_PARAMETERS`; `trainer` is the one declared
-    dependency, called with the request (`app.dependency_overrides` does not reach it)."""
+    """For endpoints taking exactly `SCORING_PARAMETERS`, or those but the deadline header;
+    `trainer` is the one declared dependency, called with the request first (so a missing
+    key is a 401 whatever the body), and `app.dependency_overrides` does not reach it."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         endpoint = self.endpoint
         names = tuple(inspect.signature(endpoint).parameters)
-        if names != SCORING_PARAMETERS:
+        if names not in (SCORING_PARAMETERS, WITHOUT_DEADLINE):
             raise TypeError(f"{endpoint.__name__} takes {names}, expected {SCORING_PARAMETERS}")
         body_model = self.body_field.field_info.annotation if self.body_field else None
         if not (isinstance(body_model, type) and issubclass(body_model, BaseModel)):
@@ -121,7 +124,7 @@ class LeanScoringRoute(APIRoute):
         (trainer_dependency,) = [d for d in self.dependant.dependencies if d.name == "trainer"]
         trainer_of = trainer_dependency.call
         assert trainer_of is not None
-        deadline_ms_of = deadline_header_adapter(self)
+        deadline_ms_of = deadline_header_adapter(self) if names == SCORING_PARAMETERS else None
 
         async def handle(request: Request) -> Response:
             trainer = await trainer_of(request)
@@ -132,12 +135,11 @@ class LeanScoringRoute(APIRoute):
                 request.headers.get("content-type"),
                 limits.max_items_per_request,
             )
-            deadline_ms = parse_deadline_header(
-                deadline_ms_of, request.headers.get(DEADLINE_HEADER)
-            )
-            result: BaseModel = await endpoint(
-                body=body, request=request, deadline_header_ms=deadline_ms, trainer=trainer
-            )
+            parameters: dict[str, Any] = {"body": body, "request": request, "trainer": trainer}
+            if deadline_ms_of is not None:
+                header = request.headers.get(DEADLINE_HEADER)
+                parameters["deadline_header_ms"] = parse_deadline_header(deadline_ms_of, header)
+            result: BaseModel = await endpoint(**parameters)
             return Response(result.model_dump_json(), media_type="application/json")
 
         return handle
