@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from service.combine import CombineMode
 from service.errors import PayloadTooLarge
 
 # The validation context's key for `limits.max_items_per_request` (service.api.lean_route).
 MAX_ITEMS = "max_items"
+# Unknown fields an object may have before they are refused with one error, not one each.
+MAX_UNKNOWN_FIELDS = 16
 
 
 def _require_valid_unicode(text: str) -> str:
@@ -33,6 +35,16 @@ def _within_item_limit(items: object, info: ValidationInfo) -> object:
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_unknown_fields(cls, data: object) -> object:
+        """`extra="forbid"` reports each unknown field: an object with a million of them
+        would be a million errors built on the event loop. Past a few, one error says so."""
+        known = len(cls.model_fields)
+        if isinstance(data, dict) and len(data) > known + MAX_UNKNOWN_FIELDS:
+            raise ValueError(f"{len(data)} fields, of which at most {known} are known")
+        return data
 
 
 class RewardItem(_Wire):
@@ -117,7 +129,7 @@ class OpenRLHFRequest(BaseModel):
     prompts: list[str] | None = Field(None, description="The prompt prefix of each query.")
     labels: list[Any] | None = Field(None, description="Accepted and ignored.")
 
-    _query_within_limit = field_validator("query", mode="before")(_within_item_limit)
+    _lists_within_limit = field_validator("query", "prompts", mode="before")(_within_item_limit)
 
     @field_validator("query", "prompts")
     @classmethod

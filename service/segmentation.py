@@ -60,9 +60,18 @@ _SENTENCE_END = re.compile(r"(?<![.!?])[.!?]++[\"')\]]*+(?=\s|$)")
 _CLAUSE_END = re.compile(r"[,;:](?=\s)")
 
 
+# Far longer than any abbreviation with its quotes: the word before a dot is looked for only
+# this far back, so a text of sentences with no space between them (tabs) stays linear.
+_WORD_WINDOW = 64
+
+
 def _is_abbreviation(text: str, dot_at: int) -> bool:
-    word_start = max(text.rfind(" ", 0, dot_at), text.rfind("\n", 0, dot_at)) + 1
-    word = text[word_start:dot_at].lower().strip("\"'(")
+    start = max(0, dot_at - _WORD_WINDOW)
+    window = text[start:dot_at]
+    cut = max(window.rfind(" "), window.rfind("\n"))
+    if cut < 0 and start > 0:
+        return False  # the word begins before the window: longer than any abbreviation
+    word = window[cut + 1 :].lower().strip("\"'(")
     return word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha())
 
 

@@ -156,6 +156,7 @@ def test_ten_thousand_items_get_413(http):
         ("/v1/rewards", b'{"items": [' + b",".join([b"{}"] * 100_000) + b"]}"),
         ("/get_reward", b'{"query": [' + b",".join([b"1"] * 100_000) + b"]}"),
         ("/v1/aspects/consistency", b'{"pairs": [' + b",".join([b"{}"] * 50_000) + b"]}"),
+        ("/get_reward", b'{"query": ["pq"], "prompts": [' + b",".join([b"1"] * 100_000) + b"]}"),
     ],
 )
 def test_a_flood_of_invalid_items_is_refused_by_its_count_before_any_is_read(http, path, body):
@@ -165,6 +166,15 @@ def test_a_flood_of_invalid_items_is_refused_by_its_count_before_any_is_read(htt
     error = assert_error(post_raw(http, body, path), 413, "payload_too_large")
     assert error["message"] == "100000 items exceed max_items_per_request=512"
     assert not error["details"]
+
+
+def test_an_object_with_many_unknown_fields_gets_one_error_not_one_each(http):
+    unknown = b",".join(b'"k%d": 1' % i for i in range(60_000))
+    body = b'{"items": [{"prompt": "p", "response": "r", ' + unknown + b"}]}"
+    assert len(body) < LIMITS["max_request_bytes"]
+    error = assert_error(post_raw(http, body), 422, "invalid_request")
+    assert len(error["details"]) == 1
+    assert "60002 fields, of which at most 3 are known" in error["message"]
 
 
 def test_a_body_over_max_request_bytes_gets_413_with_or_without_content_length(http):

@@ -110,7 +110,23 @@ def test_retry_after_is_read_as_seconds_or_as_an_http_date():
     assert 28.0 <= (retry_after(in_30_s) or 0.0) <= 30.0
     assert retry_after(email.utils.formatdate(time.time() - 60, usegmt=True)) == 0.0
     assert retry_after("soon") is None
+    assert retry_after("Wed, 21 Oct 99999999999 07:28:00 GMT") is None  # past datetime's years
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 +99999999999") is None  # an offset too far
     assert _retry_after(httpx.Response(503)) is None
+
+
+def test_a_reply_with_a_header_that_is_not_ascii_is_read_like_any_other():
+    """The sync client rebuilds each reply from the bytes it read; a UTF-8 header value (an
+    X-Request-ID set by a proxy, echoed back) must not turn a 200 into an error."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        reply = answer(request)
+        return httpx.Response(
+            200, headers=[(b"x-request-id", "café".encode())], content=reply.content
+        )
+
+    with sync_client(serving(handle)) as client:
+        assert client.rewards([(PROMPT, "a")]) == [1.0]
 
 
 def test_callers_ids_come_back_as_given_even_when_they_look_like_the_clients_own():
@@ -141,6 +157,7 @@ def test_a_reward_that_is_not_a_finite_number_is_a_protocol_error(value):
         {"json": {"models": []}},
         {"json": {"limits": {"max_items_per_request": None}}},
         {"json": {"limits": {"max_items_per_request": 0}}},
+        {"content": b'{"limits": {"max_items_per_request": 1e999}}'},  # inf: int() overflows
     ],
 )
 def test_a_broken_models_reply_is_a_protocol_error_from_both_clients(reply):

@@ -31,6 +31,11 @@ def test_a_prompt_that_fits_is_left_alone(chat_tokenizer):
     assert fit_prompt(chat_tokenizer, "Say hi.", 64) == "Say hi."
 
 
+def test_a_limit_the_template_alone_meets_leaves_an_empty_prompt(chat_tokenizer):
+    template_only = len(templated_ids(chat_tokenizer, ""))
+    assert fit_prompt(chat_tokenizer, PASSAGE, template_only) == ""
+
+
 def test_a_limit_the_template_alone_exceeds_is_refused(chat_tokenizer):
     template_only = len(templated_ids(chat_tokenizer, ""))
     with pytest.raises(ValueError, match=f"template alone takes {template_only} tokens"):

@@ -38,7 +38,7 @@ def _with_key(headers: dict[str, str] | None, api_key: str | None) -> dict[str, 
 
 
 # How the body came over the wire; the reply rebuilt from its decoded bytes has neither.
-_BODY_FRAMING = {"content-encoding", "content-length", "transfer-encoding"}
+_BODY_FRAMING = {b"content-encoding", b"content-length", b"transfer-encoding"}
 
 
 class _AttemptTimedOut(Exception):
@@ -318,7 +318,9 @@ class RewardClient(_ClientBase):
         self, method: str, url: str, plan: CallPlan, abandoned: threading.Event, **kwargs: Any
     ) -> httpx.Response:
         """One HTTP attempt, its whole reply read within `_attempt_s`: httpx's own timeout
-        bounds each read, so a reply that trickles in would otherwise hold the call."""
+        bounds each read, so a reply that trickles in would otherwise hold the call. The
+        clock is read between reads, so a read that stalls can still end one read timeout
+        later (a thread cannot interrupt a blocked socket read; the async client can)."""
         if abandoned.is_set():
             raise _Abandoned
         attempt_s = self._attempt_s(plan)
@@ -333,7 +335,8 @@ class RewardClient(_ClientBase):
                     raise _Abandoned
                 if time.monotonic() > give_up_at:
                     raise _AttemptTimedOut(attempt_s)
-        kept = [(k, v) for k, v in reply.headers.multi_items() if k not in _BODY_FRAMING]
+        # As bytes: a header that is not ASCII (an echoed X-Request-ID) must not break it.
+        kept = [(k, v) for k, v in reply.headers.raw if k.lower() not in _BODY_FRAMING]
         return httpx.Response(
             reply.status_code, headers=kept, content=bytes(body), request=reply.request
         )

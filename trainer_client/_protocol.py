@@ -87,7 +87,7 @@ def _retry_after(response: httpx.Response) -> float | None:
         pass
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # year 99999999999, offset +99999999999
         return None
     if when.tzinfo is None:  # RFC 9110 dates are GMT
         when = when.replace(tzinfo=datetime.UTC)
@@ -142,7 +142,7 @@ def parse_models(response: httpx.Response) -> tuple[dict[str, Any], int]:
     try:
         info = json.loads(response.content)
         max_items = int(info["limits"]["max_items_per_request"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:  # int(1e999) overflows
         raise ProtocolError(f"malformed reply from {response.request.url}: {exc!r}") from exc
     if max_items < 1:
         raise ProtocolError(f"{response.request.url} allows {max_items} items per request")

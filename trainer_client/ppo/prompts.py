@@ -36,13 +36,17 @@ def fit_prompt(tokenizer: Any, prompt: str, max_tokens: int) -> str:
     if excess <= 0:
         return prompt
     content = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    keep = len(content) - excess
-    while keep > 0:
-        cut = tokenizer.decode(content[:keep], skip_special_tokens=True)
+    keep = max(len(content) - excess, 0)
+    while True:
+        cut = str(tokenizer.decode(content[:keep], skip_special_tokens=True))
         over = len(templated_ids(tokenizer, cut)) - max_tokens
         if over <= 0:
-            return str(cut)
-        keep -= over  # decoding and encoding again can merge or split a token or two
+            return cut
+        if keep == 0:
+            break
+        # Decoding and encoding again can merge or split a token or two: step by what is
+        # over, or by one token where that would overshoot the start.
+        keep = keep - over if keep > over else keep - 1
     template_only = len(templated_ids(tokenizer, ""))
     raise ValueError(
         f"max_prompt_tokens={max_tokens} leaves no room for a prompt: the chat template "
