@@ -34,6 +34,12 @@ class PayloadTooLarge(AlarmError):
     http_status = 413
 
 
+def check_item_count(count: int, limit: int) -> None:
+    """The request item limit, stated once for every place that counts items."""
+    if count > limit:
+        raise PayloadTooLarge(f"{count} items exceed max_items_per_request={limit}")
+
+
 class Overloaded(AlarmError):
     """The bounded queue is full; the client should retry after a pause."""
 

@@ -76,3 +76,25 @@ def test_a_deadline_header_that_is_not_a_positive_finite_number_is_refused(value
     with pytest.raises(RequestValidationError) as caught:
         parse_deadline_header(adapter, value)
     assert caught.value.errors()[0]["loc"] == ("header", "X-Request-Deadline-Ms")
+
+
+def test_only_request_models_run_the_unknown_field_check():
+    """Response models are built per item on the event loop; a Python validator on each
+    took a scored item's result from 16 to 28 µs (session 33). Only requests need it."""
+    from pydantic import BaseModel
+
+    from service import schemas
+
+    requests = {"RewardItem", "RewardRequest", "ResponsePairIn", "ConsistencyRequest"}
+    wire = [
+        model
+        for model in vars(schemas).values()
+        if isinstance(model, type)
+        and issubclass(model, schemas._Wire)
+        and not model.__name__.startswith("_")  # the bases themselves
+    ]
+    assert requests <= {model.__name__ for model in wire}
+    for model in wire:
+        assert issubclass(model, BaseModel)
+        checked = bool(model.__pydantic_decorators__.model_validators)
+        assert checked == (model.__name__ in requests), model.__name__

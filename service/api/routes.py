@@ -15,7 +15,7 @@ from service.api.lean_route import DEADLINE_HEADER, LeanScoringRoute
 from service.combine import CombineMode
 from service.config import LimitsConfig
 from service.engine import RewardEngine, ScoredItem, ScoreInput
-from service.errors import NotReady, PayloadTooLarge, TooManyRequests
+from service.errors import NotReady, PayloadTooLarge, TooManyRequests, check_item_count
 from service.schemas import (
     AspectResult,
     DenseReward,
@@ -116,10 +116,7 @@ def deadline_of(request: Request, deadline_ms: float | None) -> float | None:
 
 
 def check_limits(items: Sequence[ScoreInput], limits: LimitsConfig) -> None:
-    if len(items) > limits.max_items_per_request:
-        raise PayloadTooLarge(
-            f"{len(items)} items exceed max_items_per_request={limits.max_items_per_request}"
-        )
+    check_item_count(len(items), limits.max_items_per_request)
     for index, item in enumerate(items):
         for field in ("prompt", "response"):
             size = len(getattr(item, field))
