@@ -205,6 +205,10 @@ async def test_oversized_requests_get_413(tiny_paths, tmp_path):
         )
         huge = {"items": [{"prompt": "p" * 5000, "response": "r"}]}
         assert_error(await client.post("/v1/rewards", json=huge), 413, "payload_too_large")
+        # Refused by its Content-Length before routing, yet counted under its route.
+        metrics = (await client.get("/metrics")).text
+        assert 'alarm_requests_total{route="/v1/rewards",status="413"} 3.0' in metrics
+        assert 'route="unmatched"' not in metrics
 
 
 async def test_a_full_queue_answers_503_with_retry_after(tiny_paths, tmp_path):

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from prometheus_client import CollectorRegistry
 
 from service.api import aspects, openrlhf, routes
@@ -98,14 +98,20 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.alarm = state
-    app.include_router(routes.scoring_router)
-    app.include_router(routes.router)
-    app.include_router(openrlhf.router)
-    app.include_router(aspects.router)
+    routers = (routes.scoring_router, routes.router, openrlhf.router, aspects.router)
+    for router in routers:
+        app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=state.metrics,
         max_request_bytes=config.limits.max_request_bytes,
+        route_paths=_route_paths(app.router, *routers),
     )
     return app
+
+
+def _route_paths(*routers: APIRouter) -> frozenset[str]:
+    """Every path the app serves (FastAPI includes routers lazily, so app.routes lacks them)."""
+    paths = (getattr(route, "path", None) for router in routers for route in router.routes)
+    return frozenset(path for path in paths if isinstance(path, str))

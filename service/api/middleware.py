@@ -14,10 +14,19 @@ from service.metrics import ServiceMetrics
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, max_request_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: ServiceMetrics,
+        max_request_bytes: int,
+        route_paths: frozenset[str] = frozenset(),
+    ) -> None:
         self._app = app
         self._metrics = metrics
         self._max_request_bytes = max_request_bytes
+        # Every route is a fixed path, so a request refused before routing (413 by its
+        # Content-Length) is still counted under its route.
+        self._route_paths = route_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,7 +68,7 @@ class RequestContextMiddleware:
             else:
                 await self._app(scope, _capped(receive, self._max_request_bytes), send_with_id)
         finally:
-            route = _route_template(scope)
+            route = _route_label(scope, self._route_paths)
             metrics = self._metrics
             metrics.labelled(metrics.requests, route, str(status)).inc()
             metrics.labelled(metrics.request_seconds, route).observe(time.perf_counter() - started)
@@ -81,11 +90,12 @@ def _capped(receive: Receive, limit: int) -> Receive:
     return receive_capped
 
 
-def _route_template(scope: Scope) -> str:
+def _route_label(scope: Scope, route_paths: frozenset[str]) -> str:
     # Label by route template, never by raw path: unknown paths must not add label values.
     route: Any = scope.get("route")
     if route is not None:
         return str(route.path)
-    if "endpoint" in scope and not scope.get("path_params"):
-        return str(scope["path"])  # a static framework route (/docs, /openapi.json)
+    path = str(scope.get("path", ""))
+    if path in route_paths:
+        return path  # a framework route (/docs, /openapi.json) or a request refused early
     return "unmatched"
