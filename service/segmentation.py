@@ -2,6 +2,12 @@
 
 A small rule-based splitter so the service needs no NLTK data download; spans are what the
 rewards are keyed to, so they must map exactly back into the original string.
+
+Sub-sentences follow Fine-Grained RLHF's rule (its reward_utils.split_text_to_subsentences,
+the split its relevance reward model was trained and run on): within each sentence, the
+whitespace-separated words may break after a word whose last character is one of ",;!?",
+but only where at least 6 words remain after the break; a piece of fewer than 5 words
+joins the one after it when it is the sentence's first piece, the one before it otherwise.
 """
 
 from __future__ import annotations
@@ -57,7 +63,11 @@ _ABBREVIATIONS = frozenset(
 # followed by a letter (a policy's "!!!!...a") is tried from each of its n starts, and
 # each try walks to the run's end, n^2 steps with the GIL held.
 _SENTENCE_END = re.compile(r"(?<![.!?])[.!?]++[\"')\]]*+(?=\s|$)")
-_CLAUSE_END = re.compile(r"[,;:](?=\s)")
+_WORD = re.compile(r"\S+")
+# Fine-Grained RLHF's sub-sentence rule: a word ending in one of these may end a piece...
+_SUBSENTENCE_END_CHARS = frozenset(",;!?")
+# ...whose words number at least this many, with more than this many words left after it.
+_MIN_SUBSENTENCE_WORDS = 5
 
 
 # Far longer than any abbreviation with its quotes: the word before a dot is looked for only
@@ -101,9 +111,29 @@ def _cut(text: str, start: int, end: int, pattern: re.Pattern[str]) -> list[tupl
     return spans
 
 
+def _subsentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """The sentence text[start:end] cut into sub-sentences as Fine-Grained RLHF cuts it
+    (get_sub_sentence_starts over the sentence's whitespace-separated words), one pass."""
+    words = [match.span() for match in _WORD.finditer(text, start, end)]
+    if not words:
+        return []
+    first_words = [0]  # index of each piece's first word
+    for i in range(1, len(words)):
+        ends_piece = text[words[i - 1][1] - 1] in _SUBSENTENCE_END_CHARS
+        if not ends_piece or i + _MIN_SUBSENTENCE_WORDS >= len(words):
+            continue  # no punctuation, or fewer than 6 words would follow the break
+        if i - first_words[-1] >= _MIN_SUBSENTENCE_WORDS:
+            first_words.append(i)
+        elif first_words[-1] > 0:
+            first_words[-1] = i  # the short piece joins the one before it
+        # else the short first piece joins the one after it
+    ends = [words[i - 1][1] for i in first_words[1:]] + [words[-1][1]]
+    return [(words[i][0], e) for i, e in zip(first_words, ends, strict=True)]
+
+
 def split_spans(text: str, unit: SplitUnit = SplitUnit.sentence) -> list[tuple[int, int]]:
     """Non-overlapping (start, end) spans covering every non-blank part of `text`, in order."""
     spans = _cut(text, 0, len(text), _SENTENCE_END)
     if unit is SplitUnit.subsentence:
-        spans = [piece for s, e in spans for piece in _cut(text, s, e, _CLAUSE_END)]
+        spans = [piece for s, e in spans for piece in _subsentences(text, s, e)]
     return spans
