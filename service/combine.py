@@ -27,8 +27,8 @@ class HolisticParams:
     sigma: float = 1.0
     threshold: float = 0.6  # eps: aspects count only when r_h >= threshold
     weight: float = 5.0  # lambda
-    min_response_chars: int = 1  # shorter (after strip) is degenerate
-    degenerate_floor: float = -10.0  # r_h forced for degenerate responses
+    min_response_chars: int = 1  # shorter (after strip) is degenerate; empty always is
+    degenerate_floor: float = -10.0  # r_h forced for degenerate responses, in every mode
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class CombinedReward:
     holistic_raw: float | None
     holistic_normalized: float
     degenerate: bool
-    gate_passed: bool  # r_h >= threshold
+    gate_passed: bool  # r_h >= threshold (never for a degenerate response)
     aspects_applied: bool  # whether aspect rewards are in `dense` under this mode
     aspects: Mapping[str, AspectReward]
     dense: tuple[DenseReward, ...]
@@ -98,17 +98,30 @@ def shape_aspect_value(raw: float, params: AspectParams) -> float:
     return params.weight * value
 
 
+def is_degenerate(response: str, params: HolisticParams) -> bool:
+    """Empty (nothing but whitespace) or shorter than the minimum, after strip.
+
+    An empty response is degenerate whatever `min_response_chars` says: 0 must not turn the
+    floor off for the one response that has nothing to score.
+    """
+    stripped = response.strip()
+    return not stripped or len(stripped) < params.min_response_chars
+
+
 def normalize_holistic(
     raw: float | None, response: str, params: HolisticParams
 ) -> tuple[float, bool]:
     """r_h = (h - mu) / sigma, or the floor for degenerate (empty or too short) responses."""
-    degenerate = raw is None or len(response.strip()) < params.min_response_chars
-    if degenerate or raw is None:
+    if raw is None or is_degenerate(response, params):
         return params.degenerate_floor, True
     return (raw - params.mu) / params.sigma, False
 
 
-def aspects_apply(mode: CombineMode, gate_passed: bool) -> bool:
+def aspects_apply(mode: CombineMode, gate_passed: bool, degenerate: bool = False) -> bool:
+    """Whether a_t is in r_t. Never for a degenerate response: the paper's code gives it
+    only lambda * floor, in every mode, before its modes are even looked at."""
+    if degenerate:
+        return False
     if mode is CombineMode.hierarchical:
         return gate_passed
     return mode in (CombineMode.weighted_sum, CombineMode.aspect_only)
@@ -122,10 +135,15 @@ def combine_response(
     aspects: Sequence[AspectParams],
     mode: CombineMode = CombineMode.hierarchical,
 ) -> CombinedReward:
-    """r_t = [r_h >= eps] * a_t + [t == T] * lambda * r_h, keyed by character end offset."""
+    """r_t = [r_h >= eps] * a_t + [t == T] * lambda * r_h, keyed by character end offset.
+
+    A degenerate response gets only lambda * floor at its end, in every mode (aspect_only
+    too), as the paper's code does for too-short responses; its aspect values are still
+    reported, and it never passes the gate.
+    """
     r_h, degenerate = normalize_holistic(holistic_raw, response, holistic)
-    gate_passed = r_h >= holistic.threshold
-    use_aspects = aspects_apply(mode, gate_passed)
+    gate_passed = not degenerate and r_h >= holistic.threshold
+    use_aspects = aspects_apply(mode, gate_passed, degenerate)
 
     dense_by_end: dict[int, float] = {}
     aspect_rewards: dict[str, AspectReward] = {}
@@ -148,7 +166,7 @@ def combine_response(
                 if seg.reward is not None:
                     dense_by_end[seg.end] = dense_by_end.get(seg.end, 0.0) + seg.reward
 
-    if mode is not CombineMode.aspect_only:
+    if degenerate or mode is not CombineMode.aspect_only:
         end = len(response)
         dense_by_end[end] = dense_by_end.get(end, 0.0) + holistic.weight * r_h
 

@@ -170,11 +170,14 @@ DEFAULT_PROSELINT_CHECKS = (
 
 
 class GrammarAspect(_TextAspect):
-    """Errors as character spans: raw -1 inside each error, 0 on the text between them.
+    """Errors per word: raw -1 on each word an error span touches, 0 on every other word.
 
-    No sigmoid and a `sum` aggregate by default: through a sigmoid every clean stretch would
-    earn +0.5 (so more errors, more stretches, more reward), and a mean over errors and
-    stretches means nothing; the sum is minus the number of errors.
+    One value per word stands in for the paper's one per policy token, so the number of
+    values is fixed by the text and errors can only lower them; a positive `scale` and a
+    non-negative `weight` keep the shaping increasing, so more or longer errors never raise
+    the reward. `sigmoid: true` is the paper's MT shaping (s(0) = 0.5 per clean word,
+    s(-1) = 0.27 per word in error), which also pays 0.5 per word of length; the default
+    (no sigmoid, `sum`) is minus the number of words in error, with no pull on length.
     """
 
     granularity: ClassVar[Granularity] = "span"
@@ -197,14 +200,28 @@ class GrammarAspect(_TextAspect):
             raise ValueError("proselint_checks applies only without a checker")
         return self
 
+    @model_validator(mode="after")
+    def _errors_never_pay(self) -> GrammarAspect:
+        # A negative scale or weight would turn the shaping around: errors would earn reward.
+        if self.scale <= 0:
+            raise ValueError("scale must be positive for grammar: errors must never pay")
+        if self.weight < 0:
+            raise ValueError("weight must not be negative for grammar: errors must never pay")
+        return self
+
 
 class ReadabilityAspect(_TextAspect):
-    """Flesch reading ease of the whole response, z-normalised: raw = (flesch - mu) / sigma."""
+    """Flesch-Kincaid grade level of the whole response, z-normalised: raw = (grade - mu) /
+    sigma, as the paper's MT code (textstat.flesch_kincaid_grade) with its statistics.
+
+    Its sign is the paper's: a higher grade level (harder text) is a higher raw value and
+    `direction: higher`; `scale: -1` with `direction: lower` rewards easier text instead.
+    """
 
     granularity: ClassVar[Granularity] = "sequence"
     kind: Literal["readability"]
-    mu: float = Field(description="mean Flesch reading ease of typical responses")
-    sigma: float = Field(gt=0, description="its standard deviation")
+    mu: float = Field(11.19907, description="mean Flesch-Kincaid grade of typical responses")
+    sigma: float = Field(6.04406, gt=0, description="its standard deviation")
 
 
 class LanguageConfidenceAspect(_TextAspect):

@@ -5,6 +5,10 @@ prompt, the holistic preference is sign(h1 - h2); an aspect's is the sign of the
 of its sequence-level values (flipped for lower-is-better aspects). An aspect's
 inconsistency is the share of pairs, among those the holistic reward does not tie, in which
 the aspect prefers the other response; pairs the aspect ties count as consistent.
+
+A missing value (an unscored response) is not a tie: it says nothing either way, so a pair
+without a holistic value on both sides is left out of every statistic, and a pair without
+an aspect's value on both sides out of that aspect's; the reports count what was left out.
 """
 
 from __future__ import annotations
@@ -30,19 +34,21 @@ class ScoredPair:
 class AspectConsistency:
     name: str
     direction: Direction
-    inconsistency: float | None  # None when the holistic reward tied every pair
+    inconsistency: float | None  # None when no pair was counted
     disagreements: int
-    pairs_counted: int  # pairs where the holistic reward is not tied
+    pairs_counted: int  # holistic untied, and both values of this aspect present
     ties: int  # counted pairs the aspect ties (consistent by definition)
     win_rate: float | None  # share of the aspect's untied pairs where it prefers response 1
+    missing: int = 0  # pairs left out: this aspect unscored for one response or both
 
 
 @dataclass(frozen=True)
 class ConsistencyReport:
     pairs: int
-    holistic_ties: int
+    holistic_ties: int  # among pairs with both holistic values
     holistic_win_rate: float | None
     aspects: tuple[AspectConsistency, ...]
+    holistic_missing: int = 0  # pairs left out of every statistic: no holistic value
 
 
 def sequence_value(raws: Sequence[float | None], aggregate: Aggregate) -> float | None:
@@ -53,16 +59,20 @@ def sequence_value(raws: Sequence[float | None], aggregate: Aggregate) -> float 
     return sum(scored) if aggregate == "sum" else statistics.fmean(scored)
 
 
-def preference(first: float | None, second: float | None, direction: Direction = "higher") -> int:
-    """+1 prefers the first response, -1 the second, 0 a tie (or a missing value)."""
-    if first is None or second is None or first == second:
+def preference(
+    first: float | None, second: float | None, direction: Direction = "higher"
+) -> int | None:
+    """+1 prefers the first response, -1 the second, 0 a tie; None when a value is missing."""
+    if first is None or second is None:
+        return None
+    if first == second:
         return 0
     better_first = first > second if direction == "higher" else first < second
     return 1 if better_first else -1
 
 
-def _win_rate(preferences: Sequence[int]) -> float | None:
-    decided = [p for p in preferences if p != 0]
+def _win_rate(preferences: Sequence[int | None]) -> float | None:
+    decided = [p for p in preferences if p]  # neither a tie (0) nor missing (None)
     return sum(1 for p in decided if p > 0) / len(decided) if decided else None
 
 
@@ -73,7 +83,7 @@ def consistency(
     results = []
     for name, direction in directions.items():
         aspect = [preference(*p.aspects[name], direction) for p in pairs]
-        counted = [(h, a) for h, a in zip(holistic, aspect, strict=True) if h != 0]
+        counted = [(h, a) for h, a in zip(holistic, aspect, strict=True) if h and a is not None]
         disagreements = sum(1 for h, a in counted if a == -h)
         results.append(
             AspectConsistency(
@@ -84,6 +94,7 @@ def consistency(
                 pairs_counted=len(counted),
                 ties=sum(1 for _, a in counted if a == 0),
                 win_rate=_win_rate(aspect),
+                missing=sum(1 for a in aspect if a is None),
             )
         )
     return ConsistencyReport(
@@ -91,6 +102,7 @@ def consistency(
         holistic_ties=sum(1 for h in holistic if h == 0),
         holistic_win_rate=_win_rate(holistic),
         aspects=tuple(results),
+        holistic_missing=sum(1 for h in holistic if h is None),
     )
 
 

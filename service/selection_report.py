@@ -10,11 +10,15 @@ from pathlib import Path
 import yaml
 
 from service.config import RewardConfig
-from service.selection import ConsistencyReport
+from service.selection import AspectConsistency, ConsistencyReport
 
 
-def _reason(inconsistency: float | None, kept: bool) -> str:
-    if inconsistency is None:
+def _reason(aspect: AspectConsistency, report: ConsistencyReport, kept: bool) -> str:
+    if aspect.inconsistency is None:
+        # Which of the two is why no pair was counted, so that a missing score is not
+        # mistaken for a holistic tie.
+        if aspect.missing or report.holistic_missing:
+            return "dropped: no pair with both scores where the holistic reward is not tied"
         return "dropped: the holistic reward tied every pair"
     return "kept" if kept else "dropped: less consistent with the holistic reward"
 
@@ -27,7 +31,7 @@ def write_report(
         {
             **asdict(a),
             "selected": a.name in selected,
-            "why": _reason(a.inconsistency, a.name in selected),
+            "why": _reason(a, report, a.name in selected),
         }
         for a in sorted(report.aspects, key=lambda a: (a.inconsistency is None, a.inconsistency))
     ]
@@ -40,6 +44,7 @@ def write_report(
     summary = {
         "pairs": report.pairs,
         "holistic_ties": report.holistic_ties,
+        "holistic_missing": report.holistic_missing,
         "holistic_win_rate": report.holistic_win_rate,
         "aspects": rows,
         "selected": selected,

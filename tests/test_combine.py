@@ -13,6 +13,7 @@ from service.combine import (
     shape_aspect_value,
     sigmoid,
 )
+from service.config import CombinationConfig, RewardConfig
 
 # Long-form QA settings of the paper: eps 0.6, lambda 5, mu/sigma of UltraRM.
 QA = HolisticParams(mu=-4.8961, sigma=3.0596, threshold=0.6, weight=5.0)
@@ -97,6 +98,63 @@ def test_short_responses_below_minimum_are_degenerate():
     params = HolisticParams(min_response_chars=5)
     assert combine_response("abcd", 3.0, {}, params, []).degenerate
     assert not combine_response("abcde", 3.0, {}, params, []).degenerate
+
+
+@pytest.mark.parametrize("mode", list(CombineMode))
+@pytest.mark.parametrize("response", ["", "ok", "  \n"])
+def test_degenerate_responses_get_lambda_times_minus_ten_alone_in_every_mode(mode, response):
+    """The paper's code: [0] * (T - 1) + [lambda * -10] for a too-short response, whatever
+    --reward_type says (QA: 5 * -10 = -50), with no aspect reward, aspect_only included."""
+    params = HolisticParams(mu=-4.8961, sigma=3.0596, min_response_chars=3)
+    segments = {"factuality": [SegmentScore(0, len(response), 0.5)]}
+    result = combine_response(response, 3.0, segments, params, [FACTUALITY], mode)
+    assert result.degenerate and result.holistic_normalized == -10.0
+    assert [(d.end, d.reward) for d in result.dense] == [(len(response), -50.0)]
+    assert result.reward == -50.0
+    assert not result.aspects_applied and not result.gate_passed
+    # The aspect's own value is still reported, for logging.
+    assert result.aspects["factuality"].value == pytest.approx(sigmoid(0.5))
+
+
+def test_a_floor_above_the_threshold_does_not_open_the_gate():
+    params = HolisticParams(threshold=0.6, weight=5.0, degenerate_floor=1.0)
+    result = combine_response(
+        "", 3.0, {"factuality": [SegmentScore(0, 0, 0.5)]}, params, [FACTUALITY]
+    )
+    assert result.reward == 5.0 and not result.aspects_applied
+
+
+@pytest.mark.parametrize("response", ["", " ", "\t\n"])
+def test_an_empty_response_is_degenerate_even_with_no_minimum(response):
+    result = combine_response(response, 3.0, {}, HolisticParams(min_response_chars=0), [])
+    assert result.degenerate and result.holistic_normalized == -10.0
+    assert not combine_response("a", 3.0, {}, HolisticParams(min_response_chars=0), []).degenerate
+
+
+def test_combination_defaults_are_the_papers_qa_settings():
+    """docs/method.md section 2: eps 0.6, lambda 5, r_h forced to -10 for degenerate responses."""
+    config = CombinationConfig()
+    assert config.mode is CombineMode.hierarchical
+    assert config.threshold == 0.6
+    assert config.holistic_weight == 5.0
+    assert config.min_response_chars == 1
+    assert config.degenerate_floor == -10.0
+    holistic = {"name": "h", "kind": "sequence_scalar", "path": "x"}
+    params = RewardConfig.model_validate({"holistic": holistic}).holistic_params()
+    assert (params.threshold, params.weight, params.min_response_chars) == (0.6, 5.0, 1)
+    assert params.degenerate_floor == -10.0
+    assert (params.mu, params.sigma) == (0.0, 1.0)  # no normalisation unless configured
+    defaults = HolisticParams()
+    assert (defaults.threshold, defaults.weight, defaults.degenerate_floor) == (0.6, 5.0, -10.0)
+
+
+def test_aspects_default_to_the_sigmoid_and_weight_one_as_every_alarm_run():
+    params = AspectParams("factuality")
+    assert (params.weight, params.scale, params.shift, params.sigmoid) == (1.0, 1.0, 0.0, True)
+    holistic = {"name": "h", "kind": "sequence_scalar", "path": "x"}
+    rule = {"name": "length", "kind": "rule", "mean": 60}
+    config = RewardConfig.model_validate({"holistic": holistic, "aspects": [rule]})
+    assert config.aspect_params() == (AspectParams("length", 1.0, 1.0, 0.0, True),)
 
 
 def test_unscored_segments_contribute_nothing_and_are_reported():

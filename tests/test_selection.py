@@ -69,11 +69,69 @@ def test_win_rates_of_response_one_and_holistic_ties():
     assert by_name(report)["agrees"].win_rate == pytest.approx(2 / 5)
 
 
-def test_missing_values_tie():
-    assert preference(None, 1.0) == 0 and preference(1.0, None) == 0
+def test_missing_values_are_not_ties():
+    assert preference(None, 1.0) is None and preference(1.0, None) is None
+    assert preference(None, None) is None and preference(1.0, 1.0) == 0
     assert sequence_value([None, None], "mean") is None
     assert sequence_value([0.5, None, -0.5, 0.5], "sum") == pytest.approx(0.5)
     assert sequence_value([0.5, None, -0.5, 0.5], "mean") == pytest.approx(0.5 / 3)
+
+
+def test_a_pair_with_an_unscored_aspect_is_left_out_of_that_aspect_only():
+    pairs = [
+        pair(2.0, 1.0, a=(None, 5.0), b=(1, 0)),
+        pair(2.0, 1.0, a=(0.0, None), b=(1, 0)),
+        pair(2.0, 1.0, a=(0.0, 1.0), b=(1, 0)),
+        pair(2.0, 1.0, a=(1.0, 0.0), b=(1, 0)),
+    ]
+    report = by_name(consistency(pairs, {"a": "higher", "b": "higher"}))
+    a = report["a"]
+    assert (a.pairs_counted, a.missing, a.ties, a.disagreements) == (2, 2, 0, 1)
+    assert a.inconsistency == pytest.approx(1 / 2)  # not 1/4: the missing ones are no ties
+    assert a.win_rate == pytest.approx(1 / 2)
+    assert (report["b"].pairs_counted, report["b"].missing) == (4, 0)
+
+
+def test_an_aspect_never_scored_has_no_inconsistency_and_is_not_selected():
+    pairs = [pair(2.0, 1.0, a=(None, 5.0), b=(0, 1)), pair(2.0, 1.0, a=(None, None), b=(1, 0))]
+    report = consistency(pairs, {"a": "higher", "b": "higher"})
+    a = by_name(report)["a"]
+    assert a.inconsistency is None and a.pairs_counted == 0 and a.missing == 2
+    assert select(report) == ["b"]
+
+
+def test_a_pair_without_a_holistic_value_is_left_out_not_tied():
+    pairs = [
+        pair(None, 1.0, a=(0.0, 5.0)),
+        pair(2.0, None, a=(0.0, 5.0)),
+        pair(2.0, 1.0, a=(1.0, 0.0)),
+        pair(1.0, 1.0, a=(0.0, 1.0)),
+    ]
+    report = consistency(pairs, {"a": "higher"})
+    assert (report.pairs, report.holistic_ties, report.holistic_missing) == (4, 1, 2)
+    assert report.holistic_win_rate == 1.0
+    (a,) = report.aspects
+    assert (a.pairs_counted, a.disagreements, a.inconsistency) == (1, 0, 0.0)
+
+
+def test_the_report_files_say_how_many_pairs_were_left_out(tmp_path):
+    import json
+
+    from service.config import RewardConfig
+    from service.selection_report import write_report
+
+    holistic = {"name": "h", "kind": "sequence_scalar", "path": "x"}
+    aspects = [{"name": n, "kind": "rule", "mean": 1} for n in ("a", "b")]
+    config = RewardConfig.model_validate({"holistic": holistic, "aspects": aspects})
+    pairs = [pair(None, 1.0, a=(1, 0), b=(1, 0)), pair(2.0, 1.0, a=(None, 0), b=(1, 0))]
+    report = consistency(pairs, {"a": "higher", "b": "higher"})
+    paths = write_report(report, select(report), config, tmp_path)
+    summary = json.loads(paths["json"].read_text())
+    assert summary["holistic_missing"] == 1 and summary["holistic_ties"] == 0
+    rows = {row["name"]: row for row in summary["aspects"]}
+    assert rows["a"]["missing"] == 1 and rows["a"]["inconsistency"] is None
+    assert "no pair with both scores" in rows["a"]["why"]
+    assert rows["b"]["selected"] and rows["b"]["pairs_counted"] == 1
 
 
 def test_selection_keeps_the_lowest_or_the_top_k_or_all_under_a_bound():

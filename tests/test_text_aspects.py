@@ -4,9 +4,10 @@ import re
 
 import pytest
 
+from service.combine import AspectParams, shape_aspect_value
 from service.config import RewardConfig
 from service.errors import ConfigError
-from service.model_specs import GrammarAspect
+from service.model_specs import GrammarAspect, ReadabilityAspect
 from service.models import EncodingMemo
 from service.models.grammar import GrammarModel, error_segments
 from service.models.language_confidence import LanguageConfidenceModel
@@ -29,7 +30,10 @@ FRENCH = "Le chat dort sur la table de la cuisine depuis ce matin, car il fait f
 GERMAN = "Der Hund schläft im Garten, weil die Sonne heute den ganzen Tag scheint."
 # Every word has one syllable: 12 words, 2 sentences, 12 syllables.
 EASY = "The cat sat on the the mat. It was a good day."
-EASY_FLESCH = 206.835 - 1.015 * 12 / 2 - 84.6 * 12 / 12
+# Flesch-Kincaid grade level, as textstat.flesch_kincaid_grade in the paper's MT code.
+EASY_GRADE = 0.39 * 12 / 2 + 11.8 * 12 / 12 - 15.59
+# The paper's MT readability statistics (docs/method.md section 2).
+MT_MU, MT_SIGMA = 11.19907, 6.04406
 
 
 def flag_teh(text: str) -> list[tuple[int, int]]:
@@ -61,51 +65,104 @@ def span_of(text: str, needle: str) -> tuple[int, int]:
     return start, start + len(needle)
 
 
-def test_grammar_errors_get_minus_one_on_exactly_their_characters():
+def words_in_error(segments: list[tuple[int, int, float | None]], text: str) -> list[str]:
+    return [text[start:end].strip() for start, end, raw in segments if raw == -1.0]
+
+
+def test_grammar_gives_minus_one_to_each_word_of_an_error_and_zero_to_every_other():
+    """Spec: -1 inside a grammar-error span per token, 0 elsewhere; words stand in for tokens."""
     text = "Irregardless, " + PLAIN_ANSWER.replace("played the", "played the the")
-    first, repeated = span_of(text, "Irregardless"), span_of(text, "the the")
-    assert scored(grammar(), text) == [
-        (0, first[1], -1.0),
-        (first[1], repeated[0], 0.0),
-        (repeated[0], repeated[1], -1.0),
-        (repeated[1], len(text), 0.0),
+    segments = scored(grammar(), text)
+    assert words_in_error(segments, text) == ["Irregardless", "the", "the"]
+    repeated = span_of(text, "the the")
+    assert [end for _, end, raw in segments if raw == -1.0] == [
+        len("Irregardless"),
+        repeated[0] + len("the"),
+        repeated[1],
     ]
+    # One segment per word or punctuation run, covering the text in order.
+    assert [e for _, e, _ in segments[:3]] == [12, 13, 16]  # "Irregardless", ",", " In"
+    assert [s for s, _, _ in segments] == [0] + [e for _, e, _ in segments[:-1]]
+    assert segments[-1][1] == len(text)
 
 
-def test_a_clean_answer_is_one_zero_span_and_the_sequence_value_counts_errors():
+def test_the_sequence_value_is_minus_the_words_in_error():
     model = grammar()
-    assert scored(model, PLAIN_ANSWER) == [(0, len(PLAIN_ANSWER), 0.0)]
+    assert {raw for _, _, raw in scored(model, PLAIN_ANSWER)} == {0.0}
     text = "It was the the end. They met in july, irregardless of the rain."
     raws = [raw for _, _, raw in scored(model, text)]
-    assert sequence_value(raws, model._spec.aggregate) == -3.0
+    # "the the" (2 words), "july", "irregardless": 4 words, -1 each.
+    assert sequence_value(raws, model._spec.aggregate) == -4.0
 
 
 def test_grammar_offsets_are_characters_even_after_non_ascii_text():
     text = "“Naïve” résumé writers — it was the the end."
+    start, end = span_of(text, "the the")
     assert [(s, e) for s, e, raw in scored(grammar(), text) if raw == -1.0] == [
-        span_of(text, "the the")
+        (start - 1, start + 3),
+        (start + 3, end),
     ]
 
 
-def test_error_segments_merge_overlaps_keep_neighbours_and_cover_the_text():
-    segments = error_segments(10, [(6, 8), (1, 3), (2, 4), (4, 5)])
+def test_error_segments_mark_every_word_an_error_touches_and_cover_the_text():
+    text = "ab cd ef, gh"
+    segments = error_segments(text, [(4, 7), (0, 1), (3, 4), (2, 3), (9, 9)])
     assert [(s.start, s.end, s.raw) for s in segments] == [
-        (0, 1, 0.0),
-        (1, 4, -1.0),
-        (4, 5, -1.0),
-        (5, 6, 0.0),
-        (6, 8, -1.0),
-        (8, 10, 0.0),
+        (0, 2, -1.0),  # "ab": touched by (0, 1)
+        (2, 5, -1.0),  # " cd": (3, 4) and (4, 7); (2, 3) is its leading space
+        (5, 8, -1.0),  # " ef": (4, 7)
+        (8, 9, 0.0),  # ","
+        (9, 12, 0.0),  # " gh": the empty span flags nothing
     ]
-    assert [(s.start, s.end, s.raw) for s in error_segments(0, [])] == [(0, 0, 0.0)]
+    assert [(s.start, s.end, s.raw) for s in error_segments("", [])] == [(0, 0, 0.0)]
+    assert [(s.start, s.end, s.raw) for s in error_segments("  ", [(0, 1)])] == [(0, 2, -1.0)]
     with pytest.raises(ValueError, match="outside the text"):
-        error_segments(5, [(3, 6)])
+        error_segments("abcde", [(3, 6)])
+
+
+SAME_TEXT = "He go to the school yesterday and it rain all day long."
+
+
+@pytest.mark.parametrize("sigmoid", [True, False])
+@pytest.mark.parametrize(("scale", "shift", "weight"), [(1.0, 0.0, 1.0), (3.0, 2.0, 0.5)])
+def test_more_or_longer_errors_never_raise_the_grammar_reward(sigmoid, scale, shift, weight):
+    """The audit: one value per clean stretch made each extra error add s(0) = 0.5."""
+    params = AspectParams("grammar", weight, scale, shift, sigmoid)
+
+    def reward(*spans: tuple[int, int]) -> float:
+        segments = error_segments(SAME_TEXT, spans)
+        return sum(shape_aspect_value(s.raw, params) for s in segments if s.raw is not None)
+
+    go, rain = span_of(SAME_TEXT, "go"), span_of(SAME_TEXT, "rain")
+    long_error = span_of(SAME_TEXT, "it rain all")
+    assert reward() > reward(go) > reward(go, rain)
+    assert reward(rain) > reward(long_error)
+
+
+def test_a_three_word_error_counts_three_without_the_sigmoid():
+    text = "He have went to the school yesterday."
+    raws = [s.raw for s in error_segments(text, [span_of(text, "have went to")])]
+    assert sequence_value(raws, "sum") == -3.0
+
+
+@pytest.mark.parametrize(("field", "value"), [("scale", 0), ("scale", -1.0), ("weight", -0.5)])
+def test_grammar_shaping_that_would_pay_for_errors_fails_at_start_up(field, value):
+    with pytest.raises(ValueError, match="errors must never pay"):
+        aspect({"name": "g", "kind": "grammar", field: value})
 
 
 def test_a_plugged_in_checker_spans_come_back_exactly():
     model = grammar(checker="tests.test_text_aspects:flag_teh")
     text = "teh cat sat on teh mat."
-    assert scored(model, text) == [(0, 3, -1.0), (3, 15, 0.0), (15, 18, -1.0), (18, 23, 0.0)]
+    assert scored(model, text) == [
+        (0, 3, -1.0),
+        (3, 7, 0.0),
+        (7, 11, 0.0),
+        (11, 14, 0.0),
+        (14, 18, -1.0),
+        (18, 22, 0.0),
+        (22, 23, 0.0),
+    ]
     assert model.describe()["checker"] == "tests.test_text_aspects:flag_teh"
     assert model.describe()["proselint_checks"] is None
     with pytest.raises(ValueError, match="outside the text"):
@@ -143,29 +200,38 @@ def test_grammar_defaults_count_errors_without_a_sigmoid():
     )
 
 
-def readability(mu: float = 60.0, sigma: float = 20.0) -> ReadabilityModel:
-    spec = aspect({"name": "readability", "kind": "readability", "mu": mu, "sigma": sigma})
-    return ReadabilityModel(spec)
+def readability(mu: float | None = None, sigma: float | None = None) -> ReadabilityModel:
+    stats = {"mu": mu, "sigma": sigma}
+    given = {key: value for key, value in stats.items() if value is not None}
+    return ReadabilityModel(aspect({"name": "readability", "kind": "readability", **given}))
 
 
-def test_readability_is_a_z_normalised_flesch_score():
+def test_readability_defaults_to_the_papers_mt_statistics():
+    spec = aspect({"name": "r", "kind": "readability"})
+    assert isinstance(spec, ReadabilityAspect)
+    assert (spec.mu, spec.sigma, spec.direction) == (MT_MU, MT_SIGMA, "higher")
+
+
+def test_readability_is_the_z_normalised_flesch_kincaid_grade():
     # 2 words, 1 sentence; read-abil-i-ty + mat-ters = 6 syllables.
-    hand = 206.835 - 1.015 * 2 / 1 - 84.6 * 6 / 2
+    hand = 0.39 * 2 / 1 + 11.8 * 6 / 2 - 15.59
     assert scored(readability(), "Readability matters.") == [
-        (0, 20, pytest.approx((hand - 60) / 20))
+        (0, 20, pytest.approx((hand - MT_MU) / MT_SIGMA))
     ]
     assert scored(readability(10, 5), EASY) == [
-        (0, len(EASY), pytest.approx((EASY_FLESCH - 10) / 5))
+        (0, len(EASY), pytest.approx((EASY_GRADE - 10) / 5))
     ]
+    assert readability().describe()["formula"] == "flesch_kincaid_grade"
 
 
-def test_an_easy_text_reads_better_than_a_dense_one():
+def test_a_dense_text_has_a_higher_grade_as_in_the_papers_sign():
+    """The paper adds (grade - mu) / sigma with a positive weight: harder text, higher raw."""
     model = readability(0, 1)
     ((_, _, easy),) = scored(model, EASY)
     ((_, _, plain),) = scored(model, PLAIN_ANSWER)
     ((_, _, dense),) = scored(model, DENSE_ANSWER)
-    assert easy > plain > dense
-    assert easy - dense > 40  # Flesch points: a grade-school text against an academic one
+    assert easy < plain < dense
+    assert dense - easy > 10  # grade levels: a grade-school text against an academic one
 
 
 def test_readability_leaves_a_text_without_words_unscored():
@@ -208,7 +274,7 @@ def test_an_unknown_language_fails_at_start_up():
 async def test_text_aspects_score_through_the_http_api(tiny_paths, tmp_path):
     aspects = [
         {"name": "grammar", "kind": "grammar"},
-        {"name": "readability", "kind": "readability", "mu": 63.0, "sigma": 14.0},
+        {"name": "readability", "kind": "readability"},
         {"name": "english", "kind": "language_confidence", "language": "en", "sigmoid": False},
     ]
     config = RewardConfig.model_validate(tiny_config_dict(tiny_paths, aspects=aspects))
@@ -220,16 +286,14 @@ async def test_text_aspects_score_through_the_http_api(tiny_paths, tmp_path):
         (result,) = reply.json()["results"]
         models = (await client.get("/v1/models")).json()["models"]
 
-    repeated = span_of(EASY, "the the")
     grammar_result = result["aspects"]["grammar"]
-    assert [(s["start"], s["end"], s["raw"], s["reward"]) for s in grammar_result["segments"]] == [
-        (0, repeated[0], 0.0, 0.0),
-        (*repeated, -1.0, -1.0),
-        (repeated[1], len(EASY), 0.0, 0.0),
-    ]
-    assert grammar_result["value"] == -1.0
+    segments = [(s["start"], s["end"], s["raw"]) for s in grammar_result["segments"]]
+    assert words_in_error(segments, EASY) == ["the", "the"]
+    assert len(segments) == 14  # 12 words and 2 full stops
+    assert all(s["reward"] == s["raw"] for s in grammar_result["segments"])
+    assert grammar_result["value"] == -2.0
     (readable,) = result["aspects"]["readability"]["segments"]
-    assert readable["raw"] == pytest.approx((EASY_FLESCH - 63.0) / 14.0)
+    assert readable["raw"] == pytest.approx((EASY_GRADE - MT_MU) / MT_SIGMA)
     (english,) = result["aspects"]["english"]["segments"]
     assert english["raw"] == pytest.approx(language().confidence(EASY)) and english["raw"] > 0.5
     assert english["reward"] == pytest.approx(english["raw"])

@@ -1,8 +1,24 @@
-"""Grammar errors as span rewards: -1 on each error's characters, 0 on the text between."""
+"""Grammar errors as per-word rewards: -1 on each word an error touches, 0 on every other.
+
+The paper's MT code (MT/train_ppo.py, get_finegrained_reward) gives every policy token a
+value, `grammar_incorrect_reward` (-1) inside a LanguageTool match and
+`grammar_correct_reward` (0) elsewhere, each through the sigmoid when shaping is on. The
+service has no policy tokens, so words stand in for them: each word (or run of
+punctuation) with the whitespace before it, as a SentencePiece token carries its leading
+space, is one segment ending at the word's last character. Every segment's value depends
+on its own characters only, so the number of segments is the text's, not the errors':
+an error can only turn a 0 into a -1, and with any increasing shaping (sigmoid, positive
+scale and non-negative weight, which GrammarAspect requires) more or longer errors never
+raise the reward. Departures: words, not the policy's tokens, are counted (a trainer's
+tokens split words further, so per-token sums are larger in the paper), and a word that an
+error touches at all counts whole.
+"""
 
 from __future__ import annotations
 
+import bisect
 import operator
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -15,6 +31,9 @@ from service.models.loading import fingerprint
 
 ERROR_VALUE = -1.0
 CLEAN_VALUE = 0.0
+# A word (letters, digits, inner apostrophes) or a run of punctuation: what a tokenizer
+# would at least split apart.
+_UNIT = re.compile(r"\w+(?:['\u2019]\w+)*|[^\w\s]+")
 
 
 def _checked(span: Sequence[int], length: int) -> Span:
@@ -28,26 +47,45 @@ def _checked(span: Sequence[int], length: int) -> Span:
     return start, end
 
 
-def error_segments(length: int, spans: Iterable[Sequence[int]]) -> tuple[SegmentScore, ...]:
-    """Segments covering [0, length) in order: errors at -1 (overlaps merged), gaps at 0."""
-    merged: list[Span] = []
-    for start, end in sorted(_checked(span, length) for span in spans):
+def word_units(text: str) -> list[tuple[int, int, int]]:
+    """(start, word_start, end) per word: [start, end) covers the text in order, the
+    whitespace before a word included; trailing whitespace joins the last word."""
+    words = [match.span() for match in _UNIT.finditer(text)]
+    if not words:
+        return [(0, 0, len(text))]
+    units = []
+    cursor = 0
+    for word_start, word_end in words:
+        units.append((cursor, word_start, word_end))
+        cursor = word_end
+    start, word_start, _ = units[-1]
+    units[-1] = (start, word_start, len(text))
+    return units
+
+
+def error_segments(text: str, spans: Iterable[Sequence[int]]) -> tuple[SegmentScore, ...]:
+    """One segment per word of `text`, in order: -1 where an error span touches the word,
+    else 0. A span over whitespace alone marks the word that the whitespace precedes."""
+    units = word_units(text)
+    starts = [start for start, _, _ in units]
+    flagged = [False] * len(units)
+    for start, end in (_checked(span, len(text)) for span in spans):
         if start == end:
             continue  # flags no character
-        if merged and start < merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    segments: list[SegmentScore] = []
-    cursor = 0
-    for start, end in merged:
-        if start > cursor:
-            segments.append(SegmentScore(cursor, start, CLEAN_VALUE))
-        segments.append(SegmentScore(start, end, ERROR_VALUE))
-        cursor = end
-    if cursor < length or not segments:
-        segments.append(SegmentScore(cursor, length, CLEAN_VALUE))
-    return tuple(segments)
+        first = max(bisect.bisect_right(starts, start) - 1, 0)
+        hit = False
+        for i in range(first, len(units)):
+            unit_start, word_start, unit_end = units[i]
+            if unit_start >= end:
+                break
+            if word_start < end and start < unit_end:  # touches the word itself
+                flagged[i] = hit = True
+        if not hit:
+            flagged[first] = True  # whitespace only: the word it belongs to
+    return tuple(
+        SegmentScore(start, end, ERROR_VALUE if bad else CLEAN_VALUE)
+        for (start, _, end), bad in zip(units, flagged, strict=True)
+    )
 
 
 class GrammarModel:
@@ -69,7 +107,7 @@ class GrammarModel:
 
     def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
         # Checking is the whole computation, so it happens here (run() only packs it).
-        segments = error_segments(len(response), self._check(response))
+        segments = error_segments(response, self._check(response))
         return Prepared(rows=((),), truncated=False, meta=segments)
 
     def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:

@@ -1,8 +1,12 @@
-"""Readability: the Flesch reading ease of a whole response, z-normalised with static stats.
+"""Readability: the Flesch-Kincaid grade level of a whole response, z-normalised.
 
-Syllables are pyphen's hyphenation points + 1 from its bundled en_US dictionary (what
-textstat did before it began downloading a pronouncing dictionary): offline and
-deterministic, if a little low on words hyphenation never splits ("about", "area").
+What the paper's MT code computes (textstat.flesch_kincaid_grade, then (grade - mu) /
+sigma with mu 11.19907, sigma 6.04406, added with a positive weight: a higher grade level
+is a higher reward), computed here without textstat. Syllables are pyphen's hyphenation
+points + 1 from its bundled en_US dictionary (what textstat did before it began
+downloading a pronouncing dictionary): offline and deterministic, if a little low on words
+hyphenation never splits ("about", "area"). Departures from textstat: sentences come from
+the service's splitter, and the grade is not rounded to one decimal.
 """
 
 from __future__ import annotations
@@ -19,18 +23,18 @@ from service.models.encoding_memo import EncodingMemo
 from service.models.loading import fingerprint
 from service.segmentation import SplitUnit, split_spans
 
-HYPHENATION_LANGUAGE = "en_US"  # the Flesch constants are for English
+HYPHENATION_LANGUAGE = "en_US"  # the Flesch-Kincaid constants are for English
 _WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")  # letters or digits, inner apostrophes kept
 
 
-def flesch_reading_ease(text: str, hyphenator: Any) -> float | None:
-    """206.835 - 1.015 words/sentence - 84.6 syllables/word; None when there are no words."""
+def flesch_kincaid_grade(text: str, hyphenator: Any) -> float | None:
+    """0.39 words/sentence + 11.8 syllables/word - 15.59; None when there are no words."""
     words = _WORD.findall(text)
     if not words:
         return None
     sentences = max(1, len(split_spans(text, SplitUnit.sentence)))
     syllables = sum(len(hyphenator.positions(word)) + 1 for word in words)
-    return 206.835 - 1.015 * len(words) / sentences - 84.6 * syllables / len(words)
+    return 0.39 * len(words) / sentences + 11.8 * syllables / len(words) - 15.59
 
 
 class ReadabilityModel:
@@ -49,8 +53,8 @@ class ReadabilityModel:
 
     def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
         # Counting is the whole computation; it runs here, off the event loop.
-        flesch = flesch_reading_ease(response, self._hyphenator)
-        raw = None if flesch is None else (flesch - self._spec.mu) / self._spec.sigma
+        grade = flesch_kincaid_grade(response, self._hyphenator)
+        raw = None if grade is None else (grade - self._spec.mu) / self._spec.sigma
         return Prepared(rows=((),), truncated=False, meta=SegmentScore(0, len(response), raw))
 
     def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
@@ -58,7 +62,7 @@ class ReadabilityModel:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "formula": "flesch_reading_ease",
+            "formula": "flesch_kincaid_grade",
             "syllables": self._syllables,
             "mu": self._spec.mu,
             "sigma": self._spec.sigma,
