@@ -1,8 +1,9 @@
 """A batch that runs out of device memory is halved and retried, down to single items.
 
-A GPU's memory is shared with whatever else runs there; a batch the token budget allows
-may still not fit. Failing the whole batch would fail every request in it, so the halves
-are retried, and only an item that fails alone gets a `ModelFailure`.
+A GPU's memory is shared with whatever else runs there, a host's with every process on
+it; a batch the token budget allows may still not fit. Failing the whole batch would fail
+every request in it, so the halves are retried, and only an item that fails alone gets a
+`ModelFailure`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,22 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 
 
+# What torch's RuntimeErrors say when an allocation fails: CUDA's caching allocator (older
+# torch), and the host's ("DefaultCPUAllocator: can't allocate memory: you tried to
+# allocate N bytes"), which has no class of its own.
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """torch.cuda.OutOfMemoryError (a RuntimeError), or an older "CUDA out of memory" one.
+    """torch.cuda.OutOfMemoryError (a RuntimeError), or a RuntimeError whose message says
+    an allocation failed: an older "CUDA out of memory", or a CPU forward's.
 
     Matched by name and message so that this module never has to import torch.
     """
     if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    message = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in message for m in OUT_OF_MEMORY_MESSAGES)
 
 
 def release_cached_memory() -> None:

@@ -14,14 +14,16 @@ twice.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from service.combine import SegmentScore
 from service.models.encoding_memo import EncodingMemo
 
 Role = Literal["holistic", "aspect"]
+Item = TypeVar("Item")
+Value = TypeVar("Value")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,24 @@ class AspectScore:
 
 
 ModelOutput = HolisticScore | AspectScore
+
+
+def run_scorable(
+    items: Sequence[Item],
+    scorable: Callable[[Item], bool],
+    run: Callable[[list[Item]], list[Value]],
+) -> list[Value | None]:
+    """`run` over the items with something to score, None (unscored) for the others, in
+    order. An item with nothing to score (an empty row: empty text with a tokenizer that
+    adds no special token) never reaches a forward: alone it is a forward of no tokens,
+    which raises, and packed or padded beside others its head would read another row's
+    token or padding. Its result so never depends on what it is batched with."""
+    kept = [index for index, item in enumerate(items) if scorable(item)]
+    values: list[Value | None] = [None] * len(items)
+    if kept:
+        for index, value in zip(kept, run([items[i] for i in kept]), strict=True):
+            values[index] = value
+    return values
 
 
 @runtime_checkable

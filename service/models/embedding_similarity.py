@@ -21,6 +21,7 @@ from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import (
     PLACEMENT_FIELDS,
+    check_max_length,
     chunked_padded_tokens,
     compiled,
     fingerprint,
@@ -73,6 +74,7 @@ class EmbeddingSimilarityModel:
         self._special_ids = set(self._tokenizer.all_special_ids)
         self._shared_tokenizer = SharedTokenizer(self._tokenizer)
         self._model = load_pretrained(AutoModel, resolved_path, spec.dtype, device)
+        check_max_length(spec.name, spec.max_length, self._model)
         self._pad_id = int(self._tokenizer.pad_token_id or 0)
         if spec.compile:
             self._model = compiled(self._model, resolved_path, device)

@@ -22,10 +22,11 @@ import torch
 
 from service.errors import ConfigError
 from service.model_specs import LmLikelihoodHolistic
-from service.models.base import HolisticScore, ModelOutput, Prepared, Role
+from service.models.base import HolisticScore, ModelOutput, Prepared, Role, run_scorable
 from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import (
     PLACEMENT_FIELDS,
+    check_max_length,
     compiled,
     ensure_pad_token,
     fingerprint,
@@ -34,6 +35,7 @@ from service.models.loading import (
     pad_right,
     runtime_details,
     to_device,
+    truncate_keeping_specials,
 )
 from service.models.row_packing import (
     PACKING_TOLERANCE,
@@ -71,10 +73,12 @@ class LmLikelihoodModel:
         self._spec = spec
         self._tokenizer = load_tokenizer(resolved_path)
         self._model = load_pretrained(AutoModelForCausalLM, resolved_path, spec.dtype, device)
+        check_max_length(spec.name, spec.max_length, self._model)
         if spec.prompt_template is None and not self._tokenizer.chat_template:
             raise ConfigError(f"{spec.name}: tokenizer has no chat template; set prompt_template")
         self._pad_id = ensure_pad_token(self._tokenizer, self._model)
         self._shared_tokenizer = SharedTokenizer(self._tokenizer)
+        self._special_ids = set(self._tokenizer.all_special_ids)
         # Only the backbone runs on every token; the head runs on the response's positions.
         self._backbone = self._model.base_model
         self._packer = RowPacker.for_model(
@@ -121,16 +125,24 @@ class LmLikelihoodModel:
         memo.encode_ahead(self._shared_tokenizer, [r for _, r in pairs], add_special_tokens=False)
 
     def prepare(self, prompt: str, response: str, memo: EncodingMemo) -> Prepared:
-        """Prompt then response ids; the prompt is cut from the left first (the response is
-        what is scored), then the response from the right if it alone is too long."""
+        """Prompt then response ids. The prompt is cut first (the response is what is
+        scored), from its left: its end (a chat template's generation header) stays against
+        the response, and its leading special tokens (BOS) stay too, as `sequence_scalar`
+        keeps them. A response too long alone keeps all but one token (a prompt token to
+        condition on), cut at `truncation_side`."""
         prompt_ids = self._prompt_ids(prompt, memo)
         (response_encoding,) = memo.encode(
             self._shared_tokenizer, [response], add_special_tokens=False
         )
         response_ids = response_encoding.ids
         limit = self._spec.max_length
-        kept_response = response_ids[: max(limit - 1, 0)]
-        kept_prompt = prompt_ids[max(len(prompt_ids) - (limit - len(kept_response)), 0) :]
+        # Encoded without special tokens: no special token of its own to keep.
+        kept_response, _ = truncate_keeping_specials(
+            response_ids, set(), limit - 1, self._spec.truncation_side
+        )
+        kept_prompt, _ = truncate_keeping_specials(
+            prompt_ids, self._special_ids, limit - len(kept_response), "left"
+        )
         truncated = len(kept_prompt) + len(kept_response) < len(prompt_ids) + len(response_ids)
         return Prepared(
             rows=(tuple(kept_prompt + kept_response),),
@@ -252,6 +264,13 @@ class LmLikelihoodModel:
 
     @torch.inference_mode()
     def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
+        # An item with no response token to score (an empty response, an empty row) is
+        # unscored (None) and runs no forward: alone, an empty row is a forward of no tokens.
+        means = run_scorable(batch, lambda p: len(p.rows[0]) > p.meta, self._mean_log_probs)
+        return [HolisticScore(mean, p.truncated) for mean, p in zip(means, batch, strict=True)]
+
+    def _mean_log_probs(self, batch: Sequence[Prepared]) -> list[float]:
+        """Each item's mean log-probability of its response tokens; every item has one."""
         rows = [p.rows[0] for p in batch]
         first_scored = [p.meta for p in batch]
         if self._packer.packs(rows):
@@ -265,10 +284,7 @@ class LmLikelihoodModel:
             sums_and_counts = self._padded_log_probs(rows, first_scored)
         # Read back once per batch, not once per item (on a GPU each read waits for it).
         pairs = sums_and_counts.double().cpu().tolist()
-        return [
-            HolisticScore(total / count if count else None, p.truncated)
-            for (total, count), p in zip(pairs, batch, strict=True)
-        ]
+        return [total / count for total, count in pairs]
 
     def describe(self) -> dict[str, Any]:
         return {

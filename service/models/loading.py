@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import os
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,14 +71,93 @@ def load_tokenizer(resolved_path: str, **kwargs: Any) -> Any:
 PLACEMENT_FIELDS: set[str] = {"device", "compile", "pack_rows", "trace_packed"}
 
 
-def load_pretrained(auto_class: Any, resolved_path: str, dtype: str, device: str) -> Any:
+def load_pretrained(
+    auto_class: Any, resolved_path: str, dtype: str, device: str, **options: Any
+) -> Any:
+    """`auto_class.from_pretrained` on `device`, in eval mode; `options` go to it as well
+    (config overrides, `key_mapping`)."""
     try:
-        model = auto_class.from_pretrained(resolved_path, dtype=DTYPES[dtype])
+        model = auto_class.from_pretrained(resolved_path, dtype=DTYPES[dtype], **options)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model from {resolved_path!r}: {exc}") from exc
     if device.startswith("cuda"):
         attend_without_shape_plans()
     return model.to(device).eval()
+
+
+def position_table_rows(model: Any) -> int | None:
+    """The longest row a model's learned absolute position table admits, or None where no
+    such table bounds a row (rotary or relative positions: Llama, DeBERTa-v3). RoBERTa-like
+    tables (a `padding_idx`) count positions from the pad id + 1, and so hold that many
+    fewer rows' positions than their size."""
+    limits = [
+        module.num_embeddings - (0 if module.padding_idx is None else module.padding_idx + 1)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Embedding)
+        and name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe")  # BERT-likes, GPT-2
+    ]
+    return min(limits, default=None)
+
+
+def check_max_length(name: str, max_length: int, model: Any) -> None:
+    """Refuse, at load, a `max_length` longer than the model's position table: a row past
+    it fails its whole forward, and with it every other item (other requests' too) batched
+    with it, though each of them scores alone."""
+    rows = position_table_rows(model)
+    if rows is not None and max_length > rows:
+        positions = getattr(model.config, "max_position_embeddings", rows)
+        raise ConfigError(
+            f"{name}: max_length {max_length} is longer than the model's position table "
+            f"allows ({rows} tokens; max_position_embeddings {positions}): set max_length "
+            f"to at most {rows}"
+        )
+
+
+# A checkpoint that stores its scalar head as `regression_head` on a `model.` backbone
+# (UltraRM-13b's LlamaRewardModel: `regression_head(hidden)` read at the last token) is
+# transformers' sequence classifier with its head named apart: loaded as one, head mapped.
+REGRESSION_HEAD = "regression_head.weight"
+REGRESSION_HEAD_AS_SCORE = {"num_labels": 1, "key_mapping": {r"^regression_head\.": "score."}}
+
+
+def scalar_head_options(resolved_path: str) -> dict[str, Any]:
+    """`load_pretrained` options for a sequence-classification RM: the regression head
+    mapped onto `score` where the checkpoint has `regression_head.weight` and no
+    `score.weight` (else transformers initialises `score` at random), none otherwise."""
+    names = checkpoint_weight_names(resolved_path)
+    if REGRESSION_HEAD in names and "score.weight" not in names:
+        return dict(REGRESSION_HEAD_AS_SCORE)
+    return {}
+
+
+def checkpoint_weight_names(resolved_path: str) -> set[str]:
+    """The weight names a checkpoint (folder or hub id) stores, read from its index, its
+    safetensors header or its pickled state dict mapped to no memory (no weight is read);
+    empty where none is found or read (`from_pretrained` then reports what it finds)."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def find(filename: str) -> str | None:
+        return cached_file(
+            resolved_path,
+            filename,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+
+    try:
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if found := find(index):
+                return set(json.loads(Path(found).read_text())["weight_map"])
+        if found := find("model.safetensors"):
+            with safe_open(found, framework="pt") as weights:
+                return set(weights.keys())
+        if found := find("pytorch_model.bin"):
+            return set(torch.load(found, map_location="meta", weights_only=True, mmap=True))
+    # A gated repo, a file torch cannot map (saved before torch 1.6), ...: loaded as it is.
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError):
+        pass
+    return set()
 
 
 def attend_without_shape_plans() -> None:
@@ -248,8 +328,9 @@ def truncate_keeping_specials(
     """
     if len(ids) <= max_length:
         return list(ids), list(range(len(ids)))
-    head = 1 if ids and ids[0] in special_ids else 0
-    tail = 1 if len(ids) > 1 and ids[-1] in special_ids else 0
+    # The kept specials fit in `max_length` too (an LM's prompt may get one token of room).
+    head = 1 if max_length > 0 and ids[0] in special_ids else 0
+    tail = 1 if max_length > head and ids[-1] in special_ids else 0
     budget = max_length - head - tail
     lo = head if side == "right" else len(ids) - tail - budget
     origin = [*range(head), *range(lo, lo + budget), *range(len(ids) - tail, len(ids))]

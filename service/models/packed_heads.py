@@ -31,7 +31,10 @@ class PackedScalarHead:
 
     def read_offsets(self, rows: Sequence[Sequence[int]], pad_id: int) -> list[int]:
         """Where in each row the head reads: transformers reads a decoder at its rightmost
-        token that is not the pad id (0 if every token is), an encoder at its first."""
+        token that is not the pad id (0 if every token is), an encoder at its first. An
+        empty row has no such token: packed, its offset would read a neighbour's."""
+        if any(len(row) == 0 for row in rows):
+            raise ValueError("an empty row has no token for the head to read")
         if not self.reads_last_token:
             return [0] * len(rows)
         offsets = []

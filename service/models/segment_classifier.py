@@ -20,6 +20,7 @@ from service.models.base import AspectScore, ModelOutput, Prepared, Role
 from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import (
     PLACEMENT_FIELDS,
+    check_max_length,
     compiled,
     ensure_pad_token,
     fingerprint,
@@ -45,6 +46,7 @@ class SegmentClassifierModel:
         self._model = load_pretrained(
             AutoModelForTokenClassification, resolved_path, spec.dtype, device
         )
+        check_max_length(spec.name, spec.max_length, self._model)
         self._separator = spec.separator or self._tokenizer.sep_token or self._tokenizer.eos_token
         self._separator_id = self._tokenizer.convert_tokens_to_ids(self._separator)
         if self._separator_id is None or self._separator_id == self._tokenizer.unk_token_id:

@@ -17,10 +17,18 @@ import torch
 from service.combine import SegmentScore
 from service.errors import ConfigError
 from service.model_specs import SequenceScalarAspect, SequenceScalarHolistic
-from service.models.base import AspectScore, HolisticScore, ModelOutput, Prepared, Role
+from service.models.base import (
+    AspectScore,
+    HolisticScore,
+    ModelOutput,
+    Prepared,
+    Role,
+    run_scorable,
+)
 from service.models.encoding_memo import EncodingMemo, SharedTokenizer
 from service.models.loading import (
     PLACEMENT_FIELDS,
+    check_max_length,
     compiled,
     ensure_pad_token,
     fingerprint,
@@ -28,6 +36,7 @@ from service.models.loading import (
     load_tokenizer,
     pad_right,
     runtime_details,
+    scalar_head_options,
     to_device,
     truncate_keeping_specials,
 )
@@ -65,11 +74,18 @@ class SequenceScalarModel:
         self.name, self.role, self.device = spec.name, role, device
         self._spec = spec
         self._tokenizer = load_tokenizer(resolved_path)
+        head_options = scalar_head_options(resolved_path)
         self._model = load_pretrained(
-            AutoModelForSequenceClassification, resolved_path, spec.dtype, device
+            AutoModelForSequenceClassification, resolved_path, spec.dtype, device, **head_options
         )
         if self._model.config.num_labels != 1:
             raise ConfigError(f"{spec.name}: expected a single-output head (num_labels=1)")
+        if head_options and not isinstance(getattr(self._model, "score", None), torch.nn.Linear):
+            raise ConfigError(
+                f"{spec.name}: the checkpoint's regression_head has no `score` head to load "
+                f"into in {type(self._model).__name__}"
+            )
+        check_max_length(spec.name, spec.max_length, self._model)
         if spec.use_chat_template and not self._tokenizer.chat_template:
             raise ConfigError(f"{spec.name}: use_chat_template set but tokenizer has none")
         self._pad_id = ensure_pad_token(self._tokenizer, self._model)
@@ -130,8 +146,9 @@ class SequenceScalarModel:
         return self._packed_padded_tokens if self.packs_rows else None
 
     def _packed_padded_tokens(self, batch: Sequence[Prepared]) -> int:
-        """The padded tokens `run` computes: packed, or one rectangle (rows it cannot pack)."""
-        rows = [p.rows[0] for p in batch]
+        """The padded tokens `run` computes: packed, or one rectangle (rows it cannot pack);
+        empty rows are not run."""
+        rows = [p.rows[0] for p in batch if len(p.rows[0]) > 0]
         if self._packer.packs(rows):
             return self._packer.padded_tokens([len(row) for row in rows])
         return len(rows) * max((len(row) for row in rows), default=0)
@@ -191,18 +208,25 @@ class SequenceScalarModel:
 
     @torch.inference_mode()
     def run(self, batch: Sequence[Prepared]) -> list[ModelOutput]:
+        # An empty row (empty text, no special token added) has no token for the head to
+        # read: unscored (None), as the holistic floor and unscored aspects take it.
         rows = [p.rows[0] for p in batch]
-        if self._packer.packs(rows):
-            scores = self._packer.run(rows, self._scores_packed)  # on the device
-        else:
-            scores = self._scores(rows)
-        values = scores.cpu().tolist()
+        values = run_scorable(rows, lambda row: len(row) > 0, self._row_scores)
         if self.role == "holistic":
             return [HolisticScore(v, p.truncated) for v, p in zip(values, batch, strict=True)]
         return [
             AspectScore((SegmentScore(0, p.meta, v),), p.truncated)
             for v, p in zip(values, batch, strict=True)
         ]
+
+    def _row_scores(self, rows: Sequence[Sequence[int]]) -> list[float]:
+        """Each row's score, packed where the packer allows; every row has a token."""
+        if self._packer.packs(rows):
+            scores = self._packer.run(rows, self._scores_packed)  # on the device
+        else:
+            scores = self._scores(rows)
+        values: list[float] = scores.cpu().tolist()
+        return values
 
     def describe(self) -> dict[str, Any]:
         return {
