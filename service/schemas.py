@@ -187,6 +187,9 @@ class ErrorDetail(_Wire):
 
 
 class ErrorResponse(_Wire):
+    """The body of every error reply, on any path: an unknown path's 404 and the 405 (with
+    `Allow`) of a method a path does not serve included."""
+
     error: ErrorDetail
 
 
@@ -226,7 +229,10 @@ class AspectConsistencyResult(_Wire):
         description="Share of holistic-untied pairs where the aspect prefers the other response."
     )
     disagreements: int
-    pairs_counted: int = Field(description="Pairs the holistic reward does not tie.")
+    pairs_counted: int = Field(
+        description="Pairs the holistic reward does not tie, with this aspect scored on both "
+        "responses (a pair missing a score on either side is left out, not counted as a tie)."
+    )
     ties: int = Field(description="Counted pairs the aspect ties (consistent).")
     win_rate: float | None = Field(description="How often it prefers response 1 (untied pairs).")
     selected: bool

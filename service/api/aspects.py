@@ -9,7 +9,9 @@ from service.api.lean_route import LeanScoringRoute
 from service.api.routes import (
     ERROR_RESPONSES,
     check_limits,
+    documented,
     engine_of,
+    operation_extra,
     scoring_trainer_of,
     state_of,
 )
@@ -22,7 +24,10 @@ router = APIRouter(route_class=LeanScoringRoute)  # the scoring routes' parsing 
 
 
 @router.post(
-    "/v1/aspects/consistency", response_model=ConsistencyResponse, responses=ERROR_RESPONSES
+    "/v1/aspects/consistency",
+    response_model=ConsistencyResponse,
+    responses=documented(ERROR_RESPONSES),
+    openapi_extra=operation_extra(key=True),
 )
 async def aspect_consistency(
     body: ConsistencyRequest, request: Request, trainer: str = Depends(scoring_trainer_of)

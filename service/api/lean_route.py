@@ -21,6 +21,7 @@ import inspect
 import json
 from collections.abc import Callable, Coroutine, Sequence
 from email.message import Message
+from types import MethodType
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Request, Response
@@ -122,8 +123,11 @@ class LeanScoringRoute(APIRoute):
         if not (isinstance(body_model, type) and issubclass(body_model, BaseModel)):
             raise TypeError(f"{endpoint.__name__}: `body` must be a pydantic model")
         (trainer_dependency,) = [d for d in self.dependant.dependencies if d.name == "trainer"]
-        trainer_of = trainer_dependency.call
-        assert trainer_of is not None
+        call = trainer_dependency.call
+        assert call is not None
+        # A callable instance (the API key's security scheme, service.api.routes.ApiKeyCheck)
+        # is called through its bound `__call__`: the same call, no per-request lookup.
+        trainer_of = call if inspect.isfunction(call) else MethodType(type(call).__call__, call)
         deadline_ms_of = deadline_header_adapter(self) if names == SCORING_PARAMETERS else None
 
         async def handle(request: Request) -> Response:

@@ -12,7 +12,9 @@ from service.api.routes import (
     DeadlineHeaderMs,
     check_limits,
     deadline_of,
+    documented,
     engine_of,
+    operation_extra,
     scoring_trainer_of,
     state_of,
 )
@@ -52,7 +54,8 @@ def split_queries(body: OpenRLHFRequest, separator: str | None) -> list[ScoreInp
 @router.post(
     "/get_reward",
     response_model=OpenRLHFResponse,
-    responses={**ERROR_RESPONSES, **DEADLINE_RESPONSE},
+    responses=documented({**ERROR_RESPONSES, **DEADLINE_RESPONSE}),
+    openapi_extra=operation_extra(key=True),
 )
 async def get_reward(
     body: OpenRLHFRequest,

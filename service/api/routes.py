@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.openapi.models import HTTPBearer as HTTPBearerScheme
+from fastapi.security.base import SecurityBase
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import WithJsonSchema
 
@@ -48,9 +50,40 @@ DeadlineHeaderMs = Annotated[
         "when both are sent.",
     ),
 ]
+REQUEST_ID_HEADER = "X-Request-ID"
+MAX_REQUEST_ID_CHARS = 128  # what service.api.middleware keeps of a client's id
+API_KEY_SCHEME = "ApiKey"
+# Headers as OpenAPI header objects: what replies carry besides their body.
+RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
+    REQUEST_ID_HEADER: {
+        "description": "The request's own `X-Request-ID` (its first "
+        f"{MAX_REQUEST_ID_CHARS} characters), else one the server made; an error body's "
+        "`request_id` too.",
+        "required": True,
+        "schema": {"type": "string", "maxLength": MAX_REQUEST_ID_CHARS},
+    },
+    "Retry-After": {
+        "description": "Seconds to wait before trying again.",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1},
+    },
+    "WWW-Authenticate": {
+        "description": "The scheme to send the API key with: `Authorization: Bearer <key>`.",
+        "required": True,
+        "schema": {"type": "string", "enum": ["Bearer"]},
+    },
+}
+HEADERS_BY_STATUS: dict[int | str, tuple[str, ...]] = {
+    401: ("WWW-Authenticate",),
+    429: ("Retry-After",),
+    503: ("Retry-After",),
+}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
-    413: {"model": ErrorResponse, "description": "Too many items or a text too long."},
+    413: {
+        "model": ErrorResponse,
+        "description": "Too many items, a text too long, or a body over max_request_bytes.",
+    },
     422: {"model": ErrorResponse, "description": "Malformed or invalid request."},
     500: {"model": ErrorResponse, "description": "A model failed on this request's batch."},
     429: {
@@ -65,6 +98,48 @@ DEADLINE_RESPONSE: dict[int | str, dict[str, Any]] = {
         "description": "The request's deadline passed before it was scored; the work was dropped.",
     },
 }
+# The middleware's cap on any request's body, by its Content-Length, before routing.
+BODY_CAP_RESPONSE: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "A body over max_request_bytes."},
+}
+
+
+def documented(responses: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses`, with the 413 of the body cap that every route has, and the
+    headers each reply carries: `X-Request-ID` on every one (200 included), `Retry-After` on
+    429 and 503, `WWW-Authenticate` on 401. Fresh dicts per route: FastAPI merges these
+    into the operation it builds."""
+    documented = {200: {}, **BODY_CAP_RESPONSE, **responses}
+    return {
+        status: {
+            **response,
+            "headers": {
+                name: dict(RESPONSE_HEADERS[name])
+                for name in (REQUEST_ID_HEADER, *HEADERS_BY_STATUS.get(status, ()))
+            },
+        }
+        for status, response in documented.items()
+    }
+
+
+def operation_extra(key: bool = False) -> dict[str, Any]:
+    """What an operation declares beyond its signature: the `X-Request-ID` header every route
+    takes (read by the middleware, never by the endpoint) and, with `key`, that a caller may
+    also come without an API key (`{}`: needed only where the server has keys configured).
+    The key's scheme itself comes with the dependency that checks it (`ApiKeyCheck`)."""
+    request_id = {
+        "name": REQUEST_ID_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "An id to trace this request by, echoed in the reply's `X-Request-ID` "
+        f"and an error body's `request_id`; only its first {MAX_REQUEST_ID_CHARS} characters "
+        "are kept. Without one, the server makes one.",
+        "schema": {"type": "string"},
+    }
+    extra: dict[str, Any] = {"parameters": [request_id]}
+    if key:
+        extra["security"] = [{}]
+    return extra
 
 
 def state_of(request: Request) -> Any:
@@ -85,26 +160,48 @@ def trainer_of(request: Request) -> str:
     return str(state_of(request).auth.trainer_for(request.headers.get("authorization")))
 
 
+class ApiKeyCheck(SecurityBase):
+    """A trainer dependency that is also the API key's HTTP bearer scheme in openapi.yaml:
+    FastAPI lists a dependency that is a `SecurityBase` as the operation's security, and
+    calls it like any other, so declaring the scheme adds no work per request (the scoring
+    routes' `LeanScoringRoute` calls it directly). Subclasses' `__call__` is the check."""
+
+    def __init__(self) -> None:
+        self.model = HTTPBearerScheme(
+            description="A trainer's API key, as `Authorization: Bearer <key>` (no other "
+            "header or scheme is read). Checked only where the server has keys configured "
+            "(`ALARM_API_KEYS` or `ALARM_API_KEYS_FILE`); otherwise the header is not read and "
+            "every caller is the trainer `anonymous`."
+        )
+        self.scheme_name = API_KEY_SCHEME
+
+
 # Dependencies are coroutines: FastAPI runs a plain `def` dependency in a thread pool,
 # one thread hop per request for a dictionary lookup.
-async def authenticated_trainer(request: Request) -> str:
-    return trainer_of(request)
+class _AuthenticatedTrainer(ApiKeyCheck):
+    async def __call__(self, request: Request) -> str:
+        return trainer_of(request)
 
 
-async def scoring_trainer_of(request: Request) -> str:
-    """The calling trainer, within its request-rate limit (429 + Retry-After beyond it)."""
-    trainer = trainer_of(request)
-    state = state_of(request)
-    limiter = state.rate_limiter
-    if limiter is not None:
-        wait_s = limiter.try_acquire(trainer)
-        if wait_s > 0:
-            state.metrics.trainer_rate_limited.labels(trainer).inc()
-            raise TooManyRequests(
-                f"trainer {trainer!r} is over its limit of {limiter.rate:g} requests/s",
-                retry_after_s=wait_s,
-            )
-    return trainer
+class _ScoringTrainer(ApiKeyCheck):
+    async def __call__(self, request: Request) -> str:
+        """The calling trainer, within its request-rate limit (429 + Retry-After beyond it)."""
+        trainer = trainer_of(request)
+        state = state_of(request)
+        limiter = state.rate_limiter
+        if limiter is not None:
+            wait_s = limiter.try_acquire(trainer)
+            if wait_s > 0:
+                state.metrics.trainer_rate_limited.labels(trainer).inc()
+                raise TooManyRequests(
+                    f"trainer {trainer!r} is over its limit of {limiter.rate:g} requests/s",
+                    retry_after_s=wait_s,
+                )
+        return trainer
+
+
+authenticated_trainer = _AuthenticatedTrainer()
+scoring_trainer_of = _ScoringTrainer()
 
 
 def deadline_of(request: Request, deadline_ms: float | None) -> float | None:
@@ -154,7 +251,8 @@ def _to_result(item: RewardItem, scored: ScoredItem) -> RewardResult:
 @scoring_router.post(
     "/v1/rewards",
     response_model=RewardResponse,
-    responses={**ERROR_RESPONSES, **DEADLINE_RESPONSE},
+    responses=documented({**ERROR_RESPONSES, **DEADLINE_RESPONSE}),
+    openapi_extra=operation_extra(key=True),
 )
 async def score_rewards(
     body: RewardRequest,
@@ -190,7 +288,8 @@ async def score_rewards(
 @router.get(
     "/v1/models",
     response_model=ModelsResponse,
-    responses={401: ERROR_RESPONSES[401], 503: ERROR_RESPONSES[503]},
+    responses=documented({401: ERROR_RESPONSES[401], 503: ERROR_RESPONSES[503]}),
+    openapi_extra=operation_extra(key=True),
 )
 async def list_models(request: Request, _: str = Depends(authenticated_trainer)) -> ModelsResponse:
     """The loaded models, their devices, the combination parameters and request limits."""
@@ -205,13 +304,23 @@ async def list_models(request: Request, _: str = Depends(authenticated_trainer))
     )
 
 
-@router.get("/healthz", response_model=HealthResponse)
+@router.get(
+    "/healthz",
+    response_model=HealthResponse,
+    responses=documented({}),
+    openapi_extra=operation_extra(),
+)
 async def healthz() -> HealthResponse:
     """Liveness: the process is up and serving HTTP."""
     return HealthResponse(status="ok")
 
 
-@router.get("/readyz", response_model=HealthResponse, responses={503: ERROR_RESPONSES[503]})
+@router.get(
+    "/readyz",
+    response_model=HealthResponse,
+    responses=documented({503: ERROR_RESPONSES[503]}),
+    openapi_extra=operation_extra(),
+)
 async def readyz(request: Request) -> HealthResponse:
     """Readiness: every model is loaded and has scored a warm-up item."""
     engine_of(request)
@@ -221,7 +330,9 @@ async def readyz(request: Request) -> HealthResponse:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}}, 401: ERROR_RESPONSES[401]},
+    responses=documented({200: {"content": {"text/plain": {}}}, 401: ERROR_RESPONSES[401]}),
+    # The key is checked in the endpoint, as configured (metrics_require_auth): declared here.
+    openapi_extra={**operation_extra(), "security": [{API_KEY_SCHEME: []}, {}]},
 )
 async def metrics(request: Request) -> Response:
     """Prometheus metrics (prefix `alarm_`); needs an API key if so configured."""
