@@ -5,17 +5,33 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import ValidationError
 
-from service.allocator import AllocatorError, loaded_allocator, run_again_with_tcmalloc
-from service.config import ServiceSettings, load_reward_config
-from service.errors import ConfigError
-from service.memory import share_one_heap
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The one-line hint for a module that an extra installs; None for any other."""
+    top = (exc.name or "service").partition(".")[0]
+    if top in {"service", "trainer_client", "benchmarks"}:
+        return None
+    extra = "ray" if top == "ray" else "service"
+    return f"alarm-serve: no module {exc.name!r}: pip install 'alarm-serve[{extra}]'"
+
+
+try:
+    import yaml
+    from pydantic import ValidationError
+
+    from service.allocator import AllocatorError, loaded_allocator, run_again_with_tcmalloc
+    from service.config import ServiceSettings, load_reward_config
+    from service.errors import ConfigError
+    from service.memory import share_one_heap
+except ModuleNotFoundError as exc:  # installed without the extra: one line, not a traceback
+    if (hint := _missing_extra(exc)) is None:
+        raise
+    sys.exit(hint)
 
 
 def _openapi_document() -> dict[str, Any]:
@@ -48,6 +64,7 @@ def _serve(settings: ServiceSettings) -> int:
             server.should_exit = True
 
     app = create_app(settings, config, on_fatal=on_fatal)
+    state = app.state.alarm
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -57,11 +74,27 @@ def _serve(settings: ServiceSettings) -> int:
             access_log=False,
         )
     )
-    server.run()
+    code = 0
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn's failed start (e.g. its port taken; logged): status 3
+        code = exc.code if isinstance(exc.code, int) else 1
     if failure:
         print(f"alarm-serve: model loading failed: {failure[0]}", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    if state.loading:
+        # The model-loading thread cannot be stopped, and nothing waits for it; but an
+        # interpreter that shuts down beside it (in torch, without the GIL) may abort. Leave
+        # without the interpreter's clean-up, the output flushed.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _validation_message(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
 
 
 def _select_aspects(args: argparse.Namespace) -> int:
@@ -157,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument("--cache-dir", type=Path, help="prepared-model cache (env ALARM_CACHE_DIR)")
     commands.add_parser("serve", parents=[server], help="start the reward service")
     _add_ray_command(commands, server)
-    spec = commands.add_parser("openapi", help="print or check the OpenAPI contract")
+    spec = commands.add_parser("openapi", help="print or write the OpenAPI contract")
     spec.add_argument("--out", type=Path, help="write to this file instead of stdout")
     choose = commands.add_parser(
         "select-aspects", help="keep the aspects most consistent with the holistic reward"
@@ -177,7 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "openapi":
             text = render_openapi()
             if args.out:
-                args.out.write_text(text)
+                try:
+                    args.out.write_text(text)
+                except OSError as exc:
+                    reason = exc.strerror or exc
+                    print(f"alarm-serve: cannot write {args.out}: {reason}", file=sys.stderr)
+                    return 1
             else:
                 sys.stdout.write(text)
             return 0
@@ -190,9 +228,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ray":
             return _ray(settings, args)
         return _serve(settings)
-    except (AllocatorError, ConfigError, ValidationError) as exc:
+    except (AllocatorError, ConfigError) as exc:
         print(f"alarm-serve: configuration error: {exc}", file=sys.stderr)
         return 2
+    except ValidationError as exc:
+        print(f"alarm-serve: configuration error: {_validation_message(exc)}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        hint = _missing_extra(exc)
+        if hint is None:
+            raise
+        print(hint, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -43,6 +43,12 @@ class ServiceSettings(BaseSettings):
         # ALARM_CONFIG="" (e.g. an unset compose variable) means the embedded default.
         return None if value == "" else value
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        # INFO as well as info: logging's own names are upper case.
+        return value.lower() if isinstance(value, str) else value
+
     cache_dir: Path = Field(
         Path.home() / ".cache" / "alarm-serve",
         description="where packaged models are converted once (e.g. GGUF -> safetensors)",
@@ -57,11 +63,22 @@ class ServiceSettings(BaseSettings):
 
 
 class CombinationConfig(StrictModel):
+    """docs/method.md section 2; the defaults are the paper's long-form QA settings."""
+
     mode: CombineMode = CombineMode.hierarchical
-    threshold: float = 0.6
-    holistic_weight: float = 5.0
-    min_response_chars: int = Field(1, ge=0)
-    degenerate_floor: float = -10.0
+    threshold: float = Field(0.6, description="eps, on the z-normalised holistic reward")
+    holistic_weight: float = Field(5.0, description="lambda")
+    min_response_chars: int = Field(
+        1,
+        ge=0,
+        description="responses shorter than this after strip are degenerate; an empty one "
+        "always is (0 and 1 mean the same)",
+    )
+    degenerate_floor: float = Field(
+        -10.0,
+        description="r_h of a degenerate response, which then gets holistic_weight * this "
+        "alone, in every mode (the paper's code)",
+    )
 
 
 class BatchingConfig(StrictModel):
@@ -227,9 +244,11 @@ def load_reward_config(path: Path | None) -> RewardConfig:
         source = f"embedded {DEFAULT_CONFIG_NAME}"
     else:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc})") from exc
         source = str(path)
     try:
         data = yaml.safe_load(text)

