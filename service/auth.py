@@ -30,8 +30,8 @@ def _parse_inline(text: str) -> dict[str, str]:
 
 def _parse_file(path: Path) -> dict[str, str]:
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read api_keys_file {path}: {exc}") from exc
     if not isinstance(data, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and v for k, v in data.items()

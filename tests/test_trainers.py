@@ -187,3 +187,14 @@ def test_a_key_no_header_could_carry_is_refused_at_start_naming_only_its_trainer
         Authenticator({"odd": key, "plain": KEYS["small"]})
     assert key not in str(raised.value)
     assert Authenticator({"plain": KEYS["small"]}).trainers == ["plain"]
+
+
+def test_a_keys_file_that_is_not_utf8_is_a_configuration_error(tmp_path):
+    from service.auth import Authenticator
+    from service.config import ServiceSettings
+    from service.errors import ConfigError
+
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_bytes(b"small: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="cannot read api_keys_file"):
+        Authenticator.from_settings(ServiceSettings(api_keys_file=keys_file))
