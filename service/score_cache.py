@@ -25,8 +25,9 @@ def item_key(prompt: str, response: str) -> bytes:
 
 
 class ScoreCache(Generic[V]):
-    """Outputs of one loaded model. Models are deterministic and batch-invariant, so a
-    retried or repeated item gets the same reward without another forward pass."""
+    """Outputs of one loaded model. Models are deterministic and batch-invariant in float32
+    (in half precision to the kernels' rounding), so a retried or repeated item gets the
+    same reward without another forward pass."""
 
     def __init__(self, max_items: int) -> None:
         self.max_items = max_items
