@@ -10,14 +10,39 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# What the `service` extra installs, by import name: a missing one of these means the extra
+# was left out; any other missing module (a plugged-in checker's, a tokenizer's) is reported
+# as itself.
+_SERVICE_EXTRA_MODULES = frozenset(
+    [
+        "accelerate",
+        "fastapi",
+        "gguf",
+        "matplotlib",
+        "numpy",
+        "prometheus_client",
+        "proselint",
+        "py3langid",
+        "pydantic_settings",
+        "pyphen",
+        "safetensors",
+        "starlette",
+        "torch",
+        "transformers",
+        "uvicorn",
+        "yaml",
+    ]
+)
+
 
 def _missing_extra(exc: ModuleNotFoundError) -> str | None:
     """The one-line hint for a module that an extra installs; None for any other."""
-    top = (exc.name or "service").partition(".")[0]
-    if top in {"service", "trainer_client", "benchmarks"}:
-        return None
-    extra = "ray" if top == "ray" else "service"
-    return f"alarm-serve: no module {exc.name!r}: pip install 'alarm-serve[{extra}]'"
+    top = (exc.name or "").partition(".")[0]
+    if top == "ray":
+        return f"alarm-serve: no module {exc.name!r}: pip install 'alarm-serve[ray]'"
+    if top in _SERVICE_EXTRA_MODULES:
+        return f"alarm-serve: no module {exc.name!r}: pip install 'alarm-serve[service]'"
+    return None
 
 
 try:
@@ -78,7 +103,9 @@ def _serve(settings: ServiceSettings) -> int:
     try:
         server.run()
     except SystemExit as exc:  # uvicorn's failed start (e.g. its port taken; logged): status 3
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has shut down
+        code = 130
     if failure:
         print(f"alarm-serve: model loading failed: {failure[0]}", file=sys.stderr)
         code = 1

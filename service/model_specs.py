@@ -55,8 +55,8 @@ class _HolisticNorm(StrictModel):
     sigma: float = Field(1.0, gt=0)
 
 
-# sequence: one value per response; segment: one per sentence or clause; span: values for
-# arbitrary character ranges (e.g. grammar errors and the text between them).
+# sequence: one value per response; segment: one per sentence or sub-sentence; span: one
+# per smaller unit the aspect defines (grammar: per word, standing in for the paper's tokens).
 Granularity = Literal["sequence", "segment", "span"]
 
 

@@ -235,12 +235,19 @@ class AspectConsistencyResult(_Wire):
     )
     ties: int = Field(description="Counted pairs the aspect ties (consistent).")
     win_rate: float | None = Field(description="How often it prefers response 1 (untied pairs).")
+    missing: int = Field(
+        description="Pairs left out of this aspect's figures: it scored neither or only one of "
+        "the two responses."
+    )
     selected: bool
 
 
 class ConsistencyResponse(_Wire):
     pairs: int
-    holistic_ties: int
+    holistic_ties: int = Field(description="Pairs with both holistic scores, and equal.")
+    holistic_missing: int = Field(
+        description="Pairs left out of every figure: a response without a holistic score."
+    )
     holistic_win_rate: float | None
     aspects: list[AspectConsistencyResult]
     selected: list[str]

@@ -479,5 +479,7 @@ async def test_aspect_consistency_endpoint_matches_a_hand_computation(client):
     assert length["pairs_counted"] == counted == 2  # identical responses tie the holistic
     assert length["inconsistency"] == pytest.approx(disagreements / counted)
     assert body["pairs"] == 3 and body["holistic_ties"] == 1
+    # Every response was scored: nothing left out (test_selection covers what is).
+    assert body["holistic_missing"] == 0 and all(a["missing"] == 0 for a in body["aspects"])
     assert len(body["selected"]) >= 1
     assert body["reward_definition"].startswith("sha256:")

@@ -81,7 +81,12 @@ def test_a_taken_port_exits_at_once_though_models_are_loading(slow_loading_confi
     assert "Traceback" not in output, output
 
 
-def test_sigterm_while_models_load_exits_at_once(slow_loading_config):
+@pytest.mark.parametrize(
+    ("stop", "codes"),
+    [(signal.SIGTERM, (0, -signal.SIGTERM)), (signal.SIGINT, (130,))],
+    ids=["sigterm", "ctrl-c"],
+)
+def test_a_stop_signal_while_models_load_exits_at_once(slow_loading_config, stop, codes):
     config, env = slow_loading_config
     port = free_port()
     process = start(["--config", str(config), "--port", str(port)], env)
@@ -97,13 +102,13 @@ def test_sigterm_while_models_load_exits_at_once(slow_loading_config):
         else:
             pytest.fail("the server did not come up")
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 503
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         code, waited, output = _finish(process, timeout_s=15)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert code in (0, -signal.SIGTERM), f"exit {code} after {waited:.0f} s:\n{output}"
+    assert code in codes, f"exit {code} after {waited:.0f} s:\n{output}"
     assert "Traceback" not in output, output
 
 
@@ -137,6 +142,29 @@ def test_the_apps_shutdown_does_not_wait_for_a_load_in_progress(tmp_path):
     assert waited < 10
     app.state.alarm.load_thread.join(timeout=10)
     assert not app.state.alarm.loading
+
+
+def test_a_load_that_calls_sys_exit_is_a_failed_load(tmp_path):
+    # A plugged-in module's sys.exit must not reach the event loop as itself (it would stop
+    # the server without a word); it is reported as the load's failure.
+    def exits(config, cache_dir):
+        sys.exit(4)
+
+    failures: list[str] = []
+    app = create_app(
+        ServiceSettings(cache_dir=tmp_path),
+        load_reward_config(None),
+        registry=CollectorRegistry(),
+        load=exits,
+        on_fatal=failures.append,
+    )
+
+    async def start_and_wait() -> None:
+        async with LifespanManager(app):
+            await asyncio.wait_for(app.state.alarm.loader, timeout=30)
+
+    asyncio.run(start_and_wait())
+    assert failures == ["RuntimeError: SystemExit while loading: 4"]
 
 
 def test_a_load_before_serving_still_fails_the_start_up(tmp_path):
@@ -242,3 +270,15 @@ def test_missing_extras_name_the_extra(blocked, argv, extra):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith(f"{argv[0]}: ")
     assert f"alarm-serve[{extra}]" in result.stderr
+
+
+def test_a_missing_module_no_extra_installs_is_not_blamed_on_the_extras():
+    # pydantic is a base dependency: its absence is a broken install, not a missing extra.
+    script = _WITHOUT.format(
+        blocked={"pydantic_core"}, argv=["alarm-serve", "openapi"], module="service.__main__"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode != 0
+    assert "pydantic_core" in result.stderr and "pip install" not in result.stderr

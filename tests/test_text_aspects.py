@@ -120,6 +120,15 @@ def test_error_segments_mark_every_word_an_error_touches_and_cover_the_text():
         error_segments("abcde", [(3, 6)])
 
 
+@pytest.mark.timeout(10)  # a hang guard: this takes milliseconds
+def test_many_long_overlapping_error_spans_cost_no_walk_over_their_words():
+    # A plugged-in checker may return thousands of spans over the whole text; each span is
+    # two binary searches (before: a walk over its words, 10,000 x 20,000 steps here).
+    text = "word " * 20_000
+    segments = error_segments(text, [(0, len(text))] * 10_000)
+    assert len(segments) == 20_000 and all(s.raw == -1.0 for s in segments)
+
+
 SAME_TEXT = "He go to the school yesterday and it rain all day long."
 
 

@@ -70,8 +70,10 @@ async def _in_daemon_thread(state: AppState, call: Callable[[], T]) -> T:
         error: BaseException | None = None
         try:
             result = call()
-        except BaseException as exc:
+        except Exception as exc:
             error = exc
+        except BaseException as exc:  # e.g. sys.exit in a plugged-in module: a failed load
+            error = RuntimeError(f"{type(exc).__name__} while loading: {exc}")
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
             loop.call_soon_threadsafe(settle, result, error)
 

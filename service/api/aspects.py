@@ -53,6 +53,7 @@ async def aspect_consistency(
     return ConsistencyResponse(
         pairs=report.pairs,
         holistic_ties=report.holistic_ties,
+        holistic_missing=report.holistic_missing,
         holistic_win_rate=report.holistic_win_rate,
         aspects=[
             AspectConsistencyResult(
@@ -63,6 +64,7 @@ async def aspect_consistency(
                 pairs_counted=a.pairs_counted,
                 ties=a.ties,
                 win_rate=a.win_rate,
+                missing=a.missing,
                 selected=a.name in selected,
             )
             for a in report.aspects

@@ -17,6 +17,7 @@ error touches at all counts whole.
 from __future__ import annotations
 
 import bisect
+import itertools
 import operator
 import re
 from collections.abc import Iterable, Sequence
@@ -68,20 +69,22 @@ def error_segments(text: str, spans: Iterable[Sequence[int]]) -> tuple[SegmentSc
     else 0. A span over whitespace alone marks the word that the whitespace precedes."""
     units = word_units(text)
     starts = [start for start, _, _ in units]
-    flagged = [False] * len(units)
+    word_starts = [word_start for _, word_start, _ in units]
+    ends = [end for _, _, end in units]
+    # +1 where a run of flagged words begins, -1 past its end: each span costs two binary
+    # searches, not a walk over its words (a checker may return many long, overlapping spans).
+    runs = [0] * (len(units) + 1)
     for start, end in (_checked(span, len(text)) for span in spans):
         if start == end:
             continue  # flags no character
-        first = max(bisect.bisect_right(starts, start) - 1, 0)
-        hit = False
-        for i in range(first, len(units)):
-            unit_start, word_start, unit_end = units[i]
-            if unit_start >= end:
-                break
-            if word_start < end and start < unit_end:  # touches the word itself
-                flagged[i] = hit = True
-        if not hit:
-            flagged[first] = True  # whitespace only: the word it belongs to
+        first = bisect.bisect_right(ends, start)  # the first word ending after `start`
+        past = bisect.bisect_left(word_starts, end)  # the first word starting at `end` or on
+        if first >= past:  # whitespace only: the word it belongs to
+            first = max(bisect.bisect_right(starts, start) - 1, 0)
+            past = first + 1
+        runs[first] += 1
+        runs[past] -= 1
+    flagged = list(itertools.accumulate(runs[:-1]))
     return tuple(
         SegmentScore(start, end, ERROR_VALUE if bad else CLEAN_VALUE)
         for (start, _, end), bad in zip(units, flagged, strict=True)

@@ -13,8 +13,8 @@ try:
     from trainer_client.ppo.run import load_prompts, train
     from trainer_client.ppo.trainer import PPOConfig, PPOTrainer
 except ModuleNotFoundError as exc:  # installed without the extra: one line, not a traceback
-    if (exc.name or "trainer_client").partition(".")[0] == "trainer_client":
-        raise
+    if (exc.name or "").partition(".")[0] not in {"torch", "transformers", "matplotlib", "tqdm"}:
+        raise  # not one the `ppo` extra installs
     sys.exit(f"alarm-ppo: no module {exc.name!r}: pip install 'alarm-serve[ppo]'")
 
 
