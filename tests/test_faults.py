@@ -165,12 +165,35 @@ def test_out_of_memory_is_recognised_by_class_name_or_message():
     assert not is_out_of_memory(ValueError("out of memory"))
 
 
+def allocate_past_the_host() -> None:
+    """A real failed host allocation: 2^45 float32s (128 TiB), past any address space."""
+    import torch
+
+    torch.empty(2**45, dtype=torch.float32)
+
+
+def raise_cuda_out_of_memory() -> None:
+    raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+
+def test_a_failed_host_allocation_is_out_of_memory():
+    # torch's "DefaultCPUAllocator: can't allocate memory" is halved and retried too.
+    with pytest.raises(RuntimeError) as failed:
+        allocate_past_the_host()
+    assert "DefaultCPUAllocator" in str(failed.value)
+    assert is_out_of_memory(failed.value)
+    assert not is_out_of_memory(RuntimeError("can't allocate a tensor of negative size"))
+
+
 def metric(text: str, prefix: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
 
 
+@pytest.mark.parametrize(
+    "run_out_of_memory", [raise_cuda_out_of_memory, allocate_past_the_host], ids=["gpu", "host"]
+)
 async def test_a_model_out_of_memory_on_big_batches_still_scores_every_item(
-    tiny_paths, tmp_path, monkeypatch
+    tiny_paths, tmp_path, monkeypatch, run_out_of_memory
 ):
     from service.models.segment_classifier import SegmentClassifierModel
 
@@ -186,7 +209,7 @@ async def test_a_model_out_of_memory_on_big_batches_still_scores_every_item(
 
         def out_of_memory_above_one(self, batch):
             if len(batch) > 1:
-                raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+                run_out_of_memory()
             return original(self, batch)
 
         monkeypatch.setattr(SegmentClassifierModel, "run", out_of_memory_above_one)
