@@ -136,16 +136,21 @@ class LmLikelihoodModel:
         )
         response_ids = response_encoding.ids
         limit = self._spec.max_length
-        # Encoded without special tokens: no special token of its own to keep.
-        kept_response, _ = truncate_keeping_specials(
-            response_ids, set(), limit - 1, self._spec.truncation_side
-        )
-        kept_prompt, _ = truncate_keeping_specials(
-            prompt_ids, self._special_ids, limit - len(kept_response), "left"
-        )
+        kept_prompt: Sequence[int]
+        kept_response: Sequence[int]
+        if len(prompt_ids) + len(response_ids) <= limit:  # the usual case: nothing to cut
+            kept_prompt, kept_response = prompt_ids, response_ids
+        else:
+            # Encoded without special tokens: no special token of its own to keep.
+            kept_response, _ = truncate_keeping_specials(
+                response_ids, set(), limit - 1, self._spec.truncation_side
+            )
+            kept_prompt, _ = truncate_keeping_specials(
+                prompt_ids, self._special_ids, limit - len(kept_response), "left"
+            )
         truncated = len(kept_prompt) + len(kept_response) < len(prompt_ids) + len(response_ids)
         return Prepared(
-            rows=(tuple(kept_prompt + kept_response),),
+            rows=(tuple(kept_prompt) + tuple(kept_response),),
             truncated=truncated,
             # Index of the first scored response token; with no prompt token to condition
             # on, the first response token cannot be scored.
