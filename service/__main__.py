@@ -71,15 +71,29 @@ def render_openapi() -> str:
 
 
 def _serve(settings: ServiceSettings) -> int:
+    import socket
+
     import uvicorn
 
+    from service import front_ends
     from service.api import create_app
 
+    role = os.environ.get(front_ends.ROLE_ENV)
+    where = f"[{role} {os.getpid()}] " if role else ""
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s",
     )
+    if role is None and settings.front_ends > 0:
+        return front_ends.supervise(settings)
     logging.getLogger(__name__).info("malloc: %s", loaded_allocator())
     config = load_reward_config(settings.config)
+    if role == front_ends.ENGINE_ROLE:
+        from service.engine_process import run_engine_process
+        from service.models import load_models
+
+        link = Path(os.environ[front_ends.LINK_ENV])
+        return run_engine_process(settings, config, link, load_models)
     failure: list[str] = []
     server: uvicorn.Server | None = None
 
@@ -88,7 +102,15 @@ def _serve(settings: ServiceSettings) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, config, on_fatal=on_fatal)
+    sockets: list[socket.socket] | None = None
+    split: dict[str, Any] = {}
+    if role == front_ends.FRONT_END_ROLE:
+        sockets = [socket.socket(fileno=int(os.environ[front_ends.LISTEN_FD_ENV]))]
+        split = {
+            "engine_link": Path(os.environ[front_ends.LINK_ENV]),
+            "metrics_dir": Path(os.environ[front_ends.METRICS_DIR_ENV]),
+        }
+    app = create_app(settings, config, on_fatal=on_fatal, **split)
     state = app.state.alarm
     server = uvicorn.Server(
         uvicorn.Config(
@@ -101,7 +123,7 @@ def _serve(settings: ServiceSettings) -> int:
     )
     code = 0
     try:
-        server.run()
+        server.run(sockets=sockets)
     except SystemExit as exc:  # uvicorn's failed start (e.g. its port taken; logged): status 3
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has shut down
@@ -215,7 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument("--port", type=int, help="port (env ALARM_PORT, default 8000)")
     server.add_argument("--log-level", help="debug|info|warning|error (env ALARM_LOG_LEVEL)")
     server.add_argument("--cache-dir", type=Path, help="prepared-model cache (env ALARM_CACHE_DIR)")
-    commands.add_parser("serve", parents=[server], help="start the reward service")
+    serve = commands.add_parser("serve", parents=[server], help="start the reward service")
+    serve.add_argument(
+        "--front-ends",
+        type=int,
+        help="HTTP front-end processes over one engine process (env ALARM_FRONT_ENDS, "
+        "default 0: HTTP in the engine's process)",
+    )
     _add_ray_command(commands, server)
     spec = commands.add_parser("openapi", help="print or write the OpenAPI contract")
     spec.add_argument("--out", type=Path, help="write to this file instead of stdout")

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.config import RewardConfig
-from service.engine import RewardEngine, ScoredItem, ScoreInput
+from service.engine import ScoredItem, ScoreInput, ScoringEngine
 from service.selection import ConsistencyReport, ScoredPair, consistency, sequence_value
 
 
@@ -42,7 +42,7 @@ def to_scored_pairs(
 
 
 async def measure_consistency(
-    engine: RewardEngine,
+    engine: ScoringEngine,
     config: RewardConfig,
     pairs: Sequence[ResponsePair],
     trainer: str = "anonymous",

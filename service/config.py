@@ -60,6 +60,13 @@ class ServiceSettings(BaseSettings):
         None, description="the same inline: 'trainer-a:key-a,trainer-b:key-b'"
     )
     metrics_require_auth: bool = Field(False, description="also protect /metrics")
+    front_ends: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="HTTP front-end processes in front of one engine process (the models); "
+        "0 serves HTTP from the engine's own process",
+    )
 
 
 class CombinationConfig(StrictModel):

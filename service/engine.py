@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from service.admission import Admission
 from service.batch_forming import BatchLimits
@@ -97,6 +98,28 @@ class ScoreInput:
 class ScoredItem:
     combined: CombinedReward
     truncated: bool
+
+
+class Catalog(Protocol):
+    def reward_definition(self, mode: CombineMode) -> str: ...
+
+    def describe_models(self) -> list[dict[str, Any]]: ...
+
+
+class ScoringEngine(Protocol):
+    """What the HTTP routes need of an engine: this process's `RewardEngine`, or a front-end's
+    `service.engine_link.RemoteEngine` for one in another process."""
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+    async def score(
+        self,
+        items: Sequence[ScoreInput],
+        mode: CombineMode | None = None,
+        trainer: str = "anonymous",
+        deadline: float | None = None,
+    ) -> list[ScoredItem]: ...
 
 
 class RewardEngine:

@@ -85,10 +85,14 @@ class ServiceMetrics:
             "alarm_queue_depth_items",
             "Items waiting to be batched",
             ["model"],
+            multiprocess_mode="livesum",  # set by the engine process only
             registry=registry,
         )
         self.in_flight = Gauge(
-            "alarm_in_flight_items", "Admitted items not yet answered", registry=registry
+            "alarm_in_flight_items",
+            "Admitted items not yet answered",
+            multiprocess_mode="livesum",
+            registry=registry,
         )
         self.items_scored = Counter(
             "alarm_items_scored_total",
@@ -160,6 +164,7 @@ class ServiceMetrics:
             "alarm_trainer_in_flight_items",
             "Admitted items not yet answered, by trainer",
             ["trainer"],
+            multiprocess_mode="livesum",  # set by the engine process only
             registry=registry,
         )
 

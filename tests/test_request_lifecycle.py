@@ -33,8 +33,10 @@ def metric(base_url: str, prefix: str) -> float:
     return sum(float(line.split()[-1]) for line in lines if line.startswith(prefix))
 
 
-@pytest.fixture(scope="module")
-def server_url(tiny_paths, tmp_path_factory):
+# 0: HTTP in the engine's process; 2: two front-end processes over one engine process, whose
+# rate limits, cache and metrics must behave as one server's.
+@pytest.fixture(scope="module", params=[0, 2], ids=["one-process", "front-ends"])
+def server_url(request, tiny_paths, tmp_path_factory):
     config = tiny_config_dict(
         tiny_paths,
         limits={
@@ -48,7 +50,8 @@ def server_url(tiny_paths, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lifecycle")
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     keys = ",".join(f"{name}:{key}" for name, key in KEYS.items())
-    with running_server(folder / "config.yaml", folder, env={"ALARM_API_KEYS": keys}) as url:
+    env = {"ALARM_API_KEYS": keys, "ALARM_FRONT_ENDS": str(request.param)}
+    with running_server(folder / "config.yaml", folder, env=env) as url:
         yield url
 
 

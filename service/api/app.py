@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from fastapi import APIRouter, FastAPI
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.api import aspects, openrlhf, routes
 from service.api.errors import install_error_handlers
@@ -21,10 +22,13 @@ from service.api.middleware import RequestContextMiddleware
 from service.auth import Authenticator
 from service.config import RewardConfig, ServiceSettings
 from service.engine import RewardEngine
+from service.engine_link import RemoteEngine
 from service.gc_freeze import freeze_startup_objects, unfreeze_startup_objects
 from service.metrics import ServiceMetrics
 from service.models import RewardModel, load_models
 from service.rate_limit import RequestRateLimiter, rate_limiter_for
+
+_CONNECT_RETRY_S = 0.05
 
 log = logging.getLogger(__name__)
 API_VERSION = "0.1.0"
@@ -39,15 +43,40 @@ class AppState:
     metrics: ServiceMetrics
     auth: Authenticator
     rate_limiter: RequestRateLimiter | None = None
-    engine: RewardEngine | None = None
+    engine: RewardEngine | RemoteEngine | None = None
     load_error: str | None = None
     loader: asyncio.Task[None] | None = field(default=None, repr=False)
     load_thread: threading.Thread | None = field(default=None, repr=False)
+    # A front-end of a split server (service.front_ends): the engine is in another process,
+    # and the metrics of every process are in `metrics_dir`.
+    engine_link: Path | None = None
+    metrics_dir: Path | None = None
 
     @property
     def loading(self) -> bool:
         """Whether the thread that loads the models is still running (it cannot be stopped)."""
         return self.load_thread is not None and self.load_thread.is_alive()
+
+    async def rate_limit_wait(self, limiter: RequestRateLimiter, trainer: str) -> float:
+        """Seconds until `trainer` may send again; 0 takes one request from its budget. A
+        front-end asks the engine process, which keeps one budget for all front-ends."""
+        if self.engine_link is None:
+            return limiter.try_acquire(trainer)
+        if not isinstance(self.engine, RemoteEngine):
+            return 0.0  # not connected yet: the request is refused as not ready anyway
+        return await self.engine.rate_limit_wait(trainer)
+
+    async def scrape(self) -> bytes:
+        """The Prometheus exposition: this process's metrics, or on a front-end every
+        process's (from the multiprocess files) and the engine's thread CPU clocks."""
+        if self.metrics_dir is None:
+            return generate_latest(self.metrics.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, str(self.metrics_dir))
+        text = generate_latest(registry)
+        if isinstance(self.engine, RemoteEngine):
+            text += await self.engine.scrape()
+        return text
 
 
 async def _in_daemon_thread(state: AppState, call: Callable[[], T]) -> T:
@@ -100,6 +129,26 @@ async def _load(state: AppState, load: ModelLoader, on_fatal: Callable[[str], No
             on_fatal(state.load_error)
 
 
+async def _connect(state: AppState, link: Path, on_fatal: Callable[[str], None] | None) -> None:
+    """Connect to the engine process once it listens (it does once its models are warm)."""
+
+    def lost() -> None:
+        state.engine = None
+        state.load_error = "the engine process is gone"
+        log.error("%s", state.load_error)
+        if on_fatal is not None:
+            on_fatal(state.load_error)
+
+    while True:
+        try:
+            state.engine = await RemoteEngine.connect(link, lost)
+        except (FileNotFoundError, ConnectionRefusedError):
+            await asyncio.sleep(_CONNECT_RETRY_S)
+            continue
+        log.info("ready: connected to the engine process at %s", link)
+        return
+
+
 def create_app(
     settings: ServiceSettings,
     config: RewardConfig,
@@ -107,6 +156,8 @@ def create_app(
     on_fatal: Callable[[str], None] | None = None,
     load_before_serving: bool = False,
     load: ModelLoader = load_models,
+    engine_link: Path | None = None,
+    metrics_dir: Path | None = None,
 ) -> FastAPI:
     """Build the app. Models load in the background: /healthz answers at once, /readyz
     once every model is loaded and warm. `on_fatal` is called if loading fails.
@@ -114,15 +165,23 @@ def create_app(
     With `load_before_serving` the lifespan start-up itself waits for the models and raises
     if they fail to load: for hosts such as Ray Serve, which send a replica traffic as soon
     as its start-up has finished and restart one whose start-up failed. `load` builds the
-    models (the benchmarks swap in networks that cost nothing, to time the host alone)."""
+    models (the benchmarks swap in networks that cost nothing, to time the host alone).
+
+    With `engine_link` the app is a front-end of a split server: it loads no models and
+    scores through the engine process listening there; `metrics_dir` is the multiprocess
+    metrics directory that every process of that server writes to."""
     auth = Authenticator.from_settings(settings)  # ConfigError here stops the start-up
     metrics = ServiceMetrics(registry or CollectorRegistry())
     metrics.register_trainers(auth.trainers)
     state = AppState(settings, config, metrics, auth, rate_limiter_for(config.limits))
+    state.engine_link, state.metrics_dir = engine_link, metrics_dir
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.loader = asyncio.create_task(_load(state, load, on_fatal))
+        if engine_link is not None:
+            state.loader = asyncio.create_task(_connect(state, engine_link, on_fatal))
+        else:
+            state.loader = asyncio.create_task(_load(state, load, on_fatal))
         if load_before_serving:
             await state.loader
             if state.engine is None:
@@ -131,8 +190,11 @@ def create_app(
             yield
         finally:
             state.loader.cancel()
-            if state.engine is not None:
-                await state.engine.stop()
+            engine = state.engine
+            if isinstance(engine, RemoteEngine):
+                await engine.close()
+            elif engine is not None:
+                await engine.stop()
                 unfreeze_startup_objects()
 
     app = FastAPI(

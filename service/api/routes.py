@@ -9,14 +9,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.openapi.models import HTTPBearer as HTTPBearerScheme
 from fastapi.security.base import SecurityBase
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import WithJsonSchema
 
 from service.api.disconnect import cancel_on_disconnect
 from service.api.lean_route import DEADLINE_HEADER, LeanScoringRoute
 from service.combine import CombineMode
 from service.config import LimitsConfig
-from service.engine import RewardEngine, ScoredItem, ScoreInput
+from service.engine import ScoredItem, ScoreInput, ScoringEngine
 from service.errors import NotReady, PayloadTooLarge, TooManyRequests, check_item_count
 from service.schemas import (
     AspectResult,
@@ -146,7 +146,7 @@ def state_of(request: Request) -> Any:
     return request.app.state.alarm
 
 
-def engine_of(request: Request) -> RewardEngine:
+def engine_of(request: Request) -> ScoringEngine:
     state = state_of(request)
     if state.engine is None:
         if state.load_error:
@@ -190,7 +190,7 @@ class _ScoringTrainer(ApiKeyCheck):
         state = state_of(request)
         limiter = state.rate_limiter
         if limiter is not None:
-            wait_s = limiter.try_acquire(trainer)
+            wait_s = await state.rate_limit_wait(limiter, trainer)
             if wait_s > 0:
                 state.metrics.trainer_rate_limited.labels(trainer).inc()
                 raise TooManyRequests(
@@ -338,6 +338,4 @@ async def metrics(request: Request) -> Response:
     """Prometheus metrics (prefix `alarm_`); needs an API key if so configured."""
     if state_of(request).settings.metrics_require_auth:
         trainer_of(request)
-    return Response(
-        generate_latest(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+    return Response(await state_of(request).scrape(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,111 @@
+"""The engine process of a split server: loads the models, runs the engine, and serves it
+to the HTTP front-ends over the engine link (`service.engine_link`); it serves no HTTP.
+
+Its metrics live in the shared multiprocess directory like every process's, except the CPU
+clocks of its threads, which only it can read: a front-end's scrape asks for those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from service.auth import Authenticator
+from service.config import RewardConfig, ServiceSettings
+from service.engine import RewardEngine
+from service.engine_link import EngineLinkServer
+from service.gc_freeze import freeze_startup_objects
+from service.metrics import ServiceMetrics
+from service.models import RewardModel
+from service.rate_limit import rate_limiter_for
+from service.thread_cpu import ThreadCpu
+
+log = logging.getLogger(__name__)
+FRONT_ENDS_GROUP = "front_ends"  # the front-end processes' CPU, as one thread group
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """A live process's user + system CPU seconds (0 once it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    # After the command's closing parenthesis: state is field 3, utime 14, stime 15.
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def _clock_ticks() -> int:
+    import os
+
+    try:
+        return os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError, AttributeError):
+        return 100
+
+
+_CLOCK_TICKS = _clock_ticks()
+
+
+def thread_cpu_scrape(thread_cpu: ThreadCpu) -> Callable[[], bytes]:
+    registry = CollectorRegistry()
+    registry.register(thread_cpu)
+    return lambda: generate_latest(registry)
+
+
+async def serve_engine(
+    models: list[RewardModel],
+    config: RewardConfig,
+    settings: ServiceSettings,
+    link: Path,
+    stop: asyncio.Event,
+) -> None:
+    """Serve the engine on `link` until `stop` is set."""
+    metrics = ServiceMetrics(CollectorRegistry())
+    metrics.register_trainers(Authenticator.from_settings(settings).trainers)
+    engine = RewardEngine(models, config, metrics)
+    await engine.start()
+    server = EngineLinkServer(
+        engine, rate_limiter_for(config.limits), thread_cpu_scrape(metrics.thread_cpu)
+    )
+    metrics.thread_cpu.watch(
+        FRONT_ENDS_GROUP,
+        lambda: sum(process_cpu_seconds(pid) for pid in list(server.front_end_pids)),
+    )
+    frozen = freeze_startup_objects()
+    log.info("froze %d start-up objects out of the garbage collector's passes", frozen)
+    listener = await server.start(link)
+    log.info("ready: %s", ", ".join(f"{m.name} on {m.device}" for m in models))
+    try:
+        await stop.wait()
+    finally:
+        listener.close()
+        await engine.stop()
+
+
+def run_engine_process(
+    settings: ServiceSettings,
+    config: RewardConfig,
+    link: Path,
+    load: Callable[[RewardConfig, Path], list[RewardModel]],
+) -> int:
+    """Load the models in this (main) thread, then serve until SIGTERM or SIGINT."""
+    try:
+        models = load(config, settings.cache_dir)
+    except Exception as exc:
+        log.error("model loading failed: %s: %s", type(exc).__name__, exc)
+        return 1
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve_engine(models, config, settings, link, stop)
+
+    asyncio.run(main())
+    return 0
