@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from service.config import RewardConfig, ServiceSettings, load_reward_config
+from service.config import RewardConfig, ServiceSettings
 from service.memory import share_one_heap
 from service.models import RewardModel, load_models
 from service.models.packed_heads import PackedScalarHead
@@ -94,22 +94,26 @@ def load_free_models(config: RewardConfig, cache_dir: Path) -> list[RewardModel]
     return make_forwards_free(load_models(config, cache_dir))
 
 
-def main() -> None:
+def main() -> int:
     share_one_heap()  # the server's heap policy (service.memory)
-    import uvicorn
-
-    from service.api import create_app
+    from service.serving import serve
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--cache-dir", type=Path, required=True)
+    parser.add_argument("--front-ends", type=int, default=0, help="as `alarm-serve serve`'s")
     args = parser.parse_args()
-    logging.basicConfig(level="WARNING")
-    settings = ServiceSettings(port=args.port, cache_dir=args.cache_dir, log_level="warning")
-    app = create_app(settings, load_reward_config(args.config), load=load_free_models)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    settings = ServiceSettings(
+        config=args.config,
+        port=args.port,
+        cache_dir=args.cache_dir,
+        log_level="warning",
+        front_ends=args.front_ends,
+    )
+    child_command = [sys.executable, "-m", "benchmarks.free_forwards", *sys.argv[1:]]
+    return serve(settings, load=load_free_models, child_command=child_command)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

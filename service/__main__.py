@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ try:
     import yaml
     from pydantic import ValidationError
 
-    from service.allocator import AllocatorError, loaded_allocator, run_again_with_tcmalloc
+    from service.allocator import AllocatorError, run_again_with_tcmalloc
     from service.config import ServiceSettings, load_reward_config
     from service.errors import ConfigError
     from service.memory import share_one_heap
@@ -71,75 +70,9 @@ def render_openapi() -> str:
 
 
 def _serve(settings: ServiceSettings) -> int:
-    import socket
+    from service.serving import serve
 
-    import uvicorn
-
-    from service import front_ends
-    from service.api import create_app
-
-    role = os.environ.get(front_ends.ROLE_ENV)
-    where = f"[{role} {os.getpid()}] " if role else ""
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s",
-    )
-    if role is None and settings.front_ends > 0:
-        return front_ends.supervise(settings)
-    logging.getLogger(__name__).info("malloc: %s", loaded_allocator())
-    config = load_reward_config(settings.config)
-    if role == front_ends.ENGINE_ROLE:
-        from service.engine_process import run_engine_process
-        from service.models import load_models
-
-        link = Path(os.environ[front_ends.LINK_ENV])
-        return run_engine_process(settings, config, link, load_models)
-    failure: list[str] = []
-    server: uvicorn.Server | None = None
-
-    def on_fatal(reason: str) -> None:
-        failure.append(reason)
-        if server is not None:
-            server.should_exit = True
-
-    sockets: list[socket.socket] | None = None
-    split: dict[str, Any] = {}
-    if role == front_ends.FRONT_END_ROLE:
-        sockets = [socket.socket(fileno=int(os.environ[front_ends.LISTEN_FD_ENV]))]
-        split = {
-            "engine_link": Path(os.environ[front_ends.LINK_ENV]),
-            "metrics_dir": Path(os.environ[front_ends.METRICS_DIR_ENV]),
-        }
-    app = create_app(settings, config, on_fatal=on_fatal, **split)
-    state = app.state.alarm
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            access_log=False,
-        )
-    )
-    code = 0
-    try:
-        server.run(sockets=sockets)
-    except SystemExit as exc:  # uvicorn's failed start (e.g. its port taken; logged): status 3
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has shut down
-        code = 130
-    if failure:
-        print(f"alarm-serve: model loading failed: {failure[0]}", file=sys.stderr)
-        code = 1
-    if state.loading:
-        # The model-loading thread cannot be stopped, and nothing waits for it; but an
-        # interpreter that shuts down beside it (in torch, without the GIL) may abort. Leave
-        # without the interpreter's clean-up, the output flushed.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    return serve(settings)
 
 
 def _validation_message(exc: ValidationError) -> str:

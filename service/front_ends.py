@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -52,7 +53,7 @@ def bind_listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _child_command() -> list[str]:
+def _this_command() -> list[str]:
     """This command line again, run by this interpreter (the console script's path aside)."""
     return [sys.executable, "-m", "service", *sys.argv[1:]]
 
@@ -65,8 +66,10 @@ class _StopRequest:
         self.signal = signum
 
 
-def supervise(settings: ServiceSettings) -> int:
-    """Start the engine and the front-ends; return when one exits or on SIGTERM/SIGINT."""
+def supervise(settings: ServiceSettings, child_command: Sequence[str] | None = None) -> int:
+    """Start the engine and the front-ends, each as `child_command` (default: this command
+    line again); return when one exits, or on SIGTERM or SIGINT."""
+    command = list(child_command or _this_command())
     try:
         listener = bind_listening_socket(settings.host, settings.port)
     except OSError as exc:
@@ -84,11 +87,11 @@ def supervise(settings: ServiceSettings) -> int:
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     children: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        children["engine"] = subprocess.Popen(_child_command(), env={**env, ROLE_ENV: ENGINE_ROLE})
+        children["engine"] = subprocess.Popen(command, env={**env, ROLE_ENV: ENGINE_ROLE})
         fd = str(listener.fileno())
         for index in range(settings.front_ends):
             children[f"front-end {index + 1}"] = subprocess.Popen(
-                _child_command(),
+                command,
                 env={**env, ROLE_ENV: FRONT_END_ROLE, LISTEN_FD_ENV: fd},
                 pass_fds=(listener.fileno(),),
             )

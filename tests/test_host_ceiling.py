@@ -57,7 +57,12 @@ def test_a_model_without_a_free_stand_in_is_refused(tiny_paths, tmp_path):
 
 def test_the_ceiling_is_measured_over_http_and_in_process(cache_dir, tmp_path):
     args = argparse.Namespace(
-        out=tmp_path, cache_dir=cache_dir, points=[(2, 2)], rounds=2, seconds=1.0
+        out=tmp_path,
+        cache_dir=cache_dir,
+        points=[(2, 2)],
+        rounds=2,
+        seconds=1.0,
+        front_ends=[0, 1],
     )
     (point,) = asyncio.run(run(args))["points"]
     assert (point["concurrency"], point["items_per_request"]) == (2, 2)
@@ -67,3 +72,10 @@ def test_the_ceiling_is_measured_over_http_and_in_process(cache_dir, tmp_path):
     # The event loop is one thread of the server: it cannot have used more CPU than all.
     assert 0 < point["http_loop_ms_per_request"] <= point["http_process_ms_per_request"]
     assert point["engine_loop_ms_per_request"] > 0
+    # Both layouts served: one process, and an engine process behind one front-end.
+    assert set(point["layouts"]) == {"0", "1"}
+    assert point["layouts"]["0"]["items_per_s"] == point["http_items_per_s"]
+    split = point["layouts"]["1"]
+    assert split["items_per_s"] == pytest.approx(2 * split["requests_per_s"])
+    # The engine's loop is one thread of one of the split server's three processes.
+    assert 0 < split["loop_ms_per_request"] < split["process_ms_per_request"]
