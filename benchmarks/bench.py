@@ -209,6 +209,12 @@ def _parser() -> argparse.ArgumentParser:
         help="load each server takes before the run (a GPU meets each new shape once)",
     )
     parser.add_argument(
+        "--front-ends",
+        type=int,
+        default=0,
+        help="alarm-serve's HTTP front-end processes over one engine process (0: one process)",
+    )
+    parser.add_argument(
         "--commit",
         help="the commit results.json names, for a tree without git (default: the checkout's)",
     )
@@ -267,6 +273,7 @@ def main() -> int:
             "max_batch_tokens": config.batching.max_batch_tokens,
         },
         "grid": grid,
+        "alarm_serve_front_ends": args.front_ends,
         "warmup_seconds": args.warmup_seconds,
         "limit_batch_sizes": limit_sizes,
         # LitServe and Ray Serve batch requests under these limits, as alarm-serve batches items.
@@ -308,6 +315,8 @@ def main() -> int:
         str(args.cache_dir),
         "--log-level",
         "warning",
+        "--front-ends",
+        str(args.front_ends),
     ]
     commands = [("alarm-serve", alarm_serve)] + [
         (PEERS[name].system, peer_command(PEERS[name], config_path, args.cache_dir))

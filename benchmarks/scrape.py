@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from benchmarks.limit import LimitResult
 from benchmarks.models import RULE_MODEL
+from service.front_ends import FRONT_ENDS_GROUP
 
 
 def _by_label(metrics_text: str, name: str, label: str) -> dict[str, float]:
@@ -91,10 +92,10 @@ def batch_line(stats: BatchFigures) -> str:
 
 def host_cpu_share(before: str, after: str) -> float:
     """The host's share of the server's CPU between two scrapes: the event loop's (HTTP,
-    JSON, batching) and the tokenizer threads' seconds over theirs plus the forwards'
-    (NaN without per-thread clocks)."""
+    JSON, batching), the tokenizer threads' and a split server's front-end processes'
+    seconds over theirs plus the forwards' (NaN without per-thread clocks)."""
     start, end = thread_cpu_seconds(before), thread_cpu_seconds(after)
     used = {group: end[group] - start.get(group, 0.0) for group in end}
-    host = used.get("event_loop", 0.0) + used.get("tokenize", 0.0)
+    host = sum(used.get(group, 0.0) for group in ("event_loop", "tokenize", FRONT_ENDS_GROUP))
     total = host + sum(seconds for group, seconds in used.items() if group.startswith("device:"))
     return host / total if total > 0 else float("nan")

@@ -19,6 +19,7 @@ from service.auth import Authenticator
 from service.config import RewardConfig, ServiceSettings
 from service.engine import RewardEngine
 from service.engine_link import EngineLinkServer
+from service.front_ends import FRONT_ENDS_GROUP
 from service.gc_freeze import freeze_startup_objects
 from service.metrics import ServiceMetrics
 from service.models import RewardModel
@@ -26,7 +27,6 @@ from service.rate_limit import rate_limiter_for
 from service.thread_cpu import ThreadCpu
 
 log = logging.getLogger(__name__)
-FRONT_ENDS_GROUP = "front_ends"  # the front-end processes' CPU, as one thread group
 
 
 def process_cpu_seconds(pid: int) -> float:

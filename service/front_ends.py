@@ -32,6 +32,7 @@ ROLE_ENV = "ALARM_PROCESS_ROLE"  # engine | front-end: set only in a supervisor'
 LINK_ENV = "ALARM_ENGINE_LINK"  # the engine link's Unix socket
 LISTEN_FD_ENV = "ALARM_LISTEN_FD"  # a front-end's inherited listening socket
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable
+FRONT_ENDS_GROUP = "front_ends"  # the front-ends' CPU in alarm_thread_cpu_seconds_total
 ENGINE_ROLE = "engine"
 FRONT_END_ROLE = "front-end"
 _STOP_GRACE_S = 30.0

@@ -36,6 +36,13 @@ def test_host_cpu_share_is_the_event_loop_and_tokenizers_over_all_groups_between
     assert host_cpu_share(before, after) == 3.0 / 30.0
 
 
+def test_a_split_servers_front_ends_count_as_host_work():
+    before = _scrape({"event_loop": 10.0, "tokenize": 5.0, "front_ends": 20.0, "device:cpu": 100.0})
+    # 1 + 2 + 3 host seconds against 24 of forwards in between: 0.2.
+    after = _scrape({"event_loop": 11.0, "tokenize": 7.0, "front_ends": 23.0, "device:cpu": 124.0})
+    assert host_cpu_share(before, after) == 6.0 / 30.0
+
+
 def test_without_thread_clocks_the_share_is_unknown_not_zero():
     assert math.isnan(host_cpu_share("", ""))
 
