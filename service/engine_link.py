@@ -20,13 +20,14 @@ import logging
 import os
 import pickle
 import struct
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.combine import CombineMode
-from service.engine import RewardEngine, ScoredItem, ScoreInput
+from service.engine import ScoredItem, ScoreInput, ScoringEngine
 from service.errors import AlarmError, NotReady
 from service.rate_limit import RequestRateLimiter
 
@@ -93,21 +94,25 @@ class EngineLinkServer:
 
     def __init__(
         self,
-        engine: RewardEngine,
+        engine: ScoringEngine,
         rate_limiter: RequestRateLimiter | None,
         scrape: Callable[[], bytes],
     ) -> None:
         self._engine = engine
         self._rate_limiter = rate_limiter
         self._scrape = scrape
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.front_end_pids: set[int] = set()
+        self._front_ends: Counter[int] = Counter()  # connections by process
         catalog = engine.catalog
         self._hello = (
             "catalog",
             catalog.describe_models(),
             {mode.value: catalog.reward_definition(mode) for mode in CombineMode},
         )
+
+    @property
+    def front_end_pids(self) -> list[int]:
+        """The processes connected now (their CPU is reported with the engine's)."""
+        return list(self._front_ends)
 
     async def start(self, path: Path) -> asyncio.Server:
         return await asyncio.start_unix_server(self._serve_front_end, path=str(path))
@@ -119,7 +124,7 @@ class EngineLinkServer:
         pid: int | None = None
         try:
             _, pid = await read_frame(reader)
-            self.front_end_pids.add(pid)
+            self._front_ends[pid] += 1
             write_frame(writer, self._hello)
             while True:
                 kind, call_id, *args = await read_frame(reader)
@@ -137,7 +142,9 @@ class EngineLinkServer:
             for task in calls.values():
                 task.cancel()
             if pid is not None:
-                self.front_end_pids.discard(pid)
+                self._front_ends[pid] -= 1
+                if not self._front_ends[pid]:
+                    del self._front_ends[pid]
             writer.close()
 
     async def _handle(self, kind: str, args: list[Any]) -> Any:
@@ -163,19 +170,19 @@ class EngineLinkServer:
         call_id: int,
         task: asyncio.Task[Any],
     ) -> None:
-        calls.pop(call_id, None)
-        if task.cancelled() or writer.is_closing():  # the front-end gave up on it, or left
+        given_up = calls.pop(call_id, None) is None  # a "cancel" took it out already
+        if given_up or writer.is_closing():  # nobody waits for this answer
             return
-        error = task.exception()
-        reply = (
-            (call_id, True, task.result())
-            if error is None
-            else (
+        if task.cancelled():  # cancelled inside the engine: the caller still gets an answer
+            reply = (
                 call_id,
                 False,
-                error_payload(error),
+                error_payload(AlarmError("the call was cancelled in the engine")),
             )
-        )
+        elif (error := task.exception()) is not None:
+            reply = (call_id, False, error_payload(error))
+        else:
+            reply = (call_id, True, task.result())
         try:
             write_frame(writer, reply)
         except Exception as exc:  # an unpicklable result: the caller still gets an answer

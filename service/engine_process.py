@@ -74,7 +74,7 @@ async def serve_engine(
     )
     metrics.thread_cpu.watch(
         FRONT_ENDS_GROUP,
-        lambda: sum(process_cpu_seconds(pid) for pid in list(server.front_end_pids)),
+        lambda: sum(process_cpu_seconds(pid) for pid in server.front_end_pids),
     )
     frozen = freeze_startup_objects()
     log.info("froze %d start-up objects out of the garbage collector's passes", frozen)

@@ -414,12 +414,6 @@ def test_a_call_that_times_out_is_cancelled_in_the_engine(tmp_path):
     run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in service/engine_link.py: EngineLinkServer._reply takes every task that ended "
-    "cancelled for one the front-end gave up on and sends nothing, so a call whose engine "
-    "code raised CancelledError on its own is never answered while the link stays up",
-)
 def test_a_call_cancelled_inside_the_engine_still_gets_an_answer(tmp_path):
     async def main() -> None:
         engine = FakeEngine()
@@ -575,10 +569,15 @@ def test_front_end_pids_hold_a_connected_front_end_until_it_closes(tmp_path):
 
     async def main() -> None:
         async with serving(path, FakeEngine()) as link:
-            assert link.front_end_pids == set()
+            assert link.front_end_pids == []
             remote = await RemoteEngine.connect(path, LostCount())
-            assert link.front_end_pids == {os.getpid()}
+            assert link.front_end_pids == [os.getpid()]
+            second = await RemoteEngine.connect(path, LostCount())  # the same process again
+            assert link.front_end_pids == [os.getpid()]
+            await second.close()
+            await asyncio.sleep(0.1)  # the server has seen one connection go by now
+            assert link.front_end_pids == [os.getpid()]
             await remote.close()
-            await eventually(lambda: link.front_end_pids == set())
+            await eventually(lambda: link.front_end_pids == [])
 
     run(main)
