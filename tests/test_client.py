@@ -30,8 +30,10 @@ FAST_RETRY = RetryPolicy(max_attempts=4, backoff_initial_s=0.01, backoff_max_s=0
 PATIENT_RETRY = RetryPolicy(max_attempts=50, backoff_initial_s=0.01, backoff_max_s=0.2)
 
 
-@pytest.fixture(scope="module")
-def server_url(tiny_paths, tmp_path_factory):
+# 0: one process; 2: two HTTP front-end processes over one engine process (errors, deadlines
+# and overload reach the client through the engine link as they do in one process).
+@pytest.fixture(scope="module", params=[0, 2], ids=["one-process", "front-ends"])
+def server_url(request, tiny_paths, tmp_path_factory):
     """A server that accepts at most 4 items per request and 8 in flight, and runs the
     models for every item (no output cache), so that repeated items still load it."""
     config = tiny_config_dict(
@@ -42,7 +44,8 @@ def server_url(tiny_paths, tmp_path_factory):
     )
     folder = tmp_path_factory.mktemp("client-server")
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    with running_server(folder / "config.yaml", folder) as url:
+    env = {"ALARM_FRONT_ENDS": str(request.param)}
+    with running_server(folder / "config.yaml", folder, env=env) as url:
         yield url
 
 

@@ -235,14 +235,17 @@ async def test_a_model_out_of_memory_on_big_batches_still_scores_every_item(
 # --- deadlines over HTTP against the real server process -----------------------------------
 
 
-@pytest.fixture(scope="module")
-def slow_queue_server(tiny_paths, tmp_path_factory):
+# 0: one process; 2: two HTTP front-end processes over one engine process (errors, deadlines
+# and overload reach the client through the engine link as they do in one process).
+@pytest.fixture(scope="module", params=[0, 2], ids=["one-process", "front-ends"])
+def slow_queue_server(request, tiny_paths, tmp_path_factory):
     """A server where a 1 ms deadline expires before the items reach a model: tokenising
     and queueing take longer. No output cache, or a repeated item would skip both."""
     config = tiny_config_dict(tiny_paths, batching={"max_wait_ms": 200}, cache={"max_items": 0})
     folder = tmp_path_factory.mktemp("faults")
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    with running_server(folder / "config.yaml", folder) as url:
+    env = {"ALARM_FRONT_ENDS": str(request.param)}
+    with running_server(folder / "config.yaml", folder, env=env) as url:
         yield url
 
 
