@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from service.rate_limit import rate_limiter_for
 from service.thread_cpu import ThreadCpu
 
 log = logging.getLogger(__name__)
+FRONT_ENDS_GRACE_S = 30.0  # as long as the supervisor waits for the front-ends to exit
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -64,7 +66,8 @@ async def serve_engine(
     link: Path,
     stop: asyncio.Event,
 ) -> None:
-    """Serve the engine on `link` until `stop` is set."""
+    """Serve the engine on `link` until `stop` is set and every front-end has gone (or
+    `FRONT_ENDS_GRACE_S` has passed), so that requests in flight get their answers."""
     metrics = ServiceMetrics(CollectorRegistry())
     metrics.register_trainers(Authenticator.from_settings(settings).trainers)
     engine = RewardEngine(models, config, metrics)
@@ -82,6 +85,11 @@ async def serve_engine(
     log.info("ready: %s", ", ".join(f"{m.name} on {m.device}" for m in models))
     try:
         await stop.wait()
+        listener.close()
+        # Front-ends drain their requests before they exit, and those still need the engine.
+        deadline = time.monotonic() + FRONT_ENDS_GRACE_S
+        while server.front_end_pids and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
     finally:
         listener.close()
         await engine.stop()

@@ -129,12 +129,19 @@ def _wait(children: dict[str, subprocess.Popen[bytes]], stop: _StopRequest) -> i
 
 
 def _stop_all(children: dict[str, subprocess.Popen[bytes]]) -> None:
-    """SIGTERM to every child still running, then SIGKILL to any alive after the grace."""
-    for child in children.values():
+    """The front-ends first (they finish their requests in flight, which need the engine),
+    then the engine; SIGKILL to any child still alive after its grace."""
+    front_ends = [child for name, child in children.items() if name != "engine"]
+    _stop(front_ends)
+    _stop([child for name, child in children.items() if name == "engine"])
+
+
+def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + _STOP_GRACE_S
-    for child in children.values():
+    for child in children:
         try:
             child.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:

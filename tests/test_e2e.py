@@ -20,13 +20,19 @@ def in_flight_items(base_url: str) -> float:
     return 0.0
 
 
-@pytest.fixture
-def server(tiny_config_file, tmp_path):
+# 0: one process; 2: two HTTP front-end processes over one engine process, which must stop
+# as gracefully (the front-ends drain their requests first, then the engine stops).
+@pytest.fixture(params=[0, 2], ids=["one-process", "front-ends"])
+def server(request, tiny_config_file, tmp_path):
     port = free_port()
     # Config and cache from the environment, port from a flag: both paths are exercised.
     process = start(
         ["--port", str(port)],
-        {"ALARM_CONFIG": str(tiny_config_file), "ALARM_CACHE_DIR": str(tmp_path)},
+        {
+            "ALARM_CONFIG": str(tiny_config_file),
+            "ALARM_CACHE_DIR": str(tmp_path),
+            "ALARM_FRONT_ENDS": str(request.param),
+        },
     )
     base_url = f"http://127.0.0.1:{port}"
     wait_ready(process, base_url, timeout_s=120)

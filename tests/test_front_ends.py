@@ -25,7 +25,7 @@ from service.api import create_app
 from service.config import ServiceSettings
 from service.front_ends import ENGINE_ROLE, FRONT_END_ROLE, LINK_ENV, ROLE_ENV
 from tests.conftest import tiny_config_dict
-from tests.server_process import start, wait_ready
+from tests.server_process import ALARM_SERVE, start, wait_ready
 
 PROMPT = "question: Who wrote Hamlet? context: Hamlet is a tragedy by William Shakespeare."
 ANSWERS = [
@@ -180,6 +180,54 @@ def test_sigterm_stops_every_process_and_removes_the_shared_directory(config_fil
         assert process.wait(timeout=EXIT_WITHIN_S) == 0
         assert not any(alive(p) for p in children)
         assert not shared.exists()
+
+
+@pytest.mark.parametrize("to_whom", ["supervisor", "process group"])
+def test_sigterm_lets_the_requests_in_flight_finish(tiny_paths, tmp_path, to_whom):
+    """The front-ends drain their requests, which need the engine, before the engine stops,
+    whether the signal reaches the supervisor alone (docker, Kubernetes) or every process
+    (a shell's Ctrl-C, `kill -- -<group>`). Items wait 300 ms for their batch to fill, so
+    the signal finds them queued in the engine."""
+    config = tiny_config_dict(tiny_paths, batching={"max_wait_ms": 300}, cache={"max_items": 0})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [ALARM_SERVE, "serve", "--config", str(path), "--port", str(port)],
+        env={**os.environ, "ALARM_FRONT_ENDS": "2", "ALARM_CACHE_DIR": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_ready(process, url, timeout_s=120)
+
+        async def load() -> list[httpx.Response]:
+            async def one(index: int) -> httpx.Response:
+                async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                    item = {"prompt": PROMPT, "response": f"{ANSWERS[0]} {index}"}
+                    return await client.post("/v1/rewards", json={"items": [item] * 3})
+
+            sends = [asyncio.create_task(one(i)) for i in range(8)]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if await asyncio.to_thread(metric, url, "alarm_in_flight_items") > 0:
+                    break
+            if to_whom == "supervisor":
+                process.send_signal(signal.SIGTERM)
+            else:
+                os.killpg(process.pid, signal.SIGTERM)
+            return await asyncio.gather(*sends)
+
+        replies = asyncio.run(load())
+        assert [r.status_code for r in replies] == [200] * 8, [r.text for r in replies]
+        assert process.wait(timeout=EXIT_WITHIN_S) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def test_a_taken_port_fails_at_once_without_starting_children(config_file):
