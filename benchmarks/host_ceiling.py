@@ -48,9 +48,9 @@ from benchmarks.servers import (
 from benchmarks.workload import load_items
 from service.config import load_reward_config
 from service.engine import RewardEngine, ScoreInput
-from service.front_ends import ENGINE_ROLE, ROLE_ENV
 from service.memory import share_one_heap
 from service.metrics import ServiceMetrics
+from service.supervisor import ENGINE_ROLE, ROLE_ENV
 
 POINTS = [(1, 1), (64, 1), (256, 1), (8, 16), (64, 16)]
 GPU_FORWARD_OVERHEAD_TOKENS = 4096  # the server's default on a GPU (service.models.loading)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from benchmarks.limit import LimitResult
 from benchmarks.models import RULE_MODEL
-from service.front_ends import FRONT_ENDS_GROUP
+from service.supervisor import FRONT_ENDS_GROUP
 
 
 def _by_label(metrics_text: str, name: str, label: str) -> dict[str, float]:

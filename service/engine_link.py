@@ -4,7 +4,8 @@ In one process, HTTP, JSON and the engine's scheduling share one GIL; on a host-
 the event loop, not the device, then caps throughput. Split, the engine's loop spent about
 half the time per single-item request and the host served 1.16x to 1.32x the items/s even
 on two cores (benchmarks/HISTORY.md, session 34). Each front-end keeps one connection;
-calls on it are multiplexed by id, so a front-end's requests never wait for each other.
+calls on it are multiplexed by id, so one request's answer never waits for an earlier
+request's scoring (only for the bytes of answers sent before it).
 
 Frames are a 4-byte length and a pickle. Only the processes of one `alarm-serve serve`
 reach the socket (it lives in a directory only its user can enter), so pickle is trusted.
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 _FRAME_HEADER = struct.Struct("!I")
 _PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 ENGINE_GONE = "the engine process is gone"
+INTERNAL_ERROR = "internal error"
 
 
 async def read_frame(reader: asyncio.StreamReader) -> Any:
@@ -59,10 +61,12 @@ def _error_classes() -> dict[str, type[AlarmError]]:
 
 def error_payload(exc: BaseException) -> tuple[str, str, float | None]:
     """An exception as plain data: the service's own errors keep their class (and so their
-    HTTP status); anything else is an internal error, as it is in one process."""
+    HTTP status); anything else is an internal error, logged here with its traceback and
+    sent without its text, as one process answers it (service.api.errors)."""
     if isinstance(exc, AlarmError):
         return type(exc).__name__, exc.message, exc.retry_after_s
-    return AlarmError.__name__, f"{type(exc).__name__}: {exc}", None
+    log.error("engine call failed", exc_info=exc)
+    return AlarmError.__name__, INTERNAL_ERROR, None
 
 
 def error_from_payload(payload: tuple[str, str, float | None]) -> AlarmError:
@@ -102,6 +106,7 @@ class EngineLinkServer:
         self._rate_limiter = rate_limiter
         self._scrape = scrape
         self._front_ends: Counter[int] = Counter()  # connections by process
+        self.on_front_end_left: Callable[[int], None] | None = None  # called with its pid
         catalog = engine.catalog
         self._hello = (
             "catalog",
@@ -145,6 +150,8 @@ class EngineLinkServer:
                 self._front_ends[pid] -= 1
                 if not self._front_ends[pid]:
                     del self._front_ends[pid]
+                    if self.on_front_end_left is not None:
+                        self.on_front_end_left(pid)
             writer.close()
 
     async def _handle(self, kind: str, args: list[Any]) -> Any:
@@ -173,12 +180,8 @@ class EngineLinkServer:
         given_up = calls.pop(call_id, None) is None  # a "cancel" took it out already
         if given_up or writer.is_closing():  # nobody waits for this answer
             return
-        if task.cancelled():  # cancelled inside the engine: the caller still gets an answer
-            reply = (
-                call_id,
-                False,
-                error_payload(AlarmError("the call was cancelled in the engine")),
-            )
+        if task.cancelled():  # by the engine itself, as it stops: the caller still gets a 503
+            reply = (call_id, False, error_payload(NotReady("the engine is stopping")))
         elif (error := task.exception()) is not None:
             reply = (call_id, False, error_payload(error))
         else:
@@ -186,8 +189,8 @@ class EngineLinkServer:
         try:
             write_frame(writer, reply)
         except Exception as exc:  # an unpicklable result: the caller still gets an answer
-            log.exception("engine reply %d could not be sent", call_id)
-            write_frame(writer, (call_id, False, error_payload(exc)))
+            log.error("engine reply %d could not be sent", call_id, exc_info=exc)
+            write_frame(writer, (call_id, False, (AlarmError.__name__, INTERNAL_ERROR, None)))
 
 
 class RemoteEngine:

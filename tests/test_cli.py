@@ -81,14 +81,18 @@ def test_a_taken_port_exits_at_once_though_models_are_loading(slow_loading_confi
     assert "Traceback" not in output, output
 
 
+@pytest.mark.parametrize("front_ends", [0, 2], ids=["one-process", "front-ends"])
 @pytest.mark.parametrize(
     ("stop", "codes"),
     [(signal.SIGTERM, (0, -signal.SIGTERM)), (signal.SIGINT, (130,))],
     ids=["sigterm", "ctrl-c"],
 )
-def test_a_stop_signal_while_models_load_exits_at_once(slow_loading_config, stop, codes):
+def test_a_stop_signal_while_models_load_exits_at_once(
+    slow_loading_config, stop, codes, front_ends
+):
     config, env = slow_loading_config
     port = free_port()
+    env = {**env, "ALARM_FRONT_ENDS": str(front_ends)}
     process = start(["--config", str(config), "--port", str(port)], env)
     try:
         deadline = time.monotonic() + 60

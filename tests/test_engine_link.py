@@ -363,7 +363,12 @@ def test_engine_errors_keep_their_class_status_message_and_retry_after(
     run(main)
 
 
-def test_an_unexpected_engine_exception_arrives_as_an_internal_error_naming_its_type(tmp_path):
+def test_an_unexpected_engine_exception_is_logged_there_and_arrives_as_an_internal_error(
+    tmp_path, caplog
+):
+    """As in one process: a 500 `internal error` whose text tells the client nothing of the
+    server, and the traceback in the engine's log."""
+
     async def main() -> None:
         engine = FakeEngine()
         engine.errors["failing"] = RuntimeError("CUDA error: an illegal memory access")
@@ -374,11 +379,13 @@ def test_an_unexpected_engine_exception_arrives_as_an_internal_error_naming_its_
         assert type(received) is AlarmError
         assert received.error_type == "internal_error"
         assert received.http_status == 500
-        assert "RuntimeError" in received.message
-        assert "CUDA error: an illegal memory access" in received.message
+        assert received.message == "internal error"
         assert received.retry_after_s is None
 
-    run(main)
+    with caplog.at_level("ERROR", logger="service.engine_link"):
+        run(main)
+    (record,) = [r for r in caplog.records if r.exc_info]
+    assert "CUDA error: an illegal memory access" in str(record.exc_info[1])
 
 
 # --- cancellation ---------------------------------------------------------------------------
@@ -418,11 +425,12 @@ def test_a_call_cancelled_inside_the_engine_still_gets_an_answer(tmp_path):
     async def main() -> None:
         engine = FakeEngine()
         # As when a pool's future is cancelled under a caller (CoalescedCalls cancels every
-        # waiter's future): the engine's score ends in CancelledError nobody asked for.
+        # waiter's future as the engine stops): a CancelledError nobody asked for.
         engine.errors["cancelled inside"] = asyncio.CancelledError()
         async with linked(tmp_path, engine) as (_, remote, _):
-            with pytest.raises(AlarmError):
+            with pytest.raises(NotReady) as caught:  # 503 + Retry-After, as a stopped batcher
                 await asyncio.wait_for(remote.score(inputs("cancelled inside")), 1.0)
+            assert caught.value.http_status == 503 and caught.value.retry_after_s
             assert await remote.score(inputs("after")) == [scored(inputs("after")[0], None)]
 
     run(main)

@@ -22,7 +22,7 @@ from service.api.middleware import RequestContextMiddleware
 from service.auth import Authenticator
 from service.config import RewardConfig, ServiceSettings
 from service.engine import RewardEngine
-from service.engine_link import RemoteEngine
+from service.engine_link import ENGINE_GONE, RemoteEngine
 from service.gc_freeze import freeze_startup_objects, unfreeze_startup_objects
 from service.metrics import ServiceMetrics
 from service.models import RewardModel, load_models
@@ -47,10 +47,11 @@ class AppState:
     load_error: str | None = None
     loader: asyncio.Task[None] | None = field(default=None, repr=False)
     load_thread: threading.Thread | None = field(default=None, repr=False)
-    # A front-end of a split server (service.front_ends): the engine is in another process,
+    # A front-end of a split server (service.supervisor): the engine is in another process,
     # and the metrics of every process are in `metrics_dir`.
     engine_link: Path | None = None
     metrics_dir: Path | None = None
+    engine_lost: bool = False
 
     @property
     def loading(self) -> bool:
@@ -134,10 +135,10 @@ async def _connect(state: AppState, link: Path, on_fatal: Callable[[str], None] 
 
     def lost() -> None:
         state.engine = None
-        state.load_error = "the engine process is gone"
-        log.error("%s", state.load_error)
+        state.engine_lost = True
+        log.error("%s", ENGINE_GONE)
         if on_fatal is not None:
-            on_fatal(state.load_error)
+            on_fatal(ENGINE_GONE)
 
     while True:
         try:

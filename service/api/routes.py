@@ -17,6 +17,7 @@ from service.api.lean_route import DEADLINE_HEADER, LeanScoringRoute
 from service.combine import CombineMode
 from service.config import LimitsConfig
 from service.engine import ScoredItem, ScoreInput, ScoringEngine
+from service.engine_link import ENGINE_GONE
 from service.errors import NotReady, PayloadTooLarge, TooManyRequests, check_item_count
 from service.schemas import (
     AspectResult,
@@ -149,6 +150,8 @@ def state_of(request: Request) -> Any:
 def engine_of(request: Request) -> ScoringEngine:
     state = state_of(request)
     if state.engine is None:
+        if state.engine_lost:
+            raise NotReady(ENGINE_GONE)
         if state.load_error:
             raise NotReady(f"model loading failed: {state.load_error}", retry_after_s=30)
         raise NotReady("models are still loading")

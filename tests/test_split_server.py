@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from benchmarks.servers import free_port
 from service.api import create_app
 from service.config import ServiceSettings
-from service.front_ends import ENGINE_ROLE, FRONT_END_ROLE, LINK_ENV, ROLE_ENV
+from service.supervisor import ENGINE_ROLE, FRONT_END_ROLE, LINK_ENV, ROLE_ENV
 from tests.conftest import tiny_config_dict
 from tests.server_process import ALARM_SERVE, start, wait_ready
 
@@ -161,7 +161,7 @@ def test_a_child_that_dies_stops_the_whole_server(config_file, victim):
         os.kill(pid, signal.SIGKILL)
         code = process.wait(timeout=EXIT_WITHIN_S)
         output = process.stdout.read()
-        assert code != 0
+        assert code == 128 + signal.SIGKILL  # as a shell reports a child killed by a signal
         assert f"the {victim}" in output and "process exited" in output
         deadline = time.monotonic() + EXIT_WITHIN_S
         while any(alive(p) for p in children) and time.monotonic() < deadline:
@@ -170,6 +170,37 @@ def test_a_child_that_dies_stops_the_whole_server(config_file, victim):
         assert not shared.exists()
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/healthz", timeout=2)
+
+
+def test_children_stop_when_their_supervisor_is_killed(config_file):
+    """SIGKILL leaves the supervisor no clean-up: its children must not serve on alone."""
+    with server(config_file, front_ends=2) as (url, process):
+        children = children_of(process.pid)
+        shared = shared_directory(next(iter(children)))
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + EXIT_WITHIN_S
+        while any(alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in children)
+        assert not shared.exists()  # the engine, last out, removed it
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/healthz", timeout=2)
+
+
+def test_a_bad_config_stops_the_supervisor_before_any_child_starts(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("holistic:\n  name: h\n  kind: sequence_scalar\n  path: x\n  sigma: -1\n")
+    result = subprocess.run(
+        [ALARM_SERVE, "serve", "--config", str(config), "--port", str(free_port())],
+        env={**os.environ, "ALARM_FRONT_ENDS": "2"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("configuration error") == 1, result.stderr
+    assert "holistic.sequence_scalar.sigma" in result.stderr
 
 
 def test_sigterm_stops_every_process_and_removes_the_shared_directory(config_file):
