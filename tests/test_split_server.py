@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -307,3 +308,37 @@ def test_a_front_end_is_live_but_not_ready_until_the_engine_listens(tiny_config,
         )
         assert scored.status_code == 503
         assert client.get("/metrics").status_code == 200
+
+
+def test_a_front_end_whose_engine_hangs_up_in_the_handshake_stops(tiny_config, tmp_path):
+    """Not a front-end that waits forever: it reports the failure (the supervisor then
+    stops the server) and answers 503 meanwhile."""
+    link = tmp_path / "engine.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(link))
+    listener.listen()
+
+    def hang_up() -> None:
+        connection, _ = listener.accept()
+        connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    fatal: list[str] = []
+    app = create_app(
+        ServiceSettings(cache_dir=tmp_path),
+        tiny_config,
+        on_fatal=fatal.append,
+        engine_link=link,
+        metrics_dir=tmp_path,
+    )
+    try:
+        with TestClient(app) as client:
+            deadline = time.monotonic() + EXIT_WITHIN_S
+            while not fatal and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert fatal and "cannot connect to the engine process" in fatal[0]
+            ready = client.get("/readyz")
+            assert ready.status_code == 503
+            assert "cannot connect to the engine process" in ready.json()["error"]["message"]
+    finally:
+        listener.close()

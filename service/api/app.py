@@ -28,9 +28,8 @@ from service.metrics import ServiceMetrics
 from service.models import RewardModel, load_models
 from service.rate_limit import RequestRateLimiter, rate_limiter_for
 
-_CONNECT_RETRY_S = 0.05
-
 log = logging.getLogger(__name__)
+_CONNECT_RETRY_S = 0.05
 API_VERSION = "0.1.0"
 ModelLoader = Callable[[RewardConfig, Path], list[RewardModel]]
 T = TypeVar("T")
@@ -143,9 +142,15 @@ async def _connect(state: AppState, link: Path, on_fatal: Callable[[str], None] 
     while True:
         try:
             state.engine = await RemoteEngine.connect(link, lost)
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, ConnectionRefusedError):  # not listening yet
             await asyncio.sleep(_CONNECT_RETRY_S)
             continue
+        except (OSError, EOFError) as exc:  # it left during the handshake
+            state.load_error = f"cannot connect to the engine process: {exc!r}"
+            log.error("%s", state.load_error)
+            if on_fatal is not None:
+                on_fatal(state.load_error)
+            return
         log.info("ready: connected to the engine process at %s", link)
         return
 
