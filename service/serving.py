@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from service import supervisor
 from service.allocator import loaded_allocator
-from service.config import ServiceSettings, load_reward_config
+from service.config import RewardConfig, ServiceSettings, load_reward_config
 
 if TYPE_CHECKING:
     from service.api.app import ModelLoader
@@ -57,7 +57,9 @@ def serve(
     return _serve_http(settings, config, load, role == supervisor.FRONT_END_ROLE)
 
 
-def _serve_http(settings: ServiceSettings, config: Any, load: ModelLoader, front_end: bool) -> int:
+def _serve_http(
+    settings: ServiceSettings, config: RewardConfig, load: ModelLoader, front_end: bool
+) -> int:
     """The HTTP app with its own engine, or as a front-end of a split server's engine."""
     import uvicorn
 
