@@ -22,6 +22,11 @@ class Admission:
         self._in_flight = 0
         self._in_flight_by_trainer: dict[str, int] = {}
 
+    @property
+    def in_flight(self) -> int:
+        """Items admitted and not yet released, of every trainer."""
+        return self._in_flight
+
     def admit(self, trainer: str, count: int) -> None:
         """Take `count` items in, or raise: the trainer's limit (429) or a full queue (503)."""
         mine = self._in_flight_by_trainer.get(trainer, 0)

@@ -135,6 +135,11 @@ class MicroBatcher(Generic[P, R]):
     def depth(self) -> int:
         return self._pending_count
 
+    @property
+    def idle(self) -> bool:
+        """Nothing pending and nothing announced: an item submitted now would batch alone."""
+        return self._pending_count == 0 and self._announced == 0
+
     def start(self) -> None:
         if not self._tasks:
             self._tasks = [

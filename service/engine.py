@@ -12,6 +12,7 @@ batch that runs out of device memory is halved and retried (`run_halving_on_oom`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -35,6 +36,7 @@ from service.errors import (
 )
 from service.gil_switch import SwitchInterval
 from service.heap_trimmer import HeapTrimmer
+from service.lone_request import LoneRun, lone_batch_stats, prepare_and_run
 from service.memory import keep_freed_memory
 from service.metrics import ServiceMetrics
 from service.model_catalog import ModelCatalog
@@ -158,6 +160,7 @@ class RewardEngine:
         for device, pool in self._device_pools.items():
             metrics.thread_cpu.watch(f"device:{device}", pool.cpu_seconds)
         turns = {device: DeviceTurns(slots[device]) for device in devices}
+        self._device_turns = turns
         self._batchers: dict[str, MicroBatcher[Prepared, ModelOutput]] = {
             model.name: MicroBatcher(
                 self._runner(model),
@@ -289,6 +292,8 @@ class RewardEngine:
     ) -> list[ModelOutput]:
         if model.device == HOST_DEVICE:
             return await self._run_on_host(model, items)
+        if self._runs_alone(model, items):
+            return [await self._run_alone(model, items[0])]
         batcher = self._batchers[model.name]
         batcher.announce(len(items))  # so that a batch forming now waits for these
         try:
@@ -317,6 +322,62 @@ class RewardEngine:
                 log.error("model %s failed on a batch: %r", model.name, outcome)
                 raise ModelFailure(f"model {model.name!r} failed on this batch") from outcome
         return outcomes  # type: ignore[return-value]
+
+    def _runs_alone(self, model: RewardModel, items: Sequence[ScoreInput]) -> bool:
+        """Whether the model takes this one item straight to a device slot, skipping its
+        batcher (`service.lone_request`): no other item is in flight to share its batch,
+        none is on its way to the batcher, a slot is free (taken here, when it is), and
+        the config does not ask a batch to wait for company (`fill_wait_ms`)."""
+        return (
+            len(items) == 1
+            and self._admission.in_flight <= 1
+            and not self._config.batching.fill_wait_ms
+            and self._batchers[model.name].idle
+            and self._device_turns[model.device].take_free_slot()  # last: it takes the slot
+        )
+
+    async def _run_alone(self, model: RewardModel, item: ScoreInput) -> ModelOutput:
+        """The item tokenised and run in one device-thread call, on the slot `_runs_alone`
+        took. The slot is held until the call ends, even when the caller leaves first, as a
+        batch that has started holds its own."""
+        turns = self._device_turns[model.device]
+        splits = self._metrics.oom_splits.labels(model.name)
+        memo = EncodingMemo()
+        forwarding = contextlib.ExitStack()
+        forwarding.enter_context(self._heap_trimmer.forward())
+
+        def forward(batch: list[Prepared]) -> list[ModelOutput | ModelFailure]:
+            return run_halving_on_oom(model.run, batch, splits.inc, model.name)
+
+        def finished(call: asyncio.Future[LoneRun]) -> None:
+            forwarding.close()
+            turns.release_slot()
+            if call.cancelled() or call.exception() is not None:  # only if the pool shut down
+                return
+            self._metrics.observe_encodings(memo.encoded, memo.reused)
+            stats = lone_batch_stats(call.result(), getattr(model, "padded_tokens", None))
+            if stats is not None:
+                self._metrics.observe_batch(model.name, stats)
+
+        pair = (item.prompt, item.response)
+        call = self._device_pools[model.device].run(
+            prepare_and_run, model, pair, forward, memo, time.monotonic()
+        )
+        call.add_done_callback(finished)
+        run = await asyncio.shield(call)
+        if run.prepared is None:
+            log.error("model %s failed to prepare inputs", model.name, exc_info=run.error)
+            raise ModelFailure(f"model {model.name!r} could not tokenise the input") from run.error
+        if run.error is not None:
+            log.error("model %s failed on a batch: %r", model.name, run.error)
+            raise ModelFailure(f"model {model.name!r} failed on this batch") from run.error
+        (output,) = run.outputs
+        if isinstance(output, AlarmError):
+            raise output
+        if isinstance(output, BaseException):
+            log.error("model %s failed on a batch: %r", model.name, output)
+            raise ModelFailure(f"model {model.name!r} failed on this batch") from output
+        return output
 
     def _score_on_host(
         self, model: RewardModel, items: Sequence[ScoreInput]
