@@ -21,11 +21,17 @@ class Admission:
         self._metrics = metrics
         self._in_flight = 0
         self._in_flight_by_trainer: dict[str, int] = {}
+        # The most items in flight at once since the service was last empty, and in the
+        # busy spell before that one (from one empty moment to the next).
+        self._spell_peak = 0
+        self._last_spell_peak = 0
 
     @property
-    def in_flight(self) -> int:
-        """Items admitted and not yet released, of every trainer."""
-        return self._in_flight
+    def one_at_a_time(self) -> bool:
+        """Whether items come one at a time: never more than one in flight in this busy
+        spell or the last. Clients that send together also empty the service between
+        their rounds, so a spell that has just begun with one item does not tell."""
+        return self._spell_peak <= 1 and self._last_spell_peak <= 1
 
     def admit(self, trainer: str, count: int) -> None:
         """Take `count` items in, or raise: the trainer's limit (429) or a full queue (503)."""
@@ -49,6 +55,9 @@ class Admission:
 
     def _track(self, trainer: str, delta: int) -> None:
         self._in_flight += delta
+        self._spell_peak = max(self._spell_peak, self._in_flight)
+        if self._in_flight == 0:
+            self._last_spell_peak, self._spell_peak = self._spell_peak, 0
         self._in_flight_by_trainer[trainer] = self._in_flight_by_trainer.get(trainer, 0) + delta
         self._metrics.in_flight.set(self._in_flight)
         in_flight = self._in_flight_by_trainer[trainer]

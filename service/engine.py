@@ -325,12 +325,14 @@ class RewardEngine:
 
     def _runs_alone(self, model: RewardModel, items: Sequence[ScoreInput]) -> bool:
         """Whether the model takes this one item straight to a device slot, skipping its
-        batcher (`service.lone_request`): no other item is in flight to share its batch,
-        none is on its way to the batcher, a slot is free (taken here, when it is), and
-        the config does not ask a batch to wait for company (`fill_wait_ms`)."""
+        batcher (`service.lone_request`): items come one at a time (none in flight could
+        share its batch, and none came together lately: closed-loop clients sending
+        together arrive one by one after each round, and the first would run alone), none
+        is on its way to the batcher, a slot is free (taken here, when it is), and the
+        config does not ask a batch to wait for company (`fill_wait_ms`)."""
         return (
             len(items) == 1
-            and self._admission.in_flight <= 1
+            and self._admission.one_at_a_time
             and not self._config.batching.fill_wait_ms
             and self._batchers[model.name].idle
             and self._device_turns[model.device].take_free_slot()  # last: it takes the slot

@@ -205,3 +205,39 @@ async def test_a_configured_fill_wait_keeps_every_item_on_its_batcher(tiny_paths
         await recorded.engine.stop()
     assert recorded.alone == []
     assert recorded.batched == [sorted(DEVICE_MODELS)]
+
+
+async def test_after_items_that_came_together_a_lone_item_keeps_its_batcher_for_one_spell(
+    recorded,
+):
+    """Closed-loop clients that send together empty the engine between rounds and come back
+    one by one: the first of a round must not run alone while the rest wait for its slots.
+    Only once a whole busy spell held one item at a time does a lone item skip its batcher."""
+    await asyncio.gather(recorded.engine.score([ITEM]), recorded.engine.score([OTHERS[0]]))
+    recorded.clear()
+    await recorded.engine.score([ITEM])
+    assert recorded.alone == []
+    await recorded.engine.score([ITEM])
+    assert len(recorded.alone) == 2
+
+
+def test_admission_tells_items_that_come_one_at_a_time_from_items_that_come_together():
+    from service.admission import Admission
+    from service.config import LimitsConfig
+
+    admission = Admission(100, LimitsConfig(), ServiceMetrics(CollectorRegistry()))
+    assert admission.one_at_a_time
+    admission.admit("a", 1)
+    assert admission.one_at_a_time
+    admission.admit("b", 1)  # two in flight: a round of clients sending together
+    admission.release("a", 1)
+    assert not admission.one_at_a_time
+    admission.release("b", 1)  # empty: the spell that peaked at two is the last one now
+    admission.admit("a", 1)
+    assert not admission.one_at_a_time
+    admission.release("a", 1)  # a spell of one item at a time
+    admission.admit("a", 1)
+    assert admission.one_at_a_time
+    admission.release("a", 1)
+    admission.admit("a", 2)  # one request of two items
+    assert not admission.one_at_a_time
