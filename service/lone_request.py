@@ -6,8 +6,8 @@ thread, and its result comes back through the loop again. With nothing else in f
 other item can share its batch, so each device model tokenises and runs the item in its
 own device thread, in one call on a free device slot: fewer thread hand-offs, and the
 models tokenise side by side. On the 2-core VM at one single-item client this took the
-time from `score` to the first forward from 0.90 to 0.45 ms and served 2.8 % more items/s
-(benchmarks/HISTORY.md, session 36).
+time from `score` to the first forward from 0.98 to 0.55 ms (medians) and served 1.5 %
+more items/s in paired rounds (benchmarks/HISTORY.md, session 36).
 """
 
 from __future__ import annotations
