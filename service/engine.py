@@ -332,6 +332,7 @@ class RewardEngine:
         config does not ask a batch to wait for company (`fill_wait_ms`)."""
         return (
             len(items) == 1
+            and self._accepting  # stopping: the device threads may be gone
             and self._admission.one_at_a_time
             and not self._config.batching.fill_wait_ms
             and self._batchers[model.name].idle

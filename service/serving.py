@@ -76,7 +76,7 @@ def _serve_http(
     sockets: list[socket.socket] | None = None
     split: dict[str, Any] = {}
     if front_end:
-        sockets = [socket.socket(fileno=int(os.environ[supervisor.LISTEN_FD_ENV]))]
+        sockets = supervisor.inherited_listening_sockets()
         split = {
             "engine_link": Path(os.environ[supervisor.LINK_ENV]),
             "metrics_dir": Path(os.environ[supervisor.METRICS_DIR_ENV]),

@@ -35,7 +35,7 @@ from service.errors import ConfigError
 log = logging.getLogger(__name__)
 ROLE_ENV = "ALARM_PROCESS_ROLE"  # engine | front-end: set only in a supervisor's children
 LINK_ENV = "ALARM_ENGINE_LINK"  # the engine link's Unix socket
-LISTEN_FD_ENV = "ALARM_LISTEN_FD"  # a front-end's inherited listening socket
+LISTEN_FD_ENV = "ALARM_LISTEN_FD"  # a front-end's inherited listening sockets, comma-separated
 SUPERVISOR_ENV = "ALARM_SUPERVISOR_PID"
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable
 FRONT_ENDS_GROUP = "front_ends"  # the front-ends' CPU in alarm_thread_cpu_seconds_total
@@ -47,24 +47,31 @@ _MAX_UNIX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
 _PR_SET_PDEATHSIG = 1
 
 
-def bind_listening_socket(host: str, port: int) -> socket.socket:
-    """The HTTP port, bound and listening, inheritable by the front-ends. A name binds its
-    first address (uvicorn in one process binds each one a name resolves to)."""
-    family, kind, protocol, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, protocol)
+def bind_listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """The HTTP port on every address `host` resolves to (as uvicorn binds in one process:
+    `localhost` may be 127.0.0.1 and ::1), listening and inheritable by the front-ends."""
+    addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:  # as asyncio's servers: IPv6 only
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address)
-        sock.listen(2048)
+        for family, kind, protocol, _, address in dict.fromkeys(addresses):  # once each
+            sock = socket.socket(family, kind, protocol)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio's servers: IPv6 only
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(2048)
+            sock.set_inheritable(True)
     except OSError:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise
-    sock.set_inheritable(True)
-    return sock
+    return sockets
+
+
+def inherited_listening_sockets() -> list[socket.socket]:
+    """In a front-end: the listening sockets its supervisor passed on."""
+    return [socket.socket(fileno=int(fd)) for fd in os.environ[LISTEN_FD_ENV].split(",")]
 
 
 def stop_with_supervisor() -> None:
@@ -119,7 +126,7 @@ def supervise(settings: ServiceSettings, child_command: Sequence[str] | None = N
     command = list(child_command or _this_command())
     _check_config(settings)
     try:
-        listener = bind_listening_socket(settings.host, settings.port)
+        listeners = bind_listening_sockets(settings.host, settings.port)
     except OSError as exc:
         print(
             f"alarm-serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
@@ -139,19 +146,19 @@ def supervise(settings: ServiceSettings, child_command: Sequence[str] | None = N
             SUPERVISOR_ENV: str(os.getpid()),
         }
         children["engine"] = subprocess.Popen(command, env={**env, ROLE_ENV: ENGINE_ROLE})
-        fd = listener.fileno()
+        fds = tuple(listener.fileno() for listener in listeners)
         for index in range(settings.front_ends):
             children[f"front-end {index + 1}"] = subprocess.Popen(
                 command,
-                env={**env, ROLE_ENV: FRONT_END_ROLE, LISTEN_FD_ENV: str(fd)},
-                pass_fds=(fd,),
+                env={**env, ROLE_ENV: FRONT_END_ROLE, LISTEN_FD_ENV: ",".join(map(str, fds))},
+                pass_fds=fds,
             )
-        host, port = listener.getsockname()[:2]
-        listener.close()  # the front-ends hold it now
+        addresses = [listener.getsockname()[:2] for listener in listeners]
+        for listener in listeners:
+            listener.close()  # the front-ends hold them now
         log.info(
-            "serving on %s:%d: engine pid %d, %d front-ends (pids %s)",
-            host,
-            port,
+            "serving on %s: engine pid %d, %d front-ends (pids %s)",
+            ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses),
             children["engine"].pid,
             settings.front_ends,
             ", ".join(str(p.pid) for name, p in children.items() if name != "engine"),
