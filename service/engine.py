@@ -344,10 +344,9 @@ class RewardEngine:
         took. The slot is held until the call ends, even when the caller leaves first, as a
         batch that has started holds its own."""
         turns = self._device_turns[model.device]
-        splits = self._metrics.oom_splits.labels(model.name)
-        memo = EncodingMemo()
+        splits = self._metrics.labelled(self._metrics.oom_splits, model.name)
+        memo = EncodingMemo()  # the model's own: see `service.lone_request`
         forwarding = contextlib.ExitStack()
-        forwarding.enter_context(self._heap_trimmer.forward())
 
         def forward(batch: list[Prepared]) -> list[ModelOutput | ModelFailure]:
             return run_halving_on_oom(model.run, batch, splits.inc, model.name)
@@ -355,17 +354,23 @@ class RewardEngine:
         def finished(call: asyncio.Future[LoneRun]) -> None:
             forwarding.close()
             turns.release_slot()
+            self._metrics.observe_encodings(memo.encoded, memo.reused)
             if call.cancelled() or call.exception() is not None:  # only if the pool shut down
                 return
-            self._metrics.observe_encodings(memo.encoded, memo.reused)
             stats = lone_batch_stats(call.result(), getattr(model, "padded_tokens", None))
             if stats is not None:
                 self._metrics.observe_batch(model.name, stats)
 
         pair = (item.prompt, item.response)
-        call = self._device_pools[model.device].run(
-            prepare_and_run, model, pair, forward, memo, time.monotonic()
-        )
+        try:
+            forwarding.enter_context(self._heap_trimmer.forward())
+            call = self._device_pools[model.device].run(
+                prepare_and_run, model, pair, forward, memo, time.monotonic()
+            )
+        except BaseException:  # nothing will end the call: give its slot back now
+            forwarding.close()
+            turns.release_slot()
+            raise
         call.add_done_callback(finished)
         run = await asyncio.shield(call)
         if run.prepared is None:

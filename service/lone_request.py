@@ -5,7 +5,10 @@ one after another), back to the event loop, through the batcher and on to a devi
 thread, and its result comes back through the loop again. With nothing else in flight no
 other item can share its batch, so each device model tokenises and runs the item in its
 own device thread, in one call on a free device slot: fewer thread hand-offs, and the
-models tokenise side by side. On the 2-core VM at one single-item client this took the
+models tokenise side by side. Each model has a memo of its own: models that share a
+tokenizer and a text encode it once each, side by side (one shared memo would make the
+second wait for the first's tokenizer call), a price paid only while the engine is idle.
+On the 2-core VM at one single-item client this took the
 time from `score` to the first forward from 0.98 to 0.55 ms (medians) and served 1.5 %
 more items/s in paired rounds (benchmarks/HISTORY.md, session 36).
 """

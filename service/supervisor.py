@@ -48,20 +48,32 @@ _PR_SET_PDEATHSIG = 1
 
 
 def bind_listening_sockets(host: str, port: int) -> list[socket.socket]:
-    """The HTTP port on every address `host` resolves to (as uvicorn binds in one process:
-    `localhost` may be 127.0.0.1 and ::1), listening and inheritable by the front-ends."""
-    addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    """The HTTP port on every address `host` resolves to, listening and inheritable by the
+    front-ends, as asyncio binds for uvicorn in one process: `localhost` may be 127.0.0.1
+    and ::1, `""` means every interface, and an address family this host cannot open a
+    socket in (IPv6 turned off) is skipped. An address that cannot be bound fails it all."""
+    addresses = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
     sockets: list[socket.socket] = []
     try:
         for family, kind, protocol, _, address in dict.fromkeys(addresses):  # once each
-            sock = socket.socket(family, kind, protocol)
+            try:
+                sock = socket.socket(family, kind, protocol)
+            except OSError:
+                continue
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:  # as asyncio's servers: IPv6 only
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise OSError(exc.errno, f"{address[0]}: {exc.strerror}") from exc
             sock.listen(2048)
             sock.set_inheritable(True)
+        if not sockets:
+            raise OSError(f"no socket can be opened for {host!r}")
     except OSError:
         for sock in sockets:
             sock.close()
@@ -165,7 +177,8 @@ def supervise(settings: ServiceSettings, child_command: Sequence[str] | None = N
         )
         return _wait(children, stop)
     finally:
-        listener.close()
+        for listener in listeners:  # closed already once the front-ends started
+            listener.close()
         _stop_all(children)
         for signum, handler in previous.items():
             signal.signal(signum, handler)

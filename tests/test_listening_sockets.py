@@ -82,3 +82,58 @@ def test_a_front_end_takes_over_every_socket_it_inherits(monkeypatch):
     finally:
         for sock in inherited:
             sock.close()
+
+
+def test_an_address_family_this_host_cannot_open_is_skipped(monkeypatch):
+    """As asyncio does for uvicorn in one process: a host with IPv6 turned off may still
+    resolve `localhost` to ::1 as well; the family it cannot open a socket in is skipped."""
+    unsupported = 9999  # no such address family: socket() fails with EAFNOSUPPORT
+    _resolving_to(monkeypatch, (unsupported, ("::1", 0)), (socket.AF_INET, ("127.0.0.1", 0)))
+    listeners = supervisor.bind_listening_sockets("localhost", 0)
+    try:
+        assert [s.getsockname()[0] for s in listeners] == ["127.0.0.1"]
+    finally:
+        for listener in listeners:
+            listener.close()
+    _resolving_to(monkeypatch, (unsupported, ("::1", 0)))
+    with pytest.raises(OSError, match="no socket can be opened"):
+        supervisor.bind_listening_sockets("localhost", 0)
+
+
+def test_an_empty_host_binds_every_interface():
+    listeners = supervisor.bind_listening_sockets("", 0)
+    try:
+        assert listeners
+        assert {s.getsockname()[0] for s in listeners} <= {"0.0.0.0", "::"}
+    finally:
+        for listener in listeners:
+            listener.close()
+
+
+def test_a_failure_after_the_port_is_bound_reaches_the_caller_and_closes_the_port(monkeypatch):
+    """The supervisor cannot make its private directory: the caller gets that error (exit 2
+    with its message), the port is given back and the signal handlers are restored."""
+    import signal
+
+    from service.config import ServiceSettings
+    from service.errors import ConfigError
+
+    bound: list[socket.socket] = []
+    bind = supervisor.bind_listening_sockets
+
+    def recording_bind(host: str, port: int) -> list[socket.socket]:
+        bound.extend(bind(host, port))
+        return bound
+
+    def no_directory():
+        raise ConfigError("cannot make a private directory for the processes: disk full")
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.setattr(supervisor, "_check_config", lambda settings: None)
+    monkeypatch.setattr(supervisor, "bind_listening_sockets", recording_bind)
+    monkeypatch.setattr(supervisor, "_shared_directory", no_directory)
+    settings = ServiceSettings(host="127.0.0.1", port=0, front_ends=2)
+    with pytest.raises(ConfigError, match="disk full"):
+        supervisor.supervise(settings, child_command=["false"])
+    assert bound and all(sock.fileno() == -1 for sock in bound)
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
