@@ -8,9 +8,9 @@ own device thread, in one call on a free device slot: fewer thread hand-offs, an
 models tokenise side by side. Each model has a memo of its own: models that share a
 tokenizer and a text encode it once each, side by side (one shared memo would make the
 second wait for the first's tokenizer call), a price paid only while the engine is idle.
-On the 2-core VM at one single-item client this took the
-time from `score` to the first forward from 0.98 to 0.55 ms (medians) and served 1.5 %
-more items/s in paired rounds (benchmarks/HISTORY.md, session 36).
+On the 2-core VM at one single-item client this took the time from `score` to the first
+forward from 0.98 to 0.55 ms (medians) and served 1.5 % more items/s in paired rounds
+(benchmarks/HISTORY.md, session 36).
 """
 
 from __future__ import annotations
