@@ -84,6 +84,16 @@ def batch_limits(config: RewardConfig, model: RewardModel) -> BatchLimits:
     )
 
 
+def _raise_if_failed(model: RewardModel, outcome: object) -> None:
+    """An item's outcome that is an exception, raised as the service's error for it: a
+    dropped deadline or a failure with a reason as it is, anything else as a ModelFailure."""
+    if isinstance(outcome, AlarmError):
+        raise outcome
+    if isinstance(outcome, BaseException):
+        log.error("model %s failed on a batch: %r", model.name, outcome)
+        raise ModelFailure(f"model {model.name!r} failed on this batch") from outcome
+
+
 def device_slots(device: str, config: RewardConfig) -> int:
     """Forwards run at once on a device: `cpu_workers` on the CPU, `gpu_workers` on a GPU."""
     batching = config.batching
@@ -316,11 +326,7 @@ class RewardEngine:
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
         queue_depth.set(batcher.depth)
         for outcome in outcomes:
-            if isinstance(outcome, AlarmError):  # a dropped deadline, or a failure with a reason
-                raise outcome
-            if isinstance(outcome, BaseException):
-                log.error("model %s failed on a batch: %r", model.name, outcome)
-                raise ModelFailure(f"model {model.name!r} failed on this batch") from outcome
+            _raise_if_failed(model, outcome)
         return outcomes  # type: ignore[return-value]
 
     def _runs_alone(self, model: RewardModel, items: Sequence[ScoreInput]) -> bool:
@@ -380,12 +386,8 @@ class RewardEngine:
             log.error("model %s failed on a batch: %r", model.name, run.error)
             raise ModelFailure(f"model {model.name!r} failed on this batch") from run.error
         (output,) = run.outputs
-        if isinstance(output, AlarmError):
-            raise output
-        if isinstance(output, BaseException):
-            log.error("model %s failed on a batch: %r", model.name, output)
-            raise ModelFailure(f"model {model.name!r} failed on this batch") from output
-        return output
+        _raise_if_failed(model, output)
+        return output  # type: ignore[return-value]  # not an exception: raised above
 
     def _score_on_host(
         self, model: RewardModel, items: Sequence[ScoreInput]
