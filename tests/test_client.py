@@ -188,6 +188,54 @@ def test_async_client_scores_concurrent_calls_in_order(server_url, expected):
         assert rewards == pytest.approx(expected[k:], abs=1e-4)
 
 
+class _ClosingCounted(httpx.AsyncHTTPTransport):
+    """A real transport that counts how often a pool built on it was closed."""
+
+    closed = 0
+
+    async def aclose(self) -> None:
+        self.closed += 1
+        await super().aclose()
+
+
+def test_async_client_serves_one_asyncio_run_after_another(server_url, expected):
+    """A sync PPO loop may call `asyncio.run` once per step with one client: each loop gets
+    connections of its own, closed as that loop shuts down (before the fix, the second
+    step failed with "Event loop is closed")."""
+    transport = _ClosingCounted()
+    client = AsyncRewardClient(server_url, retry=PATIENT_RETRY, transport=transport)
+    for step in range(3):
+        rewards = asyncio.run(client.rewards([(PROMPT, r) for r in RESPONSES[step:]]))
+        assert rewards == pytest.approx(expected[step:], abs=1e-4)
+        assert transport.closed == step + 1  # this step's pool, closed with its loop
+
+    async def closed_by_caller() -> None:
+        async with client:
+            await client.rewards([(PROMPT, RESPONSES[0])])
+
+    asyncio.run(closed_by_caller())  # closed by `async with`; the loop's shutdown finds it so
+    assert transport.closed == 4
+
+
+def test_async_client_refuses_a_second_open_event_loop(server_url, expected):
+    """Two live loops cannot share connections: a clear error, not a hang or a lost reward."""
+    client = AsyncRewardClient(server_url, retry=PATIENT_RETRY)
+    first = asyncio.new_event_loop()
+    try:
+        assert first.run_until_complete(client.rewards([(PROMPT, RESPONSES[0])])) == (
+            pytest.approx(expected[:1], abs=1e-4)
+        )
+        with pytest.raises(RuntimeError, match="another event loop that is still open"):
+            asyncio.run(client.rewards([(PROMPT, RESPONSES[0])]))
+        first.run_until_complete(client.aclose())
+    finally:
+        first.close()
+    # Once the first loop is closed, a new one gets connections of its own.
+    assert asyncio.run(client.rewards([(PROMPT, RESPONSES[1])])) == pytest.approx(
+        expected[1:2], abs=1e-4
+    )
+
+
 def test_trl_style_reward_function(server_url, expected):
     with RewardClient(server_url) as client:
         reward_func = make_reward_func(client)

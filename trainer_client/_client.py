@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -120,6 +121,16 @@ class _ClientBase:
         return RewardBatch(with_caller_ids(results, caller_ids), definitions.pop())
 
 
+async def _closed_at_loop_shutdown(pool: httpx.AsyncClient) -> AsyncIterator[None]:
+    """Started in a loop, then left suspended: the loop's shutdown (`asyncio.run` finalises
+    every async generator before it closes its loop) runs this one's clean-up, which
+    closes the pool's connections while their loop can still do it."""
+    try:
+        yield
+    finally:
+        await pool.aclose()
+
+
 class AsyncRewardClient(_ClientBase):
     """Scores (prompt, response) items through one or several alarm-serve replicas."""
 
@@ -147,9 +158,15 @@ class AsyncRewardClient(_ClientBase):
             seed=seed,
         )
         limits = httpx.Limits(max_connections=max_concurrency * len(self.base_urls))
-        self._http = httpx.AsyncClient(
-            headers=_with_key(headers, api_key), transport=transport, limits=limits
+        self._new_pool = functools.partial(
+            httpx.AsyncClient,
+            headers=_with_key(headers, api_key),
+            transport=transport,
+            limits=limits,
         )
+        self._pool = self._new_pool()
+        self._pool_loop: asyncio.AbstractEventLoop | None = None  # the loop its connections use
+        self._pool_closer: AsyncIterator[None] | None = None
 
     async def __aenter__(self) -> AsyncRewardClient:
         return self
@@ -158,7 +175,31 @@ class AsyncRewardClient(_ClientBase):
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._pool_loop is None or not self._pool_loop.is_closed():
+            await (await self._loop_pool()).aclose()
+        # else: its connections went with their closed loop; nothing is left to close here
+
+    async def _loop_pool(self) -> httpx.AsyncClient:
+        """The connection pool of the running event loop. Pooled connections belong to the
+        loop that opened them, and `asyncio.run` closes its loop when it returns: a trainer
+        that calls `asyncio.run` once per step gets a pool of its own in each loop, closed
+        as that loop shuts down, instead of "Event loop is closed" on its second step."""
+        loop = asyncio.get_running_loop()
+        if self._pool_loop is loop:
+            return self._pool
+        if self._pool_loop is not None:
+            if not self._pool_loop.is_closed():
+                raise RuntimeError(
+                    "this AsyncRewardClient's connections belong to another event loop that "
+                    "is still open: use one client per event loop, or close the other loop"
+                )
+            # A loop closed without finalising its async generators (not by `asyncio.run`)
+            # left its sockets open: they close when the old pool is collected.
+            self._pool = self._new_pool()
+        self._pool_loop = loop
+        self._pool_closer = _closed_at_loop_shutdown(self._pool)
+        await anext(self._pool_closer)
+        return self._pool
 
     async def _request(
         self,
@@ -174,7 +215,7 @@ class AsyncRewardClient(_ClientBase):
             attempt_s = self._attempt_s(plan)
             try:
                 async with asyncio.timeout(attempt_s):
-                    response = await self._http.request(
+                    response = await (await self._loop_pool()).request(
                         method,
                         url,
                         timeout=self._timeout(plan),
@@ -233,7 +274,7 @@ class AsyncRewardClient(_ClientBase):
         while True:
             for url in self.base_urls:
                 try:
-                    response = await self._http.get(f"{url}/readyz", timeout=2.0)
+                    response = await (await self._loop_pool()).get(f"{url}/readyz", timeout=2.0)
                     if response.status_code == 200:
                         return
                 except httpx.TransportError:
