@@ -3,7 +3,7 @@
     python -m benchmarks.runs_table "session 23 (03228c0)=benchmarks/results/...json" ...
 
 One run's table cannot say whether a target holds: on this VM the same load point moves
-by up to 0.17 of the in-flight limit between full runs of the same server. This table
+by up to a quarter of the in-flight limit between full runs (benchmarks/RESULTS.md). This table
 puts every run's alarm-serve / in-flight limit at each load point in one row, and its
 least lead over each peer, so that in how many runs a target was met can be read off.
 Ratios are cut (not rounded) to the shown decimals, so a point below a target never
