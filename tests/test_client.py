@@ -191,11 +191,13 @@ def test_async_client_scores_concurrent_calls_in_order(server_url, expected):
 class _ClosingCounted(httpx.AsyncHTTPTransport):
     """A real transport that counts how often a pool built on it was closed."""
 
-    closed = 0
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = 0
 
     async def aclose(self) -> None:
-        self.closed += 1
         await super().aclose()
+        self.closed += 1
 
 
 def test_async_client_serves_one_asyncio_run_after_another(server_url, expected):
@@ -204,10 +206,12 @@ def test_async_client_serves_one_asyncio_run_after_another(server_url, expected)
     step failed with "Event loop is closed")."""
     transport = _ClosingCounted()
     client = AsyncRewardClient(server_url, retry=PATIENT_RETRY, transport=transport)
+    closed_after_step = []
     for step in range(3):
         rewards = asyncio.run(client.rewards([(PROMPT, r) for r in RESPONSES[step:]]))
         assert rewards == pytest.approx(expected[step:], abs=1e-4)
-        assert transport.closed == step + 1  # this step's pool, closed with its loop
+        closed_after_step.append(transport.closed)
+    assert closed_after_step == [1, 2, 3]  # each step's pool, closed with its loop
 
     async def closed_by_caller() -> None:
         async with client:
@@ -215,10 +219,13 @@ def test_async_client_serves_one_asyncio_run_after_another(server_url, expected)
 
     asyncio.run(closed_by_caller())  # closed by `async with`; the loop's shutdown finds it so
     assert transport.closed == 4
+    with pytest.raises(RuntimeError, match="is closed"):  # closed for good, in any loop
+        asyncio.run(client.rewards([(PROMPT, RESPONSES[0])]))
 
 
 def test_async_client_refuses_a_second_open_event_loop(server_url, expected):
-    """Two live loops cannot share connections: a clear error, not a hang or a lost reward."""
+    """Two live loops cannot share connections: a clear error, not a hang or a lost reward.
+    Once the first is shut down, the next loop gets connections of its own."""
     client = AsyncRewardClient(server_url, retry=PATIENT_RETRY)
     first = asyncio.new_event_loop()
     try:
@@ -227,13 +234,25 @@ def test_async_client_refuses_a_second_open_event_loop(server_url, expected):
         )
         with pytest.raises(RuntimeError, match="another event loop that is still open"):
             asyncio.run(client.rewards([(PROMPT, RESPONSES[0])]))
-        first.run_until_complete(client.aclose())
     finally:
-        first.close()
-    # Once the first loop is closed, a new one gets connections of its own.
-    assert asyncio.run(client.rewards([(PROMPT, RESPONSES[1])])) == pytest.approx(
-        expected[1:2], abs=1e-4
-    )
+        first.close()  # without shutting down its async generators: its pool is left open
+    for step in (1, 2):  # the client's own transport: a fresh pool, the old one collected
+        rewards = asyncio.run(client.rewards([(PROMPT, RESPONSES[step])]))
+        assert rewards == pytest.approx(expected[step : step + 1], abs=1e-4)
+
+
+def test_async_client_refuses_connections_a_closed_loop_left_in_a_given_transport(
+    server_url, expected
+):
+    """A transport of the caller's is shared by every pool: connections a loop left in it
+    when closed without `shutdown_asyncgens` would fail in the next loop after the request
+    went out, so the client says why instead."""
+    client = AsyncRewardClient(server_url, retry=PATIENT_RETRY, transport=_ClosingCounted())
+    first = asyncio.new_event_loop()
+    first.run_until_complete(client.rewards([(PROMPT, RESPONSES[0])]))
+    first.close()
+    with pytest.raises(RuntimeError, match="without shutting down its async generators"):
+        asyncio.run(client.rewards([(PROMPT, RESPONSES[0])]))
 
 
 def test_trl_style_reward_function(server_url, expected):

@@ -8,7 +8,7 @@ import itertools
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -121,7 +121,7 @@ class _ClientBase:
         return RewardBatch(with_caller_ids(results, caller_ids), definitions.pop())
 
 
-async def _closed_at_loop_shutdown(pool: httpx.AsyncClient) -> AsyncIterator[None]:
+async def _closed_at_loop_shutdown(pool: httpx.AsyncClient) -> AsyncGenerator[None, None]:
     """Started in a loop, then left suspended: the loop's shutdown (`asyncio.run` finalises
     every async generator before it closes its loop) runs this one's clean-up, which
     closes the pool's connections while their loop can still do it."""
@@ -166,7 +166,9 @@ class AsyncRewardClient(_ClientBase):
         )
         self._pool = self._new_pool()
         self._pool_loop: asyncio.AbstractEventLoop | None = None  # the loop its connections use
-        self._pool_closer: AsyncIterator[None] | None = None
+        self._pool_closer: AsyncGenerator[None, None] | None = None
+        self._own_transport = transport is None  # a transport of the caller's outlives pools
+        self._closed = False
 
     async def __aenter__(self) -> AsyncRewardClient:
         return self
@@ -175,15 +177,20 @@ class AsyncRewardClient(_ClientBase):
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._pool_loop is None or not self._pool_loop.is_closed():
-            await (await self._loop_pool()).aclose()
-        # else: its connections went with their closed loop; nothing is left to close here
+        """Close the client for good: later calls raise, in this loop or any other."""
+        self._closed = True
+        if self._pool_loop is None or self._pool_loop is asyncio.get_running_loop():
+            await self._pool.aclose()
+        # else: its loop has closed (the pool with it, or with the collector) or is still
+        # open elsewhere, and only that loop can close its connections.
 
     async def _loop_pool(self) -> httpx.AsyncClient:
         """The connection pool of the running event loop. Pooled connections belong to the
         loop that opened them, and `asyncio.run` closes its loop when it returns: a trainer
         that calls `asyncio.run` once per step gets a pool of its own in each loop, closed
         as that loop shuts down, instead of "Event loop is closed" on its second step."""
+        if self._closed:
+            raise RuntimeError("this AsyncRewardClient is closed")
         loop = asyncio.get_running_loop()
         if self._pool_loop is loop:
             return self._pool
@@ -193,8 +200,18 @@ class AsyncRewardClient(_ClientBase):
                     "this AsyncRewardClient's connections belong to another event loop that "
                     "is still open: use one client per event loop, or close the other loop"
                 )
-            # A loop closed without finalising its async generators (not by `asyncio.run`)
-            # left its sockets open: they close when the old pool is collected.
+            if not self._pool.is_closed and not self._own_transport:
+                # A loop closed without finalising its async generators (`loop.close()`
+                # alone) left its connections in the caller's transport, which the next
+                # pool would share: they would fail in this loop, after the request went out.
+                raise RuntimeError(
+                    "the event loop this AsyncRewardClient last used was closed without "
+                    "shutting down its async generators, leaving its connections in the "
+                    "transport you passed: run each loop with asyncio.run, or call "
+                    "loop.run_until_complete(loop.shutdown_asyncgens()) before loop.close()"
+                )
+            # With the client's own transport the old connections close when the old pool
+            # is collected.
             self._pool = self._new_pool()
         self._pool_loop = loop
         self._pool_closer = _closed_at_loop_shutdown(self._pool)
