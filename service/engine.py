@@ -382,9 +382,7 @@ class RewardEngine:
         if run.prepared is None:
             log.error("model %s failed to prepare inputs", model.name, exc_info=run.error)
             raise ModelFailure(f"model {model.name!r} could not tokenise the input") from run.error
-        if run.error is not None:
-            log.error("model %s failed on a batch: %r", model.name, run.error)
-            raise ModelFailure(f"model {model.name!r} failed on this batch") from run.error
+        _raise_if_failed(model, run.error)  # the forward's, as the batcher path raises it
         (output,) = run.outputs
         _raise_if_failed(model, output)
         return output  # type: ignore[return-value]  # not an exception: raised above
