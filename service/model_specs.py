@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -66,10 +66,37 @@ class _AspectShaping(StrictModel):
     shift: float = 0.0
     sigmoid: bool = True
     # For aspect selection: which way is better, and how segments make one value per response.
+    # Unset, the way the reward pushes: "lower" where weight x scale < 0.
     direction: Literal["higher", "lower"] = "higher"
     aggregate: Literal["sum", "mean"] = "mean"
     # What one raw value covers; fixed by the kind, so not a setting.
     granularity: ClassVar[Granularity]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _direction_of_the_reward(cls, data: Any) -> Any:
+        """Selection asks whether an aspect prefers what the holistic RM prefers: the
+        aspect's preference is the one its reward acts on. A negative weight (a banned-phrase
+        count) or scale (easier text) rewards lower raw values."""
+        if not isinstance(data, dict) or "direction" in data:
+            return data
+        try:
+            pull = float(data.get("weight", 1.0)) * float(data.get("scale", 1.0))
+        except (TypeError, ValueError):
+            return data  # the field's own validation names the bad value
+        return {**data, "direction": "lower" if pull < 0 else "higher"}
+
+    @model_validator(mode="after")
+    def _direction_agrees_with_the_reward(self) -> Self:
+        pull = self.weight * self.scale
+        if (pull > 0 and self.direction == "lower") or (pull < 0 and self.direction == "higher"):
+            rises = "rises" if pull > 0 else "falls"
+            raise ValueError(
+                f"direction is {self.direction!r}, but the reward {rises} with the raw value "
+                "(the sign of weight x scale): selection would judge the aspect against the "
+                "reward it gives; leave direction out to follow the reward"
+            )
+        return self
 
 
 class _ScalarInput(StrictModel):
@@ -175,9 +202,11 @@ class GrammarAspect(_TextAspect):
     One value per word stands in for the paper's one per policy token, so the number of
     values is fixed by the text and errors can only lower them; a positive `scale` and a
     non-negative `weight` keep the shaping increasing, so more or longer errors never raise
-    the reward. `sigmoid: true` is the paper's MT shaping (s(0) = 0.5 per clean word,
-    s(-1) = 0.27 per word in error), which also pays 0.5 per word of length; the default
-    (no sigmoid, `sum`) is minus the number of words in error, with no pull on length.
+    the reward. The default shaping is the paper's MT one (sigmoid: s(0) = 0.5 per clean
+    word, s(-1) = 0.27 per word in error): every value is positive, so passing the gate never
+    lowers the reward, and length pays 0.5 a word. `sigmoid: false` takes the pull on length
+    away (minus the words in error), at the price of the gate: a response with errors then
+    loses reward as its holistic score crosses the threshold.
     """
 
     granularity: ClassVar[Granularity] = "span"
@@ -191,7 +220,6 @@ class GrammarAspect(_TextAspect):
     proselint_checks: tuple[str, ...] = Field(
         DEFAULT_PROSELINT_CHECKS, min_length=1, description="proselint check paths or prefixes"
     )
-    sigmoid: bool = False
     aggregate: Literal["sum", "mean"] = "sum"
 
     @model_validator(mode="after")
@@ -215,7 +243,8 @@ class ReadabilityAspect(_TextAspect):
     sigma, as the paper's MT code (textstat.flesch_kincaid_grade) with its statistics.
 
     Its sign is the paper's: a higher grade level (harder text) is a higher raw value and
-    `direction: higher`; `scale: -1` with `direction: lower` rewards easier text instead.
+    `direction: higher`; `scale: -1` rewards easier text instead (and selection then judges
+    it `lower`).
     """
 
     granularity: ClassVar[Granularity] = "sequence"

@@ -58,6 +58,40 @@ def test_at_threshold_aspects_are_kept_with_strict_less_than_gate():
     assert result.dense[1].reward == pytest.approx(sigmoid(-0.5) + 3.0)
 
 
+@pytest.mark.parametrize(
+    ("params", "raw", "passes"),
+    [
+        # Raw -2.0 is below eps, but r_h = (-2.0 + 4.8961) / 3.0596 = 0.9466 is above it.
+        (QA, -2.0, True),
+        # Raw 1.0 is above eps, but r_h = (1.0 - 2.0) / 0.5 = -2.0 is below it.
+        (HolisticParams(mu=2.0, sigma=0.5, threshold=0.6, weight=5.0), 1.0, False),
+    ],
+)
+def test_the_gate_compares_the_normalised_holistic_score_not_the_raw_one(params, raw, passes):
+    result = combine_response(RESPONSE, raw, SEGMENTS, params, [FACTUALITY])
+    r_h = (raw - params.mu) / params.sigma
+    assert result.holistic_normalized == pytest.approx(r_h)
+    assert result.gate_passed is passes and result.aspects_applied is passes
+    aspects = sigmoid(0.5) + sigmoid(-0.5) if passes else 0.0
+    assert result.reward == pytest.approx(aspects + params.weight * r_h)
+
+
+def test_aspects_ending_at_one_position_add_up_there():
+    """Two aspects' segments that end at the same character share one dense entry, their
+    rewards summed (and the holistic term too at the response's end)."""
+    relevance = AspectParams("relevance", weight=2.0)
+    segments = {
+        "factuality": [SegmentScore(0, 21, 0.5), SegmentScore(22, 38, -0.5)],
+        "relevance": [SegmentScore(0, 21, -0.3), SegmentScore(0, 38, 0.3)],
+    }
+    params = HolisticParams(mu=0.0, sigma=1.0, threshold=0.6, weight=5.0)
+    result = combine_response(RESPONSE, 1.0, segments, params, [FACTUALITY, relevance])
+    assert [(d.end, d.reward) for d in result.dense] == [
+        (21, pytest.approx(sigmoid(0.5) + 2 * sigmoid(-0.3))),
+        (38, pytest.approx(sigmoid(-0.5) + 2 * sigmoid(0.3) + 5 * 1.0)),
+    ]
+
+
 def test_dense_rewards_sum_exactly_to_reward():
     result = combine_response(RESPONSE, raw_for(1.3), SEGMENTS, QA, [FACTUALITY])
     assert math.fsum(d.reward for d in result.dense) == pytest.approx(result.reward, abs=1e-12)

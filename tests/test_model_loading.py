@@ -148,3 +148,22 @@ def test_an_aspect_model_past_its_position_table_is_refused_at_load(tiny_paths, 
     load_models(
         RewardConfig.model_validate(config | {"aspects": [aspect | {"max_length": rows}]}), tmp_path
     )
+
+
+# --- a segment classifier's labels --------------------------------------------------------
+
+
+def test_a_three_label_segment_classifier_needs_its_labels_named(tiny_paths, tmp_path):
+    """The audit: the default labels {0, 1} were taken on a three-label model (Fine-Grained
+    RLHF's factuality RM reads {0, 2}) without a word; now the load says what to set."""
+    path = tiny_models.build_segment_classifier(tmp_path / "three", num_labels=3)
+    aspect = {"name": "fact", "kind": "segment_classifier", "path": str(path), "device": "cpu"}
+    config = {"holistic": holistic(str(tiny_paths["llama_rm"])), "aspects": [aspect]}
+    with pytest.raises(ConfigError, match="fact: the model has 3 labels: set label_values"):
+        load_models(RewardConfig.model_validate(config), tmp_path)
+
+    named = aspect | {"label_values": {0: -0.5, 2: 0.5}}
+    _, model = load_models(RewardConfig.model_validate(config | {"aspects": [named]}), tmp_path)
+    (output,) = model.run([model.prepare("Who?", "Ada did. Then Bob.", EncodingMemo())])
+    raws = [segment.raw for segment in output.segments]
+    assert len(raws) == 2 and set(raws) <= {-0.5, 0.5}

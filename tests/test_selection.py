@@ -207,3 +207,78 @@ def test_select_aspects_cli_goes_from_pairs_to_a_selected_config(tiny_config_fil
     ]
     assert (out / "consistency.png").stat().st_size > 5_000
     assert "kept" in result.stdout and "dropped" in result.stdout
+
+
+def _aspect_spec(fields: dict):
+    from service.config import RewardConfig
+
+    holistic = {"name": "h", "kind": "sequence_scalar", "path": "x"}
+    return RewardConfig.model_validate({"holistic": holistic, "aspects": [fields]}).aspects[0]
+
+
+BANNED = {"name": "banned", "kind": "rule", "rule": "regex", "pattern": "as an AI", "mean": 1}
+
+
+@pytest.mark.parametrize(
+    ("fields", "direction"),
+    [
+        (BANNED, "higher"),
+        ({**BANNED, "weight": -1.0}, "lower"),  # a banned-phrase count: fewer is better
+        ({"name": "readability", "kind": "readability", "scale": -1.0}, "lower"),  # easier text
+        ({"name": "readability", "kind": "readability"}, "higher"),
+        ({**BANNED, "weight": -1.0, "scale": -2.0}, "higher"),
+        ({**BANNED, "weight": 0.0, "direction": "lower"}, "lower"),  # no reward: any way goes
+    ],
+)
+def test_an_aspects_direction_follows_its_reward_unless_set(fields, direction):
+    """The audit: a negative weight kept `higher`, so selection judged the aspect against
+    the reward it gives."""
+    assert _aspect_spec(fields).direction == direction
+
+
+@pytest.mark.parametrize(
+    ("fields", "rises"),
+    [
+        ({**BANNED, "weight": -1.0, "direction": "higher"}, "falls"),
+        ({"name": "readability", "kind": "readability", "direction": "lower"}, "rises"),
+    ],
+)
+def test_a_direction_against_the_reward_fails_at_start_up(fields, rises):
+    with pytest.raises(ValueError, match=f"reward {rises} with the raw value"):
+        _aspect_spec(fields)
+
+
+def test_selection_compares_raw_holistic_and_raw_aspect_values_aggregated_per_aspect():
+    """Consistency (docs/method.md section 3) takes h, not r_h or its floor, and each aspect's
+    raw segment values, summed or averaged as configured, never the shaped rewards."""
+    from service.aspect_selection import to_scored_pairs
+    from service.combine import AspectParams, HolisticParams, SegmentScore, combine_response
+    from service.config import RewardConfig
+    from service.engine import ScoredItem
+
+    config = RewardConfig.model_validate(
+        {
+            "holistic": {"name": "h", "kind": "sequence_scalar", "path": "x", "mu": 2.0},
+            "aspects": [
+                {"name": "summed", "kind": "grammar", "aggregate": "sum"},
+                {"name": "averaged", "kind": "rule", "mean": 1, "scale": 3.0, "shift": 1.0},
+            ],
+        }
+    )
+    holistic = HolisticParams(mu=2.0, sigma=1.0, threshold=0.6, weight=5.0)
+    shaping = [AspectParams("summed"), AspectParams("averaged", scale=3.0, shift=1.0)]
+
+    def item(response: str, h: float, summed: list[float], averaged: list[float]) -> ScoredItem:
+        segments = {
+            name: [SegmentScore(i, i + 1, raw) for i, raw in enumerate(raws)]
+            for name, raws in (("summed", summed), ("averaged", averaged))
+        }
+        return ScoredItem(combine_response(response, h, segments, holistic, shaping), False)
+
+    # The second response is degenerate (empty): its r_h is the floor, its h stays -3.0.
+    first = [item("An answer.", 1.5, [-1.0, 0.0, 0.0], [0.2, 0.4])]
+    second = [item("", -3.0, [-1.0, -1.0], [0.9])]
+    (scored,) = to_scored_pairs(first, second, config)
+    assert scored.holistic == (1.5, -3.0)
+    assert scored.aspects["summed"] == (-1.0, -2.0)
+    assert scored.aspects["averaged"] == (pytest.approx(0.3), pytest.approx(0.9))

@@ -4,7 +4,13 @@ import re
 
 import pytest
 
-from service.combine import AspectParams, shape_aspect_value
+from service.combine import (
+    AspectParams,
+    HolisticParams,
+    combine_response,
+    shape_aspect_value,
+    sigmoid,
+)
 from service.config import RewardConfig
 from service.errors import ConfigError
 from service.model_specs import GrammarAspect, ReadabilityAspect
@@ -198,15 +204,32 @@ def test_bad_grammar_settings_fail_at_start_up_naming_the_key(fields, error, nee
         grammar(**fields)
 
 
-def test_grammar_defaults_count_errors_without_a_sigmoid():
+def test_grammar_defaults_to_the_papers_sigmoid_and_sums_for_selection():
     spec = aspect({"name": "g", "kind": "grammar"})
     assert isinstance(spec, GrammarAspect)
     assert (spec.granularity, spec.direction, spec.aggregate, spec.sigmoid) == (
         "span",
         "higher",
         "sum",
-        False,
+        True,
     )
+
+
+@pytest.mark.parametrize("errors", [(), ("go",), ("go", "rain")])
+def test_with_grammar_defaults_passing_the_gate_never_lowers_the_reward(errors):
+    """The audit: with grammar's old default (no sigmoid) a response with errors lost reward
+    as its holistic score crossed the threshold (the MT setting: eps 0.5, lambda 3)."""
+    spec = aspect({"name": "grammar", "kind": "grammar"})
+    params = AspectParams("grammar", spec.weight, spec.scale, spec.shift, spec.sigmoid)
+    mt = HolisticParams(mu=-2.3442, sigma=2.9463, threshold=0.5, weight=3.0)
+    segments = {"grammar": error_segments(SAME_TEXT, [span_of(SAME_TEXT, e) for e in errors])}
+
+    def reward(r_h: float) -> float:
+        raw = r_h * mt.sigma + mt.mu
+        return combine_response(SAME_TEXT, raw, segments, mt, [params]).reward
+
+    below, at = reward(0.4999), reward(0.5)
+    assert at - below > 0.5  # the aspect rewards come in positive
 
 
 def readability(mu: float | None = None, sigma: float | None = None) -> ReadabilityModel:
@@ -299,8 +322,9 @@ async def test_text_aspects_score_through_the_http_api(tiny_paths, tmp_path):
     segments = [(s["start"], s["end"], s["raw"]) for s in grammar_result["segments"]]
     assert words_in_error(segments, EASY) == ["the", "the"]
     assert len(segments) == 14  # 12 words and 2 full stops
-    assert all(s["reward"] == s["raw"] for s in grammar_result["segments"])
-    assert grammar_result["value"] == -2.0
+    rewards = [s["reward"] for s in grammar_result["segments"]]
+    assert rewards == [pytest.approx(sigmoid(raw)) for _, _, raw in segments]
+    assert grammar_result["value"] == pytest.approx(12 * 0.5 + 2 * sigmoid(-1.0))
     (readable,) = result["aspects"]["readability"]["segments"]
     assert readable["raw"] == pytest.approx((EASY_GRADE - MT_MU) / MT_SIGMA)
     (english,) = result["aspects"]["english"]["segments"]

@@ -204,14 +204,15 @@ def build_deberta_scalar_rm(folder: Path | str, seed: int = SEED) -> Path:
     return _save(model, tok, folder)
 
 
-def build_segment_classifier(folder: Path | str, seed: int = SEED) -> Path:
+def build_segment_classifier(folder: Path | str, seed: int = SEED, num_labels: int = 2) -> Path:
     """Fine-Grained RLHF style token classifier: the text carries a literal "</s>" after each
     segment and the label is read at those positions.
 
-    RoBERTa-like tokenizer (<s> ... </s>, sep_token == "</s>") on a BERT encoder, 2 labels.
+    RoBERTa-like tokenizer (<s> ... </s>, sep_token == "</s>") on a BERT encoder, 2 labels
+    unless told (Fine-Grained RLHF's own have 3).
     """
     tok = _roberta_style_tokenizer(["<pad>", "<s>", "</s>", "<unk>", "<mask>"])
-    config = BertConfig.from_dict({**_sizes(tok), "type_vocab_size": 1, "num_labels": 2})
+    config = BertConfig.from_dict({**_sizes(tok), "type_vocab_size": 1, "num_labels": num_labels})
     torch.manual_seed(seed)
     model = BertForTokenClassification(config)
     return _save(model, tok, folder)

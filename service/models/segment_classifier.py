@@ -52,6 +52,14 @@ class SegmentClassifierModel:
         if self._separator_id is None or self._separator_id == self._tokenizer.unk_token_id:
             raise ConfigError(f"{spec.name}: separator {self._separator!r} is not a token")
         num_labels = self._model.config.num_labels
+        if "label_values" not in spec.model_fields_set and num_labels != 2:
+            # The default {0, 1} silently reads the wrong classes of Fine-Grained RLHF's
+            # three-label RMs (theirs: {0, 2} for factuality, {1, 2} for relevance).
+            raise ConfigError(
+                f"{spec.name}: the model has {num_labels} labels: set label_values (label id "
+                "-> raw value, for the labels the argmax is taken over); the default "
+                "{0: -0.5, 1: 0.5} is for two-label models"
+            )
         bad = [label for label in spec.label_values if not 0 <= label < num_labels]
         if bad:
             raise ConfigError(f"{spec.name}: label_values {bad} outside 0..{num_labels - 1}")
