@@ -79,10 +79,14 @@ def _win_rate(preferences: Sequence[int | None]) -> float | None:
 def consistency(
     pairs: Sequence[ScoredPair], directions: Mapping[str, Direction]
 ) -> ConsistencyReport:
-    holistic = [preference(*p.holistic) for p in pairs]
+    all_holistic = [preference(*p.holistic) for p in pairs]
+    # A pair without a holistic value on both sides is in no figure, the aspects' win rates
+    # and missing counts included.
+    judged = [(p, h) for p, h in zip(pairs, all_holistic, strict=True) if h is not None]
+    holistic = [h for _, h in judged]
     results = []
     for name, direction in directions.items():
-        aspect = [preference(*p.aspects[name], direction) for p in pairs]
+        aspect = [preference(*p.aspects[name], direction) for p, _ in judged]
         counted = [(h, a) for h, a in zip(holistic, aspect, strict=True) if h and a is not None]
         disagreements = sum(1 for h, a in counted if a == -h)
         results.append(
@@ -102,7 +106,7 @@ def consistency(
         holistic_ties=sum(1 for h in holistic if h == 0),
         holistic_win_rate=_win_rate(holistic),
         aspects=tuple(results),
-        holistic_missing=sum(1 for h in holistic if h is None),
+        holistic_missing=len(pairs) - len(judged),
     )
 
 

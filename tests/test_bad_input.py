@@ -144,6 +144,35 @@ def test_a_text_one_character_over_the_limit_gets_413_naming_it(http, field):
     assert f"items.0.{field}" in error["message"]
 
 
+OVER = "x" * (LIMITS["max_text_chars"] + 1)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "where"),
+    [
+        ("/get_reward", {"query": ["p" + OVER], "prompts": ["p"]}, "query.0's response"),
+        ("/get_reward", {"query": ["ok", OVER + "a"], "prompts": ["ok", OVER]}, "prompts.1"),
+        (
+            "/v1/aspects/consistency",
+            {
+                "pairs": [{"prompt": "p", "response_1": "a", "response_2": "b"}] * 2
+                + [{"prompt": "p", "response_1": "a", "response_2": OVER}]
+            },
+            "pairs.2.response_2",
+        ),
+        (
+            "/v1/aspects/consistency",
+            {"pairs": [{"prompt": OVER, "response_1": "a", "response_2": "b"}]},
+            "pairs.0.prompt",
+        ),
+    ],
+)
+def test_a_text_over_the_limit_is_named_where_each_route_holds_it(http, path, body, where):
+    """The audit: these routes named `items.0.response`, a field their bodies do not have."""
+    error = assert_error(http.post(path, json=body), 413, "payload_too_large")
+    assert error["message"].startswith(f"{where}: {len(OVER)} characters exceed")
+
+
 def test_ten_thousand_items_get_413(http):
     error = assert_error(
         http.post("/v1/rewards", json={"items": [ITEM] * 10_000}), 413, "payload_too_large"

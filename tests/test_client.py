@@ -118,6 +118,95 @@ def test_unsendable_input_is_refused_before_any_request(response):
         client.score([(PROMPT, response)])
 
 
+@pytest.mark.parametrize(
+    ("item", "needle"),
+    [
+        ((PROMPT,), "items.0 must be a (prompt, response) pair or a dict"),
+        ([PROMPT, "a", "b"], "not list of 3"),
+        ("ab", "not str"),
+        ({"prompt": PROMPT}, "items.0 has no response"),
+        ({"prompt": PROMPT, "response": "a", "id": 7}, "items.0.id must be a string, not int"),
+    ],
+)
+def test_an_item_of_the_wrong_shape_is_a_typed_error(item, needle):
+    """The audit: a list of three raised a bare ValueError, and an id of 7 came back as "7",
+    so a caller matching results by its own id would match none."""
+    with (
+        RewardClient("http://127.0.0.1:9", retry=FAST_RETRY) as client,
+        pytest.raises(InvalidRequest) as info,
+    ):
+        client.score([item])
+    assert needle in str(info.value)
+
+
+def test_pairs_as_lists_score_as_tuples(server_url, expected):
+    """JSON-loaded rollouts are lists: [[prompt, response], ...]."""
+    with RewardClient(server_url, retry=FAST_RETRY) as client:
+        assert client.rewards([[PROMPT, r] for r in RESPONSES]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_refused_item_is_named_by_its_place_in_the_whole_call(server_url):
+    """The audit: chunks of 4 items, the 26th with an id over the server's limit: the error
+    named `items.1.id`, its place in its chunk."""
+    items = [{"prompt": PROMPT, "response": "a", "id": f"r{i}"} for i in range(30)]
+    items[25]["id"] = "x" * 300
+    for make in (RewardClient, AsyncRewardClient):
+        with pytest.raises(InvalidRequest) as info:
+            if make is RewardClient:
+                with RewardClient(server_url, retry=FAST_RETRY) as client:
+                    client.score(items)
+            else:
+
+                async def score_async():
+                    async with AsyncRewardClient(server_url, retry=FAST_RETRY) as client:
+                        await client.score(items)
+
+                asyncio.run(score_async())
+        assert "items.25.id" in str(info.value), str(info.value)
+        assert info.value.status == 422
+
+
+@pytest.fixture(scope="module")
+def small_budget_url(tiny_paths, tmp_path_factory):
+    """A server that lets one trainer have at most 4 items unanswered (429 beyond)."""
+    config = tiny_config_dict(
+        tiny_paths,
+        limits={"max_items_per_request": 4, "max_items_in_flight_per_trainer": 4},
+        cache={"max_items": 0},
+    )
+    folder = tmp_path_factory.mktemp("client-budget")
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    with running_server(folder / "config.yaml", folder) as url:
+        yield url
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2])
+def test_a_large_call_keeps_within_the_trainers_in_flight_limit(
+    small_budget_url, expected, chunk_size
+):
+    """The audit: a call sent all its chunks at once, past the server's per-trainer limit,
+    and spent its retries on 429s caused by its own chunks (after about 25 s with the
+    default policy, it failed on an idle server). With no retries at all, a 429 fails the
+    call: none may happen."""
+    refused = "alarm_trainer_rejected_items_total"
+    before = metric(small_budget_url, refused)
+    no_retry = RetryPolicy(max_attempts=1)
+    items = [(PROMPT, r) for r in RESPONSES * 4]
+    with RewardClient(
+        small_budget_url, retry=no_retry, chunk_size=chunk_size, max_concurrency=8
+    ) as client:
+        assert client.rewards(items) == pytest.approx(expected * 4, abs=1e-4)
+
+    async def score_async() -> list[float]:
+        async with AsyncRewardClient(
+            small_budget_url, retry=no_retry, chunk_size=chunk_size, max_concurrency=8
+        ) as client:
+            return await client.rewards(items)
+
+    assert asyncio.run(score_async()) == pytest.approx(expected * 4, abs=1e-4)
+    assert metric(small_budget_url, refused) == before
+
+
 def test_a_dead_replica_fails_over_to_a_live_one(server_url, expected):
     dead = f"http://127.0.0.1:{free_port()}"
     with RewardClient([dead, server_url], retry=FAST_RETRY, chunk_size=1) as client:

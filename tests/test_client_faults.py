@@ -238,3 +238,40 @@ def test_when_one_chunk_is_refused_the_others_stop_retrying():
         client.score([(PROMPT, "bad"), (PROMPT, "ok")])
     assert posts["bad"] == 1
     assert posts["ok"] == 1  # its first attempt, and none after the refusal
+
+
+def test_the_servers_504_is_the_calls_deadline_and_a_proxys_504_is_retried():
+    """The server answers 504 `deadline_exceeded` when the budget the call sent ran out
+    there: the call is over, as if its own clock had said so. A proxy's 504 (no such body)
+    says nothing about the call's budget: another attempt may well be answered."""
+    posts: list[str] = []
+
+    def server_timed_out(request: httpx.Request) -> httpx.Response:
+        posts.append("server")
+        body = {"error": {"type": "deadline_exceeded", "message": "deadline passed"}}
+        return httpx.Response(504, json=body)
+
+    with (
+        sync_client(serving(server_timed_out), retry=RetryPolicy(max_attempts=5)) as client,
+        pytest.raises(DeadlineExceeded, match="deadline passed") as info,
+    ):
+        client.score([(PROMPT, "a")])
+    assert info.value.status == 504 and posts == ["server"]  # not retried
+
+    def proxy_timed_out_once(request: httpx.Request) -> httpx.Response:
+        posts.append("proxy")
+        if posts.count("proxy") == 1:
+            return httpx.Response(504, text="<html>Gateway Timeout</html>")
+        return answer(request)
+
+    fast = RetryPolicy(max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.01)
+    with sync_client(serving(proxy_timed_out_once), retry=fast) as client:
+        assert client.rewards([(PROMPT, "a")]) == [1.0]
+    assert posts.count("proxy") == 2
+
+    async def score_async() -> None:
+        async with async_client(serving(server_timed_out)) as client:
+            await client.score([(PROMPT, "a")])
+
+    with pytest.raises(DeadlineExceeded):
+        asyncio.run(score_async())

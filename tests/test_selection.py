@@ -114,6 +114,21 @@ def test_a_pair_without_a_holistic_value_is_left_out_not_tied():
     assert (a.pairs_counted, a.disagreements, a.inconsistency) == (1, 0, 0.0)
 
 
+def test_a_pair_without_a_holistic_value_is_in_no_aspect_figure_either():
+    """The audit: an aspect's win rate and missing count took in the pairs that the report
+    says are left out of every figure (one pair with an empty response made a win rate)."""
+    pairs = [
+        pair(None, 1.0, a=(9.0, 0.0), b=(None, 1.0)),
+        pair(2.0, 1.0, a=(1.0, 0.0), b=(1.0, 0.0)),
+        pair(1.0, 1.0, a=(0.0, 1.0), b=(1.0, 2.0)),
+    ]
+    report = consistency(pairs, {"a": "higher", "b": "higher"})
+    assert report.holistic_missing == 1
+    a, b = report.aspects
+    assert (a.win_rate, a.missing) == (0.5, 0)
+    assert (b.win_rate, b.missing) == (0.5, 0)
+
+
 def test_the_report_files_say_how_many_pairs_were_left_out(tmp_path):
     import json
 

@@ -14,16 +14,18 @@ from typing import Any
 
 import httpx
 
-from trainer_client._errors import ProtocolError, ServerUnavailable
+from trainer_client._errors import ProtocolError, RewardClientError, ServerUnavailable
 from trainer_client._protocol import (
     CallPlan,
     Item,
     RetryableReply,
+    ServerLimits,
     check_status,
     chunks,
     normalize_items,
     parse_models,
     parse_reply,
+    positions_in_call,
     transport_error,
     with_caller_ids,
 )
@@ -77,7 +79,7 @@ class _ClientBase:
         self.mode = mode
         self._rng = random.Random(seed)
         self._next_replica = itertools.count(self._rng.randrange(len(self.base_urls)))
-        self._server_max_items: int | None = None
+        self._server_limits: ServerLimits | None = None
 
     def _plan(self, deadline: float) -> CallPlan:
         first = next(self._next_replica) % len(self.base_urls)
@@ -101,8 +103,21 @@ class _ClientBase:
         return {"X-Request-Deadline-Ms": f"{max(plan.remaining_s(), 0.001) * 1000:.0f}"}
 
     def _chunk_size(self) -> int:
-        limit = self._server_max_items or 64
+        limits = self._server_limits
+        limit = limits.items_per_request if limits else 64
+        if limits and limits.items_in_flight:
+            limit = min(limit, limits.items_in_flight)
         return min(self.chunk_size or limit, limit)
+
+    def _chunks_at_once(self, chunk_size: int) -> int:
+        """Chunks of one call in flight together: `max_concurrency`, but no more items than
+        the server lets one trainer have unanswered on each replica; beyond that it answers
+        429, and a large call would spend its retries waiting on its own chunks."""
+        limits = self._server_limits
+        if limits is None or limits.items_in_flight is None:
+            return self.max_concurrency
+        per_replica = max(1, limits.items_in_flight // chunk_size)
+        return min(self.max_concurrency, per_replica * len(self.base_urls))
 
     def _payload(self, chunk: list[dict[str, Any]], mode: str | None) -> dict[str, Any]:
         payload: dict[str, Any] = {"items": chunk}
@@ -255,7 +270,7 @@ class AsyncRewardClient(_ClientBase):
         """The server's `/v1/models`: models, combination parameters and limits."""
         deadline = time.monotonic() + self.timeouts.total_s
         response = await self._request("GET", "/v1/models", deadline)
-        info, self._server_max_items = parse_models(response)
+        info, self._server_limits = parse_models(response)
         return info
 
     async def score(self, items: Sequence[Item], *, mode: str | None = None) -> RewardBatch:
@@ -264,17 +279,23 @@ class AsyncRewardClient(_ClientBase):
         payload, caller_ids = normalize_items(items)
         if not payload:
             return RewardBatch([], "")
-        if self._server_max_items is None:
+        if self._server_limits is None:
             await self.models()
-        gate = asyncio.Semaphore(self.max_concurrency)
+        size = self._chunk_size()
+        gate = asyncio.Semaphore(self._chunks_at_once(size))
 
-        async def bounded(chunk: list[dict[str, Any]]) -> RewardReply:
+        async def bounded(start: int, chunk: list[dict[str, Any]]) -> RewardReply:
             async with gate:
-                return await self._request(
-                    "POST", "/v1/rewards", deadline, chunk, json=self._payload(chunk, mode)
-                )
+                try:
+                    return await self._request(
+                        "POST", "/v1/rewards", deadline, chunk, json=self._payload(chunk, mode)
+                    )
+                except RewardClientError as error:
+                    raise positions_in_call(error, start) from error
 
-        tasks = [asyncio.ensure_future(bounded(c)) for c in chunks(payload, self._chunk_size())]
+        tasks = [
+            asyncio.ensure_future(bounded(i * size, c)) for i, c in enumerate(chunks(payload, size))
+        ]
         try:
             replies = await asyncio.gather(*tasks)
         finally:
@@ -402,7 +423,7 @@ class RewardClient(_ClientBase):
     def models(self) -> dict[str, Any]:
         """The server's `/v1/models`: models, combination parameters and limits."""
         deadline = time.monotonic() + self.timeouts.total_s
-        info, self._server_max_items = parse_models(self._request("GET", "/v1/models", deadline))
+        info, self._server_limits = parse_models(self._request("GET", "/v1/models", deadline))
         return info
 
     def score(self, items: Sequence[Item], *, mode: str | None = None) -> RewardBatch:
@@ -411,20 +432,14 @@ class RewardClient(_ClientBase):
         payload, caller_ids = normalize_items(items)
         if not payload:
             return RewardBatch([], "")
-        if self._server_max_items is None:
+        if self._server_limits is None:
             self.models()
         abandoned = threading.Event()  # one chunk failed: the others stop, not retry on
+        size = self._chunk_size()
+        gate = threading.Semaphore(self._chunks_at_once(size))
         futures = [
-            self._pool.submit(
-                self._request,
-                "POST",
-                "/v1/rewards",
-                deadline,
-                c,
-                abandoned,
-                json=self._payload(c, mode),
-            )
-            for c in chunks(payload, self._chunk_size())
+            self._pool.submit(self._send_chunk, gate, i * size, c, deadline, abandoned, mode)
+            for i, c in enumerate(chunks(payload, size))
         ]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -437,6 +452,28 @@ class RewardClient(_ClientBase):
             for future in futures:
                 future.cancel()
         return self._assemble(caller_ids, replies)
+
+    def _send_chunk(
+        self,
+        gate: threading.Semaphore,
+        start: int,
+        chunk: list[dict[str, Any]],
+        deadline: float,
+        abandoned: threading.Event,
+        mode: str | None,
+    ) -> RewardReply:
+        """One chunk of a call, sent once `gate` lets it out (`_chunks_at_once`)."""
+        while not gate.acquire(timeout=0.05):  # returns at once when a chunk ends
+            if abandoned.is_set():
+                raise _Abandoned
+        try:
+            return self._request(
+                "POST", "/v1/rewards", deadline, chunk, abandoned, json=self._payload(chunk, mode)
+            )
+        except RewardClientError as error:
+            raise positions_in_call(error, start) from error
+        finally:
+            gate.release()
 
     def rewards(self, items: Sequence[Item], *, mode: str | None = None) -> list[float]:
         return self.score(items, mode=mode).rewards

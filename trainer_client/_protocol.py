@@ -9,6 +9,7 @@ import datetime
 import email.utils
 import json
 import random
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,29 +30,47 @@ from trainer_client._errors import (
 )
 from trainer_client._types import RetryPolicy, RewardReply, RewardResult
 
-Item = Mapping[str, Any] | tuple[str, str]
+Item = Mapping[str, Any] | tuple[str, str] | list[str]
 
 
 def normalize_items(items: Sequence[Item]) -> tuple[list[dict[str, Any]], list[str | None]]:
-    """Accept (prompt, response) pairs or dicts. Every item sent gets an id, to check
-    attribution; the second list holds the caller's own ids (None where the client made one
-    up), which the results carry back."""
+    """Accept (prompt, response) pairs (tuples, or lists as JSON gives them) or dicts. Every
+    item sent gets an id, to check attribution; the second list holds the caller's own ids
+    (None where the client made one up), which the results carry back. A caller's id must
+    be a string, as the server's are: an int would come back as a str and match nothing."""
     payload = []
     caller_ids: list[str | None] = []
     for index, item in enumerate(items):
-        if isinstance(item, tuple):
-            prompt, response = item
-            entry: dict[str, Any] = {"prompt": prompt, "response": response}
-        else:
-            entry = {"prompt": item["prompt"], "response": item["response"]}
-            if item.get("id") is not None:
-                entry["id"] = str(item["id"])
+        entry = _entry(item, f"items.{index}")
         for text_field in ("prompt", "response"):
             _check_text(entry[text_field], f"items.{index}.{text_field}")
         caller_ids.append(entry.get("id"))
         entry.setdefault("id", f"#{index}")
         payload.append(entry)
     return payload, caller_ids
+
+
+def _entry(item: object, where: str) -> dict[str, Any]:
+    if isinstance(item, Mapping):
+        missing = [key for key in ("prompt", "response") if key not in item]
+        if missing:
+            raise InvalidRequest(f"{where} has no {' or '.join(missing)}")
+        entry: dict[str, Any] = {"prompt": item["prompt"], "response": item["response"]}
+        item_id = item.get("id")
+        if item_id is not None:
+            if not isinstance(item_id, str):
+                raise InvalidRequest(f"{where}.id must be a string, not {type(item_id).__name__}")
+            entry["id"] = item_id
+        return entry
+    if isinstance(item, tuple | list) and len(item) == 2:
+        prompt, response = item
+        return {"prompt": prompt, "response": response}
+    shape = type(item).__name__
+    if isinstance(item, tuple | list):
+        shape += f" of {len(item)}"
+    raise InvalidRequest(
+        f"{where} must be a (prompt, response) pair or a dict with prompt and response, not {shape}"
+    )
 
 
 def _check_text(value: object, where: str) -> None:
@@ -102,8 +121,16 @@ def _error_message(response: httpx.Response) -> tuple[str, object]:
         return response.text[:500], response.text[:500]
 
 
+def _error_type(body: object) -> object:
+    try:
+        return body["error"]["type"]  # type: ignore[index]
+    except (KeyError, TypeError):
+        return None
+
+
 def check_status(response: httpx.Response) -> None:
-    """Raise the typed error for a non-2xx reply (RetryableReply for 429/503)."""
+    """Raise the typed error for a non-2xx reply (RetryableReply for 429, 503 and a
+    proxy's 504; the server's own 504 is the call's deadline, passed)."""
     status = response.status_code
     if status < 300:
         return
@@ -112,6 +139,11 @@ def check_status(response: httpx.Response) -> None:
     if status in (429, 503):
         error_type = Overloaded if status == 429 or "overloaded" in str(body) else ServerUnavailable
         raise RetryableReply(error_type(text, status=status, body=body), _retry_after(response))
+    if status == 504:
+        if _error_type(body) == "deadline_exceeded":  # the budget this call sent ran out there
+            raise DeadlineExceeded(text, status=status, body=body)
+        # A proxy's timeout: the server behind it may answer a later attempt.
+        raise RetryableReply(ServerUnavailable(text, status=status, body=body), None)
     if status == 401:
         raise Unauthorized(text, status=status, body=body)
     if 400 <= status < 500:
@@ -136,17 +168,44 @@ def parse_reply(response: httpx.Response, sent: list[dict[str, Any]]) -> RewardR
     return reply
 
 
-def parse_models(response: httpx.Response) -> tuple[dict[str, Any], int]:
-    """`/v1/models`'s reply and the items a request may hold, or ProtocolError."""
+@dataclass(frozen=True)
+class ServerLimits:
+    """What `/v1/models` says a call must stay within."""
+
+    items_per_request: int
+    items_in_flight: int | None  # one trainer's unanswered items (None: not reported)
+
+
+def parse_models(response: httpx.Response) -> tuple[dict[str, Any], ServerLimits]:
+    """`/v1/models`'s reply and the limits a call's chunks must keep to, or ProtocolError."""
     check_status(response)
     try:
         info = json.loads(response.content)
-        max_items = int(info["limits"]["max_items_per_request"])
-    except (ValueError, KeyError, TypeError, OverflowError) as exc:  # int(1e999) overflows
+        limits = info["limits"]
+        max_items = int(limits["max_items_per_request"])
+        in_flight = limits.get("max_items_in_flight_per_trainer")
+        in_flight = None if in_flight is None else int(in_flight)
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+        # int(1e999) overflows
         raise ProtocolError(f"malformed reply from {response.request.url}: {exc!r}") from exc
-    if max_items < 1:
-        raise ProtocolError(f"{response.request.url} allows {max_items} items per request")
-    return info, max_items
+    if max_items < 1 or (in_flight is not None and in_flight < 1):
+        raise ProtocolError(
+            f"{response.request.url} allows {max_items} items per request and {in_flight} in flight"
+        )
+    return info, ServerLimits(max_items, in_flight)
+
+
+_ITEM_POSITION = re.compile(r"\bitems\.(\d+)\b")
+
+
+def positions_in_call(error: RewardClientError, start: int) -> RewardClientError:
+    """A chunk's error with the server's item positions (`items.10.id`) counted in the
+    caller's whole list, not in the chunk that began at `start`; the body stays the
+    server's own."""
+    if not start:
+        return error
+    message = _ITEM_POSITION.sub(lambda m: f"items.{int(m.group(1)) + start}", str(error))
+    return type(error)(message, status=error.status, body=error.body)
 
 
 def with_caller_ids(results: list[RewardResult], caller_ids: list[str | None]) -> list[Any]:

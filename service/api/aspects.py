@@ -45,6 +45,9 @@ async def aspect_consistency(
     check_limits(
         [ScoreInput(p.prompt, r) for p in pairs for r in (p.response_1, p.response_2)],
         config.limits,
+        lambda index, field: (
+            f"pairs.{index // 2}." + (field if field == "prompt" else f"response_{index % 2 + 1}")
+        ),
     )
     report = await cancel_on_disconnect(
         request, measure_consistency(engine, config, pairs, trainer)

@@ -72,7 +72,13 @@ async def get_reward(
     engine = engine_of(request)
     config = state_of(request).config
     items = split_queries(body, config.openrlhf.response_separator)
-    check_limits(items, config.limits)
+
+    def locate(index: int, field: str) -> str:
+        if field == "prompt" and body.prompts is not None:
+            return f"prompts.{index}"
+        return f"query.{index}'s {field}"
+
+    check_limits(items, config.limits, locate)
     scored = []
     if items:
         deadline = deadline_of(request, deadline_header_ms)

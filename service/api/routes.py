@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
@@ -215,14 +215,26 @@ def deadline_of(request: Request, deadline_ms: float | None) -> float | None:
     return (time.monotonic() if received_at is None else received_at) + deadline_ms / 1000
 
 
-def check_limits(items: Sequence[ScoreInput], limits: LimitsConfig) -> None:
+def item_field(index: int, field: str) -> str:
+    """Where `/v1/rewards`' body holds an item's text."""
+    return f"items.{index}.{field}"
+
+
+def check_limits(
+    items: Sequence[ScoreInput],
+    limits: LimitsConfig,
+    locate: Callable[[int, str], str] = item_field,
+) -> None:
+    """The item and text limits; a text over its limit is named where the caller's body
+    holds it (`locate(index, "prompt" | "response")`), since each route lays items out its
+    own way."""
     check_item_count(len(items), limits.max_items_per_request)
     for index, item in enumerate(items):
         for field in ("prompt", "response"):
             size = len(getattr(item, field))
             if size > limits.max_text_chars:
                 raise PayloadTooLarge(
-                    f"items.{index}.{field}: {size} characters exceed "
+                    f"{locate(index, field)}: {size} characters exceed "
                     f"max_text_chars={limits.max_text_chars}"
                 )
 
