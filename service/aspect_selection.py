@@ -57,5 +57,5 @@ async def measure_consistency(
     for start in range(0, len(items), chunk):
         scored += await engine.score(items[start : start + chunk], trainer=trainer)
     first, second = scored[: len(pairs)], scored[len(pairs) :]
-    directions = {spec.name: spec.direction for spec in config.aspects}
+    directions = {spec.name: spec.selection_direction for spec in config.aspects}
     return consistency(to_scored_pairs(first, second, config), directions)

@@ -48,7 +48,7 @@ class ModelCatalog:
         for aspect in self._config.aspects:
             declared[aspect.name] = {
                 "granularity": aspect.granularity,
-                "direction": aspect.direction,
+                "direction": aspect.selection_direction,
                 "aggregate": aspect.aggregate,
             }
         return [

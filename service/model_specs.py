@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Literal, Self
+from typing import Annotated, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -15,9 +15,10 @@ from service.segmentation import SplitUnit
 
 
 class StrictModel(BaseModel):
-    """Unknown keys are errors and parsed settings never change: a typo fails at start-up."""
+    """Unknown keys are errors, NaN and infinities too (a NaN weight would make every reward
+    NaN), and parsed settings never change: a typo fails at start-up."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class _TransformerSpec(StrictModel):
@@ -65,26 +66,22 @@ class _AspectShaping(StrictModel):
     scale: float = 1.0
     shift: float = 0.0
     sigmoid: bool = True
-    # For aspect selection: which way is better, and how segments make one value per response.
-    # Unset, the way the reward pushes: "lower" where weight x scale < 0.
-    direction: Literal["higher", "lower"] = "higher"
+    # For aspect selection: which way is better (unset: the way the reward pushes, see
+    # `selection_direction`), and how segments make one value per response.
+    direction: Literal["higher", "lower"] | None = None
     aggregate: Literal["sum", "mean"] = "mean"
     # What one raw value covers; fixed by the kind, so not a setting.
     granularity: ClassVar[Granularity]
 
-    @model_validator(mode="before")
-    @classmethod
-    def _direction_of_the_reward(cls, data: Any) -> Any:
+    @property
+    def selection_direction(self) -> Literal["higher", "lower"]:
         """Selection asks whether an aspect prefers what the holistic RM prefers: the
-        aspect's preference is the one its reward acts on. A negative weight (a banned-phrase
-        count) or scale (easier text) rewards lower raw values."""
-        if not isinstance(data, dict) or "direction" in data:
-            return data
-        try:
-            pull = float(data.get("weight", 1.0)) * float(data.get("scale", 1.0))
-        except (TypeError, ValueError):
-            return data  # the field's own validation names the bad value
-        return {**data, "direction": "lower" if pull < 0 else "higher"}
+        aspect's preference is the one its reward acts on, so unless set it is "lower"
+        where weight x scale < 0 (a banned-phrase count's negative weight, easier text's
+        negative scale)."""
+        if self.direction is not None:
+            return self.direction
+        return "lower" if self.weight * self.scale < 0 else "higher"
 
     @model_validator(mode="after")
     def _direction_agrees_with_the_reward(self) -> Self:

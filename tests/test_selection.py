@@ -248,7 +248,7 @@ BANNED = {"name": "banned", "kind": "rule", "rule": "regex", "pattern": "as an A
 def test_an_aspects_direction_follows_its_reward_unless_set(fields, direction):
     """The audit: a negative weight kept `higher`, so selection judged the aspect against
     the reward it gives."""
-    assert _aspect_spec(fields).direction == direction
+    assert _aspect_spec(fields).selection_direction == direction
 
 
 @pytest.mark.parametrize(
@@ -261,6 +261,21 @@ def test_an_aspects_direction_follows_its_reward_unless_set(fields, direction):
 def test_a_direction_against_the_reward_fails_at_start_up(fields, rises):
     with pytest.raises(ValueError, match=f"reward {rises} with the raw value"):
         _aspect_spec(fields)
+
+
+def test_a_derived_direction_is_not_written_into_a_selected_config():
+    """The selected config keeps the caller's own settings: a derived direction written out
+    would fail at start-up once the weight's sign is flipped there."""
+    spec = _aspect_spec({**BANNED, "weight": -1.0})
+    assert spec.direction is None and "direction" not in spec.model_fields_set
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("field", ["weight", "scale", "shift"])
+def test_a_shaping_value_that_is_not_finite_fails_at_start_up(field, value):
+    """A NaN weight made every reward NaN; the config accepted it."""
+    with pytest.raises(ValueError, match=field):
+        _aspect_spec({**BANNED, field: value})
 
 
 def test_selection_compares_raw_holistic_and_raw_aspect_values_aggregated_per_aspect():

@@ -207,7 +207,7 @@ def test_bad_grammar_settings_fail_at_start_up_naming_the_key(fields, error, nee
 def test_grammar_defaults_to_the_papers_sigmoid_and_sums_for_selection():
     spec = aspect({"name": "g", "kind": "grammar"})
     assert isinstance(spec, GrammarAspect)
-    assert (spec.granularity, spec.direction, spec.aggregate, spec.sigmoid) == (
+    assert (spec.granularity, spec.selection_direction, spec.aggregate, spec.sigmoid) == (
         "span",
         "higher",
         "sum",
@@ -241,7 +241,7 @@ def readability(mu: float | None = None, sigma: float | None = None) -> Readabil
 def test_readability_defaults_to_the_papers_mt_statistics():
     spec = aspect({"name": "r", "kind": "readability"})
     assert isinstance(spec, ReadabilityAspect)
-    assert (spec.mu, spec.sigma, spec.direction) == (MT_MU, MT_SIGMA, "higher")
+    assert (spec.mu, spec.sigma, spec.selection_direction) == (MT_MU, MT_SIGMA, "higher")
 
 
 def test_readability_is_the_z_normalised_flesch_kincaid_grade():

@@ -111,13 +111,13 @@ class _ClientBase:
 
     def _chunks_at_once(self, chunk_size: int) -> int:
         """Chunks of one call in flight together: `max_concurrency`, but no more items than
-        the server lets one trainer have unanswered on each replica; beyond that it answers
-        429, and a large call would spend its retries waiting on its own chunks."""
+        the server lets one trainer have unanswered; beyond that it answers 429, and a large
+        call would spend its retries waiting on its own chunks. Not that many per replica:
+        rotation, retries and failover may send every chunk to one of them."""
         limits = self._server_limits
         if limits is None or limits.items_in_flight is None:
             return self.max_concurrency
-        per_replica = max(1, limits.items_in_flight // chunk_size)
-        return min(self.max_concurrency, per_replica * len(self.base_urls))
+        return min(self.max_concurrency, max(1, limits.items_in_flight // chunk_size))
 
     def _payload(self, chunk: list[dict[str, Any]], mode: str | None) -> dict[str, Any]:
         payload: dict[str, Any] = {"items": chunk}
@@ -291,6 +291,8 @@ class AsyncRewardClient(_ClientBase):
                         "POST", "/v1/rewards", deadline, chunk, json=self._payload(chunk, mode)
                     )
                 except RewardClientError as error:
+                    if not start:
+                        raise
                     raise positions_in_call(error, start) from error
 
         tasks = [
@@ -471,6 +473,8 @@ class RewardClient(_ClientBase):
                 "POST", "/v1/rewards", deadline, chunk, abandoned, json=self._payload(chunk, mode)
             )
         except RewardClientError as error:
+            if not start:
+                raise
             raise positions_in_call(error, start) from error
         finally:
             gate.release()

@@ -202,8 +202,6 @@ def positions_in_call(error: RewardClientError, start: int) -> RewardClientError
     """A chunk's error with the server's item positions (`items.10.id`) counted in the
     caller's whole list, not in the chunk that began at `start`; the body stays the
     server's own."""
-    if not start:
-        return error
     message = _ITEM_POSITION.sub(lambda m: f"items.{int(m.group(1)) + start}", str(error))
     return type(error)(message, status=error.status, body=error.body)
 
