@@ -114,3 +114,21 @@ def test_generated_token_offsets_keep_every_reward_on_the_generated_tokens():
     rewards = align_to_offsets(service_style_dense(text), offsets)
     assert sum(rewards) == pytest.approx(0.1 + 0.2 + 5.0)
     assert rewards[-1] == 0.0 and rewards[-2] == pytest.approx(0.2 + 5.0)
+
+
+@pytest.mark.parametrize("text", ["Caf\u00e9 \u00e9", "\u65e5\u672c\u8a9e\u3067\u3059\u3002"])
+def test_generated_token_offsets_give_a_split_character_to_the_token_that_completes_it(text):
+    """The audit: a prefix ending inside a multi-byte character decoded it as U+FFFD, one
+    character long, so the character's first byte token took its reward (the holistic term
+    too, for a response that ends on one), two tokens early for a CJK character."""
+    from trainer_client.align import generated_token_offsets
+
+    tokenizer = build_byte_tokenizer()
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(tokens) > len(text)  # some characters take several byte tokens
+    offsets = generated_token_offsets(tokens, tokenizer)
+    for end in range(1, len(text) + 1):
+        rewards = align_to_offsets([{"end": end, "reward": 1.0}], offsets)
+        holder = rewards.index(1.0)
+        prefix = tokenizer.decode(tokens[: holder + 1])
+        assert prefix == text[:end], (end, prefix)  # its token completes character end - 1

@@ -14,9 +14,11 @@ from tests.server_process import running_server
 from trainer_client.ppo.losses import (
     AdaptiveKLController,
     clipped_policy_loss,
+    clipped_value_loss,
     generalized_advantages,
     masked_whiten,
 )
+from trainer_client.ppo.trainer import cut_after_stop, stop_token_ids
 
 ALARM_PPO = str(Path(sys.executable).with_name("alarm-ppo"))
 
@@ -59,6 +61,88 @@ def test_adaptive_kl_controller_moves_toward_the_target():
     assert controller.value == pytest.approx(0.1 * 1.02)
     controller.update(current_kl=0.0, batch_size=10)
     assert controller.value < 0.1 * 1.02
+
+
+def test_gae_discounts_by_gamma_and_lambda():
+    """With gamma < 1 (the hand computation above has gamma 1, where dropping it passes)."""
+    rewards = torch.tensor([[1.0, 0.0, 2.0]])
+    values = torch.tensor([[0.3, 0.6, 0.9]])
+    mask = torch.ones(1, 3)
+    gamma, lam = 0.9, 0.8
+    advantages, _ = generalized_advantages(rewards, values, mask, gamma=gamma, lam=lam)
+    a2 = 2.0 - 0.9
+    a1 = 0.0 + gamma * 0.9 - 0.6 + gamma * lam * a2
+    a0 = 1.0 + gamma * 0.6 - 0.3 + gamma * lam * a1
+    assert advantages[0].tolist() == pytest.approx([a0, a1, a2])
+
+
+def test_whitening_scales_the_masked_positions_to_unit_variance():
+    x = torch.tensor([[1.0, 2.0, 6.0, 100.0], [3.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    white = masked_whiten(x, mask)
+    kept = white[mask.bool()]
+    assert kept.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert kept.var(unbiased=False).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_value_loss_takes_the_worse_of_the_clipped_and_unclipped_errors():
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    values = torch.tensor([[1.0, -1.0, 0.1]])
+    returns = torch.tensor([[2.0, 1.0, 0.0]])
+    loss = clipped_value_loss(values, old, returns, torch.ones(1, 3), clip_range=0.2)
+    # Position 0: clipped 0.2 -> (0.2-2)^2 = 3.24 beats (1-2)^2 = 1; position 1: (-1-1)^2 = 4
+    # beats (-0.2-1)^2 = 1.44; position 2: 0.1 is inside the clip, 0.01 both ways.
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 4.0 + 0.01) / 3)
+
+
+def test_policy_loss_reports_the_old_to_new_kl_over_real_tokens_only():
+    old = torch.zeros(1, 3)
+    new = torch.tensor([[0.1, -0.3, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    result = clipped_policy_loss(new, old, torch.zeros(1, 3), mask, clip_range=0.2)
+    assert result.approx_kl == pytest.approx(0.5 * (0.1**2 + 0.3**2) / 2)
+
+
+def test_the_ends_of_a_response_are_every_stop_id_generation_uses():
+    """The audit: only the tokenizer's EOS ended a response; `generate` stops on every id of
+    the generation config (Llama-3 Instruct: three) and fills the row with pad ids, which
+    then took KL, rewards and gradients as if sampled."""
+    lm = type("LM", (), {"generation_config": type("G", (), {"eos_token_id": [9, 3]})()})()
+    tokenizer = type("Tok", (), {"eos_token_id": 2})()
+    assert stop_token_ids(lm, tokenizer) == [2, 3, 9]
+    pad = 0
+    response = torch.tensor([[70, 71, 3, 0, 0, 0], [70, 71, 2, 0, 0, 0], [70, 71, 72, 73, 9, 0]])
+    cut, mask = cut_after_stop(response, torch.tensor([2, 3, 9]), pad)
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]]
+    assert cut.tolist() == response.tolist()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_response_log_probs_are_the_sampled_distributions_at_each_response_token(
+    tmp_path, temperature
+):
+    """Position t's logits score token t + 1 (left-padded prompt, right-padded response),
+    divided by the sampling temperature as `generate` divides them (the audit: they were
+    not, so the ratio and KL were not those of the distribution that sampled)."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer_client.ppo.policy import PolicyWithValueHead, response_slice
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models.build_causal_lm(tmp_path / "lm"))
+    lm.eval()
+    prompt, reply = [5, 6, 7], [8, 9, 10, 11]
+    pad = 0
+    input_ids = torch.tensor([[pad, *prompt, *reply], [*prompt, 12, *reply[:3], pad]])
+    attention = (input_ids != pad).long()
+    attention[1, -1] = 0
+    policy = PolicyWithValueHead(lm)
+    with torch.no_grad():
+        logp, values = response_slice(policy, input_ids, attention, 4, temperature)
+        alone = lm(torch.tensor([[*prompt, *reply]])).logits[0]  # unpadded, one row
+    expected = torch.log_softmax(alone[2:-1] / temperature, dim=-1)
+    want = expected[torch.arange(4), torch.tensor(reply)]
+    assert logp[0].tolist() == pytest.approx(want.tolist(), abs=1e-4)
+    assert values is not None and values.shape == (2, 4)
 
 
 @pytest.mark.slow

@@ -38,16 +38,31 @@ def align_to_offsets(dense: Sequence[DenseLike], offsets: Sequence[tuple[int, in
     return rewards
 
 
+def _shared_start(prefix: str, text: str) -> int:
+    """How many characters `prefix` starts with that `text` starts with too."""
+    if text.startswith(prefix):
+        return len(prefix)
+    return next(
+        (i for i, (a, b) in enumerate(zip(prefix, text, strict=False)) if a != b),
+        min(len(prefix), len(text)),
+    )
+
+
 def generated_token_offsets(token_ids: Sequence[int], tokenizer: Any) -> list[tuple[int, int]]:
     """Character spans of generated tokens inside `tokenizer.decode(token_ids)`.
 
-    Decoding prefixes gives each token's end; a prefix that ends inside a multi-byte
-    character may decode longer than the final text, so ends are clamped to stay monotonic.
+    Decoding prefixes gives each token's end: the characters its prefix shares with the
+    whole text. A prefix that ends inside a multi-byte character decodes it as U+FFFD,
+    which the whole text does not have there, so the token that completes the character
+    holds it (and its reward), not the first of its bytes. Ends are clamped to stay
+    monotonic.
     """
-    ends = [
-        len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=True))
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    prefixes = (
+        tokenizer.decode(token_ids[: i + 1], skip_special_tokens=True)
         for i in range(len(token_ids))
-    ]
+    )
+    ends = [_shared_start(prefix, text) for prefix in prefixes]
     for i in range(len(ends) - 2, -1, -1):
         ends[i] = min(ends[i], ends[i + 1])
     starts = [0, *ends[:-1]]

@@ -38,9 +38,15 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def response_slice(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_width: int,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (and values, for the policy) of the response tokens after the prompt."""
+    """Log-probs (and values, for the policy) of the response tokens after the prompt, under
+    the distribution they were sampled from: the logits divided by the sampling
+    `temperature`, as `generate` divides them."""
     if isinstance(model, PolicyWithValueHead):
         logits, values = model(input_ids, attention_mask)
     else:
@@ -51,5 +57,5 @@ def response_slice(
         values = None
     # Position t predicts token t + 1: the response starts at prompt_width.
     response = input_ids[:, prompt_width:]  # (B, T)
-    logp = token_logprobs(logits[:, prompt_width - 1 : -1], response)
+    logp = token_logprobs(logits[:, prompt_width - 1 : -1] / temperature, response)
     return logp, None if values is None else values[:, prompt_width - 1 : -1]

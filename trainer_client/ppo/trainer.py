@@ -65,6 +65,25 @@ class Rollout:
     response_tokens: list[list[int]] = field(default_factory=list)
 
 
+def stop_token_ids(lm: Any, tokenizer: Any) -> list[int]:
+    """Every id a response ends on: the generation config's (often several, e.g. Llama-3's
+    end of turn and end of text) and the tokenizer's EOS."""
+    configured = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    return sorted({int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None})
+
+
+def cut_after_stop(
+    response: torch.Tensor, stop_ids: torch.Tensor, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response ids with everything after the first stop id padded, and the mask of the
+    tokens kept (the stop id included): `generate` fills a row that stopped early with pad
+    ids, which no one sampled and which must get no reward, KL or gradient."""
+    is_stop = torch.isin(response, stop_ids).int()
+    after_stop = (is_stop.cumsum(-1) - is_stop) > 0
+    return torch.where(after_stop, pad_id, response), (~after_stop).float()
+
+
 class PPOTrainer:
     def __init__(
         self, lm: Any, tokenizer: Any, client: RewardClient, config: PPOConfig, device: str
@@ -94,6 +113,7 @@ class PPOTrainer:
             add_special_tokens=not self.tokenizer.chat_template,
         ).to(self.device)
         prompt_width = encoded["input_ids"].shape[1]
+        stop_ids = stop_token_ids(self.policy.lm, self.tokenizer)
         generated = self.policy.lm.generate(
             **encoded,
             do_sample=True,
@@ -101,15 +121,14 @@ class PPOTrainer:
             top_p=1.0,
             temperature=self.config.temperature,
             max_new_tokens=self.config.max_new_tokens,
+            eos_token_id=stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,
         )  # (B, P + T)
-        response = generated[:, prompt_width:]
-        eos = self.tokenizer.eos_token_id
-        is_eos = (response == eos).int()
-        # Keep tokens up to and including the first EOS.
-        after_eos = (is_eos.cumsum(-1) - is_eos) > 0
-        response_mask = (~after_eos).float()
-        response = torch.where(after_eos, self.tokenizer.pad_token_id, response)
+        response, response_mask = cut_after_stop(
+            generated[:, prompt_width:],
+            torch.tensor(stop_ids, device=generated.device),
+            self.tokenizer.pad_token_id,
+        )
         tokens = [
             row[: int(m.sum())].tolist() for row, m in zip(response, response_mask, strict=True)
         ]
@@ -148,10 +167,18 @@ class PPOTrainer:
 
         with torch.no_grad():
             old_logp, old_values = response_slice(
-                self.policy, rollout.input_ids, rollout.attention_mask, rollout.prompt_width
+                self.policy,
+                rollout.input_ids,
+                rollout.attention_mask,
+                rollout.prompt_width,
+                c.temperature,
             )
             ref_logp, _ = response_slice(
-                self.reference, rollout.input_ids, rollout.attention_mask, rollout.prompt_width
+                self.reference,
+                rollout.input_ids,
+                rollout.attention_mask,
+                rollout.prompt_width,
+                c.temperature,
             )
             assert old_values is not None
             kl = (old_logp - ref_logp) * mask  # (B, T)
@@ -213,6 +240,7 @@ class PPOTrainer:
                     rollout.input_ids[idx],
                     rollout.attention_mask[idx],
                     rollout.prompt_width,
+                    c.temperature,
                 )
                 assert values is not None
                 policy = clipped_policy_loss(
