@@ -37,6 +37,7 @@ class Admission:
         """Take `count` items in, or raise: the trainer's limit (429) or a full queue (503)."""
         mine = self._in_flight_by_trainer.get(trainer, 0)
         if mine + count > self._per_trainer:
+            self._metrics.rejected.labels("trainer_limit").inc(count)
             self._metrics.trainer_rejected.labels(trainer, "trainer_limit").inc(count)
             raise TooManyRequests(
                 f"trainer {trainer!r} has {mine} items in flight (limit {self._per_trainer})"

@@ -195,7 +195,15 @@ class RewardEngine:
         self._switch_interval = SwitchInterval()  # batching.gil_switch_interval_ms
 
     def _observer(self, name: str) -> Callable[[BatchStats], None]:
-        return lambda stats: self._metrics.observe_batch(name, stats)
+        """A batch's metrics, and its model's queue depth as the batch leaves it (set only
+        at submission and completion, the gauge would stand still through long requests)."""
+        depth = self._metrics.labelled(self._metrics.queue_depth, name)
+
+        def observe(stats: BatchStats) -> None:
+            self._metrics.observe_batch(name, stats)
+            depth.set(self._batchers[name].depth)
+
+        return observe
 
     def _drop_observer(self, name: str) -> Callable[[DropReason, int], None]:
         return lambda reason, count: self._metrics.observe_dropped(name, reason, count)

@@ -9,13 +9,35 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from service.batching import BatchStats, DropReason
 from service.thread_cpu import ThreadCpu
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# From 0.25 ms: queue waits sit under the default 5 ms max wait, GPU forwards and the
+# service's own overhead per request are a few ms.
+_LATENCY_BUCKETS = (
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
 class ServiceMetrics:
-    """Named metrics with low-cardinality labels: route, status class and model name."""
+    """Named metrics with low-cardinality labels: route, status code, model name and the
+    configured trainers."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -57,7 +79,8 @@ class ServiceMetrics:
         )
         self.batch_tokens = Histogram(
             "alarm_batch_padded_tokens",
-            "Padded tokens (rows x longest) per batch",
+            "Padded tokens per batch: what the forwards computed (rows x longest, or the packed "
+            "rows' total)",
             ["model"],
             buckets=_TOKEN_BUCKETS,
             registry=registry,
@@ -108,10 +131,12 @@ class ServiceMetrics:
         )
         self.rejected = Counter(
             "alarm_rejected_items_total",
-            "Items refused by admission control",
+            "Items refused by admission control: queue_full (503) or trainer_limit (429)",
             ["reason"],
             registry=registry,
         )
+        for reason in ("queue_full", "trainer_limit"):  # shown at zero from the start
+            self.rejected.labels(reason)
         self.dropped = Counter(
             "alarm_dropped_items_total",
             "Admitted items dropped before a model ran them: deadline passed, or caller gone",
@@ -187,9 +212,10 @@ class ServiceMetrics:
 
     def observe_batch(self, model: str, stats: BatchStats) -> None:
         self.labelled(self.batch_size, model).observe(stats.size)
-        self.labelled(self.batch_tokens, model).observe(stats.padded_tokens)
-        self.labelled(self.real_tokens, model).inc(stats.real_tokens)
-        self.labelled(self.padded_tokens, model).inc(stats.padded_tokens)
+        if stats.padded_tokens:  # host models (rules, grammar) run no tokens
+            self.labelled(self.batch_tokens, model).observe(stats.padded_tokens)
+            self.labelled(self.real_tokens, model).inc(stats.real_tokens)
+            self.labelled(self.padded_tokens, model).inc(stats.padded_tokens)
         self.labelled(self.forward_seconds, model).observe(stats.run_s)
         wait = self.labelled(self.queue_wait_seconds, model)
         for seconds in stats.queue_wait_s:

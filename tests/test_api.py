@@ -255,6 +255,51 @@ async def test_a_model_failure_fails_that_request_and_the_service_stays_ready(cl
     assert (await client.post("/v1/rewards", json=body)).status_code == 200
 
 
+async def test_queue_depth_falls_as_batches_leave_not_only_when_the_request_ends(
+    tiny_paths, tmp_path, monkeypatch
+):
+    """The audit: the gauge was set when a request's items were queued and when it ended, so
+    a long request's depth stood at its item count throughout."""
+    import threading
+
+    from service.models.segment_classifier import SegmentClassifierModel
+
+    original = SegmentClassifierModel.run
+    calls: list[int] = []
+    release = threading.Event()
+
+    def held_after_the_first(self, batch):
+        calls.append(len(batch))
+        if len(calls) > 1:
+            release.wait(60)
+        return original(self, batch)
+
+    def depth(metrics: str) -> float:
+        _, _, rest = metrics.partition('alarm_queue_depth_items{model="factuality"} ')
+        return float(rest.split()[0])
+
+    monkeypatch.setattr(SegmentClassifierModel, "run", held_after_the_first)
+    config = RewardConfig.model_validate(
+        tiny_config_dict(tiny_paths, batching={"max_batch_size": 2}, cache={"max_items": 0})
+    )
+    items = [{"prompt": PROMPT, "response": f"{ANSWER} Number {i}."} for i in range(8)]
+    async with asgi_client(config, tmp_path) as client:
+        await wait_ready(client)
+        calls.clear()  # the load's own forwards
+        scoring = asyncio.ensure_future(client.post("/v1/rewards", json={"items": items}))
+        try:
+            for _ in range(600):  # the first batch done, a later one held
+                if len(calls) > 1 and depth((await client.get("/metrics")).text) < 8:
+                    break
+                await asyncio.sleep(0.05)
+            assert not scoring.done()
+            assert depth((await client.get("/metrics")).text) < 8
+        finally:
+            release.set()
+        assert (await scoring).status_code == 200
+        assert depth((await client.get("/metrics")).text) == 0
+
+
 async def test_a_host_model_scores_each_request_in_one_call_off_the_event_loop(client, monkeypatch):
     import threading
 
@@ -335,6 +380,16 @@ async def test_health_and_metrics(client):
     ):
         assert name in metrics
     assert 'alarm_requests_total{route="/v1/rewards",status="200"}' in metrics
+    # Rejections show at zero before the first one; latencies resolve below 5 ms (audit).
+    for reason in ("queue_full", "trainer_limit"):
+        assert f'alarm_rejected_items_total{{reason="{reason}"}} 0.0' in metrics
+    assert 'alarm_queue_wait_seconds_bucket{le="0.00025",model=' in metrics
+    # A host model (the length rule) runs no tokens: no token series, no 0/0 efficiency.
+    assert 'alarm_batch_size_items_count{model="length"}' in metrics
+    assert 'model="length"' not in "".join(
+        line for line in metrics.splitlines() if "tokens" in line
+    )
+    assert 'alarm_padded_tokens_total{model="holistic"}' in metrics
 
 
 async def test_requests_are_counted_by_route_template_and_unknown_paths_under_one_label(client):

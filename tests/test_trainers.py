@@ -89,6 +89,8 @@ def test_metrics_are_labelled_by_configured_trainers_only(server_url):
 
 
 def test_a_trainer_over_its_limit_gets_429_while_another_is_served(server_url):
+    refused_before = metric(server_url, 'alarm_rejected_items_total{reason="trainer_limit"}')
+
     async def run():
         async with httpx.AsyncClient(base_url=server_url, timeout=120) as client:
             # Items the cache has not seen: answered from it, a request would leave before the
@@ -111,6 +113,10 @@ def test_a_trainer_over_its_limit_gets_429_while_another_is_served(server_url):
     assert refused.json()["error"]["type"] == "too_many_requests"
     assert int(refused.headers["retry-after"]) >= 1
     assert small.status_code == 200
+    # Admission control's own count has them too, not only the per-trainer one (audit).
+    refused_items = 64 * statuses.count(429)
+    after = metric(server_url, 'alarm_rejected_items_total{reason="trainer_limit"}')
+    assert after - refused_before == refused_items
 
 
 def test_a_small_trainer_is_not_starved_by_a_flooding_one(server_url):
