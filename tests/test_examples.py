@@ -14,7 +14,6 @@ from service.config import load_reward_config
 from service.segmentation import SplitUnit
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "service" / "default_config.yaml"
 
 
 def _aspects(name):
@@ -66,7 +65,7 @@ def test_completeness_is_the_papers_transform():
 def test_the_default_config_gates_as_the_papers_qa_setting():
     """The embedded default's combination is the QA setting's (its holistic statistics are
     its own, measured as the README says)."""
-    combination = load_reward_config(DEFAULT_CONFIG).combination
+    combination = load_reward_config(None).combination
     assert combination.mode is CombineMode.hierarchical
     assert (combination.threshold, combination.holistic_weight) == (0.6, 5.0)
     assert (combination.min_response_chars, combination.degenerate_floor) == (1, -10.0)

@@ -282,7 +282,7 @@ def test_selection_compares_raw_holistic_and_raw_aspect_values_aggregated_per_as
     """Consistency (docs/method.md section 3) takes h, not r_h or its floor, and each aspect's
     raw segment values, summed or averaged as configured, never the shaped rewards."""
     from service.aspect_selection import to_scored_pairs
-    from service.combine import AspectParams, HolisticParams, SegmentScore, combine_response
+    from service.combine import SegmentScore, combine_response
     from service.config import RewardConfig
     from service.engine import ScoredItem
 
@@ -295,8 +295,7 @@ def test_selection_compares_raw_holistic_and_raw_aspect_values_aggregated_per_as
             ],
         }
     )
-    holistic = HolisticParams(mu=2.0, sigma=1.0, threshold=0.6, weight=5.0)
-    shaping = [AspectParams("summed"), AspectParams("averaged", scale=3.0, shift=1.0)]
+    holistic, shaping = config.holistic_params(), config.aspect_params()
 
     def item(response: str, h: float, summed: list[float], averaged: list[float]) -> ScoredItem:
         segments = {

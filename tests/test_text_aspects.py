@@ -4,13 +4,7 @@ import re
 
 import pytest
 
-from service.combine import (
-    AspectParams,
-    HolisticParams,
-    combine_response,
-    shape_aspect_value,
-    sigmoid,
-)
+from service.combine import AspectParams, combine_response, shape_aspect_value, sigmoid
 from service.config import RewardConfig
 from service.errors import ConfigError
 from service.model_specs import GrammarAspect, ReadabilityAspect
@@ -219,14 +213,20 @@ def test_grammar_defaults_to_the_papers_sigmoid_and_sums_for_selection():
 def test_with_grammar_defaults_passing_the_gate_never_lowers_the_reward(errors):
     """The audit: with grammar's old default (no sigmoid) a response with errors lost reward
     as its holistic score crossed the threshold (the MT setting: eps 0.5, lambda 3)."""
-    spec = aspect({"name": "grammar", "kind": "grammar"})
-    params = AspectParams("grammar", spec.weight, spec.scale, spec.shift, spec.sigmoid)
-    mt = HolisticParams(mu=-2.3442, sigma=2.9463, threshold=0.5, weight=3.0)
+    holistic = {"name": "h", "kind": "sequence_scalar", "path": "x", "mu": -2.3442}
+    config = RewardConfig.model_validate(
+        {
+            "holistic": {**holistic, "sigma": 2.9463},
+            "aspects": [{"name": "grammar", "kind": "grammar"}],
+            "combination": {"threshold": 0.5, "holistic_weight": 3.0},
+        }
+    )
+    mt, params = config.holistic_params(), config.aspect_params()
     segments = {"grammar": error_segments(SAME_TEXT, [span_of(SAME_TEXT, e) for e in errors])}
 
     def reward(r_h: float) -> float:
         raw = r_h * mt.sigma + mt.mu
-        return combine_response(SAME_TEXT, raw, segments, mt, [params]).reward
+        return combine_response(SAME_TEXT, raw, segments, mt, params).reward
 
     below, at = reward(0.4999), reward(0.5)
     assert at - below > 0.5  # the aspect rewards come in positive
